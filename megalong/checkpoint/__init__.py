@@ -1,0 +1,1 @@
+"""Checkpoints on disk (Megatron-Core distributed checkpoints + megalong metadata)."""

@@ -1,0 +1,1 @@
+"""Command-line front door (``megalong``); see :mod:`megalong.cli.main`."""

@@ -1,0 +1,56 @@
+"""The ``megalong`` command: one front door, one subcommand per job.
+
+Each subcommand lives in its own module and is imported only when it runs, so
+``megalong --help`` is instant and a missing optional dependency of one tool never
+breaks another. A module registered here exposes ``add_arguments(parser)`` and
+``run(args) -> int``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+# name -> (module, one-line help)
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "info": ("megalong.cli.info", "show versions, devices and available model presets"),
+}
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="megalong",
+        description="Long-context training of Llama-3 on Megatron-Core (the ProLong recipe).",
+    )
+    parser.add_argument("--log-level", default="INFO", help="logging level (default: INFO)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module_name, help_text) in SUBCOMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = _build_parser()
+    # Parse only up to the subcommand; the subcommand's own parser takes the rest.
+    top_args, rest = parser.parse_known_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, str(top_args.log_level).upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    if top_args.command is None:
+        parser.print_help()
+        return 2
+    module_name, help_text = SUBCOMMANDS[top_args.command]
+    module = importlib.import_module(module_name)
+    sub_parser = argparse.ArgumentParser(prog=f"megalong {top_args.command}", description=help_text)
+    module.add_arguments(sub_parser)
+    sub_args = sub_parser.parse_args(rest)
+    return int(module.run(sub_args) or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,191 @@
+"""Build configuration dataclasses from YAML recipes and ``key.sub=value`` overrides.
+
+One generic loader serves every config class: nested dataclasses are filled from nested
+mappings, values are checked against the field types, and an unknown key is an error
+that names the key path and the file it came from (a typo in a recipe must never be
+silently ignored).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Type, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A recipe or override that does not fit the configuration schema."""
+
+
+def _is_dataclass_type(tp) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _unwrap_optional(tp):
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+        return tp, True
+    return tp, False
+
+
+def _coerce(value: Any, tp, where: str):
+    """Check ``value`` against the annotation ``tp`` and convert the harmless cases."""
+    tp, optional = _unwrap_optional(tp)
+    if value is None:
+        if optional or tp is Any:
+            return None
+        raise ConfigError(f"{where}: null is not allowed here (expected {getattr(tp, '__name__', tp)})")
+    if tp is Any:
+        return value
+    if _is_dataclass_type(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where}: expected a mapping for {tp.__name__}, got {value!r}")
+        return _build(tp, value, where)
+    origin = typing.get_origin(tp)
+    if origin in (list, tuple, typing.List, typing.Tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (item_tp, *_) = typing.get_args(tp) or (Any,)
+        items = [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin in (tuple, typing.Tuple) else items
+    if origin in (dict, typing.Dict):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        _, val_tp = typing.get_args(tp) or (Any, Any)
+        return {k: _coerce(v, val_tp, f"{where}.{k}") for k, v in value.items()}
+    if origin is typing.Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"{where}: {value!r} is not one of {list(allowed)}")
+        return value
+    if tp is float:
+        # YAML reads 1e-5 without a dot as a string; accept ints and numeric strings.
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        try:
+            as_float = float(value)
+        except ValueError:
+            raise ConfigError(f"{where}: expected an integer, got {value!r}") from None
+        if as_float != int(as_float):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return int(as_float)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, (str, int, float)):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def _build(cls: Type[T], data: Mapping[str, Any], where: str) -> T:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown key(s) {', '.join(unknown)}; "
+            f"valid keys for {cls.__name__}: {', '.join(sorted(fields))}"
+        )
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{where or cls.__name__}: {err}") from err
+
+
+def from_dict(cls: Type[T], data: Mapping[str, Any], source: str = "<dict>") -> T:
+    """Build ``cls`` from a nested mapping; errors name ``source`` and the key path."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{source}: the top level must be a mapping, got {type(data).__name__}")
+    try:
+        return _build(cls, data, "")
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from None
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"optimizer.lr=1e-5"`` -> (["optimizer", "lr"], 1e-05); values are parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key.subkey=value")
+    key, raw = text.split("=", 1)
+    path = [p for p in key.strip().lstrip("-").split(".") if p]
+    if not path:
+        raise ConfigError(f"override {text!r} has an empty key")
+    return path, yaml.safe_load(raw) if raw.strip() else ""
+
+
+def apply_overrides(data: dict, overrides: Iterable[str]) -> dict:
+    """Return a copy of ``data`` with every ``key.sub=value`` override set."""
+    import copy
+
+    result = copy.deepcopy(data)
+    for text in overrides:
+        path, value = parse_override(text)
+        node = result
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {text!r}: {part} is not a section")
+            node = child
+        node[path[-1]] = value
+    return result
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise ConfigError(f"cannot read recipe {path}: {err.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    return data or {}
+
+
+def load(cls: Type[T], path: str | Path | None = None, overrides: Iterable[str] = ()) -> T:
+    """Load ``cls`` from a YAML recipe (optional) plus command-line overrides."""
+    data = load_yaml(path) if path is not None else {}
+    overrides = list(overrides)
+    data = apply_overrides(data, overrides)
+    source = str(path) if path is not None else "<defaults>"
+    if overrides:
+        source += " + overrides"
+    return from_dict(cls, data, source)
+
+
+def to_dict(obj) -> dict:
+    """A plain nested dict of a config dataclass (for printing and saving)."""
+    return dataclasses.asdict(obj)
+
+
+def dump_yaml(obj) -> str:
+    return yaml.safe_dump(to_dict(obj), sort_keys=False)

@@ -1,0 +1,1 @@
+"""Data: tokenizers, indexed files, preprocessing, mixtures, packing, SFT."""

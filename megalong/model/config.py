@@ -1,0 +1,123 @@
+"""Model configuration: the shape of a Llama-3 model and how its layers are implemented."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+
+@dataclass
+class RopeScaling:
+    """Llama-3.1-style RoPE frequency scaling (``rope_type: llama3`` in Hugging Face)."""
+
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclass
+class FP8Config:
+    """Transformer Engine FP8 settings, passed through to Megatron-Core unchanged."""
+
+    # "hybrid" (E4M3 forward, E5M2 backward) or "e4m3".
+    format: Literal["hybrid", "e4m3"] = "hybrid"
+    # Megatron-Core's fp8_recipe: "delayed", "tensorwise", "mxfp8" or "blockwise".
+    recipe: Literal["delayed", "tensorwise", "mxfp8", "blockwise"] = "delayed"
+    amax_history_len: int = 1024
+    amax_compute_algo: Literal["max", "most_recent"] = "max"
+    margin: int = 0
+
+
+SHAPE_FIELDS = (
+    "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+    "vocab_size", "max_position_embeddings", "rope_theta", "tie_word_embeddings", "norm_epsilon",
+    "make_vocab_size_divisible_by",
+)
+
+
+@dataclass
+class ModelConfig:
+    """A Llama-3 family model. Start from a ``preset`` and override single fields."""
+
+    preset: Optional[str] = None
+    # Shape fields left unset (None) come from the preset; without a preset all are required.
+    num_layers: Optional[int] = None
+    hidden_size: Optional[int] = None
+    ffn_hidden_size: Optional[int] = None
+    num_attention_heads: Optional[int] = None
+    num_query_groups: Optional[int] = None
+    vocab_size: Optional[int] = None
+    # Longest sequence the model is built for (RoPE tables, position checks).
+    max_position_embeddings: Optional[int] = None
+    # RoPE base. A float: ProLong uses 8e6 and 1.28e8.
+    rope_theta: Optional[float] = None
+    rope_scaling: Optional[RopeScaling] = None
+    tie_word_embeddings: Optional[bool] = None
+    norm_epsilon: Optional[float] = None
+    init_method_std: float = 0.02
+    # Vocab is padded to a multiple of this x TP, as Megatron-LM does.
+    make_vocab_size_divisible_by: Optional[int] = None
+    # "auto" picks Transformer Engine when it is installed and a GPU is in use.
+    transformer_impl: Literal["auto", "local", "transformer_engine"] = "auto"
+    # Core attention backend (document masking and context parallelism): see megalong.model.attention.
+    attention_backend: Literal["auto", "sdpa", "flash", "te"] = "auto"
+    # Context-parallel communication for megalong's own attention: "ring" (p2p K/V) or "a2a" (Ulysses).
+    cp_comm: Literal["ring", "a2a"] = "ring"
+    params_dtype: Literal["fp32", "bf16"] = "fp32"
+    fp8: Optional[FP8Config] = None
+    # Activation recomputation: None, "selective" (core attention) or "full" (whole layers).
+    recompute: Optional[Literal["selective", "full"]] = None
+    recompute_num_layers: int = 1
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def padded_vocab_size(self, tensor_parallel: int = 1) -> int:
+        multiple = self.make_vocab_size_divisible_by * tensor_parallel
+        return int(math.ceil(self.vocab_size / multiple) * multiple)
+
+    def validate(self, tensor_parallel: int = 1, pipeline_parallel: int = 1) -> None:
+        """Check the shape against itself and the parallel layout; names the values."""
+        from megalong.config.parallel import LayoutError
+
+        missing = [name for name in SHAPE_FIELDS if getattr(self, name) is None]
+        if missing:
+            raise LayoutError(
+                f"model fields not set: {', '.join(missing)} (set them, or choose a model.preset)"
+            )
+        if self.hidden_size % self.num_attention_heads:
+            raise LayoutError(
+                f"model.hidden_size={self.hidden_size} is not divisible by "
+                f"model.num_attention_heads={self.num_attention_heads}"
+            )
+        if self.num_attention_heads % self.num_query_groups:
+            raise LayoutError(
+                f"model.num_attention_heads={self.num_attention_heads} is not divisible by "
+                f"model.num_query_groups={self.num_query_groups}"
+            )
+        if self.num_attention_heads % tensor_parallel:
+            raise LayoutError(
+                f"model.num_attention_heads={self.num_attention_heads} is not divisible by "
+                f"tensor_parallel={tensor_parallel}"
+            )
+        if self.num_query_groups % tensor_parallel:
+            raise LayoutError(
+                f"model.num_query_groups={self.num_query_groups} (KV heads) is not divisible by "
+                f"tensor_parallel={tensor_parallel}"
+            )
+        if self.ffn_hidden_size % tensor_parallel:
+            raise LayoutError(
+                f"model.ffn_hidden_size={self.ffn_hidden_size} is not divisible by "
+                f"tensor_parallel={tensor_parallel}"
+            )
+        if self.num_layers % pipeline_parallel:
+            raise LayoutError(
+                f"model.num_layers={self.num_layers} is not divisible by "
+                f"pipeline_parallel={pipeline_parallel}"
+            )
+        if self.rope_theta <= 0:
+            raise LayoutError(f"model.rope_theta must be positive, got {self.rope_theta}")

@@ -1,0 +1,147 @@
+"""Let Megatron-Core's real code paths run on a machine without a GPU.
+
+Megatron-Core assumes CUDA in a handful of places: it asks for
+``torch.cuda.current_device()``, creates tensors with ``device='cuda'`` or calls
+``.cuda()``, seeds and snapshots the CUDA RNG, pins memory, and checks
+``tensor.type() == 'torch.cuda.FloatTensor'`` in the optimizer and grad-clip code.
+Instead of copying any of that code, this module redirects those calls to the CPU:
+
+* a ``TorchFunctionMode`` maps every CUDA device argument (``'cuda'``, ``'cuda:0'``,
+  an integer index, ``torch.device('cuda')``) to the CPU, turns ``.cuda()`` into a
+  no-op, drops ``pin_memory=True`` and makes ``Tensor.type()`` report the CUDA type
+  name Megatron-Core expects;
+* the ``torch.cuda`` RNG, device and synchronisation functions, and Megatron-Core's
+  private CUDA RNG helpers, are pointed at the CPU generator.
+
+It is activated once per process by :func:`enable`, only when no GPU is in use, and
+logs one line saying so. It is never active on a GPU machine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+log = logging.getLogger(__name__)
+
+_CPU = torch.device("cpu")
+_active_mode: "_CudaToCpuMode | None" = None
+
+
+def _to_cpu_device(device):
+    """Map any CUDA device designation to the CPU; leave everything else alone."""
+    if isinstance(device, int) and not isinstance(device, bool):
+        return _CPU
+    if isinstance(device, str) and device.startswith("cuda"):
+        return _CPU
+    if isinstance(device, torch.device) and device.type == "cuda":
+        return _CPU
+    return device
+
+
+class _CudaToCpuMode(TorchFunctionMode):
+    """Rewrites CUDA device arguments of every torch call to the CPU."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            # Megatron-Core's optimizer and grad-clip code check for CUDA type names.
+            name = func(*args)
+            return name.replace("torch.", "torch.cuda.", 1) if ".cuda." not in name else name
+        if "device" in kwargs:
+            kwargs["device"] = _to_cpu_device(kwargs["device"])
+        if kwargs.get("pin_memory"):
+            kwargs["pin_memory"] = False
+        if func in (torch.Tensor.to, torch.Tensor.new_empty) and len(args) > 1:
+            args = (args[0], _to_cpu_device(args[1]), *args[2:])
+        return func(*args, **kwargs)
+
+
+def _cpu_get_rng_state(device=None, clone=False, graph_safe=False):
+    return torch.get_rng_state()
+
+
+def _cpu_manual_seed(seed):
+    torch.default_generator.manual_seed(int(seed))
+
+
+def _cpu_set_rng_state(new_state, device=None, graph_safe=False):
+    torch.set_rng_state(new_state)
+
+
+class _NoOpStream:
+    """Stands in for torch.cuda.Stream/Event: CPU work is already synchronous."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def __getattr__(self, name):
+        return lambda *a, **k: None
+
+
+def _patch_torch_cuda() -> None:
+    cuda = torch.cuda
+    cuda.current_device = lambda: 0
+    cuda.set_device = lambda *a, **k: None
+    cuda.device_count = lambda: 0
+    cuda.synchronize = lambda *a, **k: None
+    cuda.empty_cache = lambda: None
+    # torch.manual_seed itself calls torch.cuda.manual_seed_all: seed the CPU generator directly.
+    cuda.manual_seed = _cpu_manual_seed
+    cuda.manual_seed_all = lambda seed: None
+    cuda.get_rng_state = _cpu_get_rng_state
+    cuda.set_rng_state = _cpu_set_rng_state
+    cuda.random.get_rng_state = _cpu_get_rng_state
+    cuda.random.set_rng_state = _cpu_set_rng_state
+    cuda.current_stream = lambda *a, **k: _NoOpStream()
+    cuda.default_stream = lambda *a, **k: _NoOpStream()
+    cuda.stream = lambda *a, **k: contextlib.nullcontext()
+    cuda.Stream = _NoOpStream
+    cuda.Event = _NoOpStream
+    cuda.memory_allocated = lambda *a, **k: 0
+    cuda.max_memory_allocated = lambda *a, **k: 0
+    cuda.memory_reserved = lambda *a, **k: 0
+    cuda.max_memory_reserved = lambda *a, **k: 0
+    cuda.reset_peak_memory_stats = lambda *a, **k: None
+
+
+def _patch_megatron_rng() -> None:
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    mcore_random._get_cuda_rng_state = _cpu_get_rng_state
+    mcore_random._set_cuda_rng_state = _cpu_set_rng_state
+
+
+def is_active() -> bool:
+    return _active_mode is not None
+
+
+def enable() -> None:
+    """Activate the CPU redirection for this process (idempotent).
+
+    Refuses on a machine where CUDA is available: there the real CUDA paths must run.
+    """
+    global _active_mode
+    if _active_mode is not None:
+        return
+    if torch.cuda.is_available():
+        raise RuntimeError("cpu_compat.enable() called on a machine with a GPU; use the CUDA path")
+    _patch_torch_cuda()
+    _patch_megatron_rng()
+    _active_mode = _CudaToCpuMode()
+    _active_mode.__enter__()
+    log.info(
+        "No GPU in use: running Megatron-Core on the CPU (CUDA device calls redirected to CPU, "
+        "gloo backend, fp32)."
+    )

@@ -1,0 +1,73 @@
+"""Run a function in N real processes on this machine, as torchrun would.
+
+Used by the tests (real multi-process gloo runs) and by single-machine tools such as
+the quickstart. Each process gets RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT
+like under torchrun; the function's return value on every rank is handed back.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import socket
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(local_rank: int, fn, world_size: int, port: int, args, env, result_dir: str) -> None:
+    os.environ.update(
+        RANK=str(local_rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(local_rank),
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+        # Two cores shared by all ranks: one thread each keeps gloo runs from thrashing.
+        OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
+    )
+    os.environ.update(env or {})
+    import torch
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    try:
+        result = fn(*args)
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            from megalong.runtime import shutdown
+
+            shutdown()
+    with open(Path(result_dir) / f"rank{local_rank}.pkl", "wb") as f:
+        pickle.dump(result, f)
+
+
+def run_processes(
+    fn: Callable[..., Any],
+    world_size: int,
+    args: Sequence[Any] = (),
+    env: Mapping[str, str] | None = None,
+) -> list[Any]:
+    """Run ``fn(*args)`` in ``world_size`` spawned processes; return each rank's result.
+
+    ``fn`` must be importable (a module-level function). An exception on any rank is
+    re-raised here with that rank's traceback.
+    """
+    with tempfile.TemporaryDirectory(prefix="megalong-procs-") as result_dir:
+        mp.start_processes(
+            _entry,
+            args=(fn, world_size, free_port(), tuple(args), dict(env or {}), result_dir),
+            nprocs=world_size,
+            join=True,
+            start_method="spawn",
+        )
+        results = []
+        for rank in range(world_size):
+            with open(Path(result_dir) / f"rank{rank}.pkl", "rb") as f:
+                results.append(pickle.load(f))
+        return results
