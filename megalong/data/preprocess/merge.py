@@ -19,6 +19,10 @@ from megalong.data.preprocess.report import EXAMPLES_PER_REASON, LengthHistogram
 from megalong.data.preprocess.worker import shard_prefix
 
 
+class EmptyDatasetError(ValueError):
+    """Every record was skipped or filtered out."""
+
+
 def _first_occurrences(work_dir: Path, num_shards: int) -> list[np.ndarray]:
     """Per shard, a boolean mask of the documents that are not duplicates of earlier ones."""
     hashes = [np.fromfile(f"{shard_prefix(work_dir, i)}.hashes", dtype=np.uint64) for i in range(num_shards)]
@@ -81,6 +85,11 @@ def merge_shards(work_dir: str | Path, num_shards: int, output_prefix: str | Pat
                 _copy_kept(writer, prefix, np.asarray(lengths, dtype=np.int64), keep, dtype.itemsize)
                 histogram.add(np.asarray(lengths)[keep])
             del lengths
+        if writer.num_documents == 0:
+            # Megatron-Core cannot open an empty .bin, and an empty dataset is never what was meant.
+            raise EmptyDatasetError(
+                f"no document is left to write to {output_prefix}: skipped by reason {dict(skipped)}"
+                + (f", repository files left out {dict(repo_file_skips)}" if repo_file_skips else ""))
         writer.finalize()
     except BaseException:
         writer.abort()

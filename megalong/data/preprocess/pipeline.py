@@ -58,11 +58,15 @@ def array_task_from_env(environ=os.environ) -> tuple[int, int]:
 def _input_fingerprint(shards: list[Shard]) -> dict:
     """Size and modification time of every input file that shards address by offset or row."""
     files = sorted({item[0] for s in shards if s.kind in ("jsonl-range", "jsonl-stream", "parquet") for item in s.items})
-    fingerprint = {}
-    for name in files:
+    return {name: _file_state(name) for name in files}
+
+
+def _file_state(name: str) -> list[int] | None:
+    try:
         stat = os.stat(name)
-        fingerprint[name] = [stat.st_size, stat.st_mtime_ns]
-    return fingerprint
+    except OSError:
+        return None  # unreadable: reported by the reader
+    return [stat.st_size, stat.st_mtime_ns]
 
 
 def load_or_create_plan(cfg: PreprocessConfig, tokenizer) -> dict:
@@ -80,8 +84,7 @@ def load_or_create_plan(cfg: PreprocessConfig, tokenizer) -> dict:
                 f"{work_dir} holds a run with different settings ({', '.join(differing)}); "
                 f"rerun with the same settings to resume it, or delete {work_dir} to start over")
         shards = [Shard.from_dict(s) for s in plan["shards"]]
-        changed = [name for name, old in plan["inputs"].items()
-                   if not os.path.exists(name) or [os.stat(name).st_size, os.stat(name).st_mtime_ns] != old]
+        changed = [name for name, old in plan["inputs"].items() if _file_state(name) != old]
         if changed:
             raise PlanMismatchError(
                 f"input files changed since {work_dir} was planned (e.g. {changed[0]}); "

@@ -112,8 +112,14 @@ def plan_shards(cfg: PreprocessConfig) -> list[Shard]:
 
 
 def _plan_file(path: Path, target: int) -> list[Shard]:
-    size = _size(path)
     name = str(path)
+    try:
+        size = path.stat().st_size
+    except OSError:
+        # A dangling link or vanished file: one shard whose reader reports it as unreadable.
+        if path.name.endswith(COMPRESSIONS):
+            return [Shard("jsonl-stream", [[name]], 0)]
+        return [Shard("jsonl-range", [[name, 0, 1]], 0)]
     if _is_parquet(path.name):
         import pyarrow.parquet as pq
 
