@@ -52,7 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     policy.add_argument("--repo-max-bytes", type=int, help="--input-format code-repos: cap per repository (0 = none)")
     run = parser.add_argument_group("running")
     run.add_argument("--workers", type=int, help="worker processes (default: all CPUs available)")
-    run.add_argument("--shard-size-mb", type=float, help="input MB per shard, the unit of work and resume (default 64)")
+    run.add_argument("--shard-size-mb", type=float, help="input MB per shard, the unit of work and resume (default: automatic, ~64 shards of 1-64 MiB)")
     run.add_argument("--stage", choices=["all", "tokenize", "merge"], default="all",
                      help="all (default): tokenize then merge; in a job array: tokenize per task, then merge once")
     run.add_argument("--task-index", type=int, help="this array task, from 0 (default: SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN)")

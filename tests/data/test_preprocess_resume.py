@@ -137,3 +137,16 @@ def test_merge_without_shards_names_them(tmp_path):
     cfg = PreprocessConfig(inputs=[str(corpus)], output_prefix=str(tmp_path / "out"))
     with pytest.raises(IncompleteError, match="1 of 1 shards"):
         merge(cfg, load_or_create_plan(cfg, llama3()))
+
+
+def test_a_shard_with_wrong_file_sizes_is_tokenized_again(tmp_path):
+    corpus = write_jsonl(tmp_path / "c.jsonl", [f"text number {i} " * 5 for i in range(200)])
+    prefix = tmp_path / "out"
+    preprocess([corpus], prefix, keep_work=True, shard_size_mb=0.004)
+    reference = file_bytes(prefix)
+    shard = Path(f"{prefix}.work/shard_000001.bin")
+    good = shard.read_bytes()
+    shard.write_bytes(good[: len(good) // 2])  # as if the data never reached the disk
+    preprocess([corpus], prefix, keep_work=True, shard_size_mb=0.004)
+    assert shard.read_bytes() == good
+    assert file_bytes(prefix) == reference

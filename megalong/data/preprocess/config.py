@@ -34,8 +34,9 @@ class PreprocessConfig:
     strict: bool = False
     # Worker processes (0 = all CPUs this process may use).
     workers: int = 0
-    # Input bytes per shard: the unit of parallel work and of resume.
-    shard_size_mb: float = 64.0
+    # Input MB per shard: the unit of parallel work and of resume. 0 = automatic: about 64
+    # shards over the whole input, each 1-64 MiB (depends on the inputs only).
+    shard_size_mb: float = 0.0
     # For input_format text: file name suffixes to read (empty = every file).
     text_suffixes: list[str] = field(default_factory=list)
     # For input_format code-repos: files larger than this are left out of their repository
@@ -52,8 +53,8 @@ class PreprocessConfig:
             raise ValueError("min_tokens and max_tokens must be >= 0 (0 = no limit)")
         if self.max_tokens and self.min_tokens > self.max_tokens:
             raise ValueError(f"min_tokens {self.min_tokens} is larger than max_tokens {self.max_tokens}")
-        if self.shard_size_mb <= 0:
-            raise ValueError("shard_size_mb must be positive")
+        if self.shard_size_mb < 0:
+            raise ValueError("shard_size_mb must be >= 0 (0 = automatic)")
         if self.workers < 0:
             raise ValueError("workers must be >= 0 (0 = all CPUs)")
 

@@ -79,7 +79,7 @@ class IndexedDatasetWriter:
         count = int(lengths.sum(dtype=np.int64))
         remaining = count * self.dtype.itemsize
         while remaining > 0:
-            block = handle.read(min(remaining, 1 << 24))
+            block = handle.read(min(remaining, 1 << 22))
             if not block:
                 raise IOError(f"{handle.name}: ended {remaining} bytes before its index says")
             self._bin.write(block)
@@ -88,7 +88,12 @@ class IndexedDatasetWriter:
         self.num_documents += lengths.size
         self.num_tokens += count
 
-    def finalize(self) -> None:
+    def finalize(self, durable: bool = True) -> None:
+        """Write the index and rename both files into place. ``durable`` also flushes them to
+        disk first (survives a machine crash, not only a killed process); shards skip it."""
+        if durable:
+            self._bin.flush()
+            os.fsync(self._bin.fileno())
         self._bin.close()
         self._lengths.close()
         idx_tmp = _tmp(idx_path(self.prefix))
@@ -112,8 +117,9 @@ class IndexedDatasetWriter:
             for start in range(0, n + 1, _CHUNK):
                 out.write(np.arange(start, min(start + _CHUNK, n + 1), dtype=np.int64).tobytes())
             del lengths
-            out.flush()
-            os.fsync(out.fileno())
+            if durable:
+                out.flush()
+                os.fsync(out.fileno())
         os.replace(self._bin_tmp, bin_path(self.prefix))
         os.replace(idx_tmp, idx_path(self.prefix))
         os.unlink(self._lengths_tmp)

@@ -84,18 +84,25 @@ def _size(path: Path) -> int:
         return 0  # unreadable files are reported by the reader, with their path
 
 
+def auto_shard_bytes(total_bytes: int) -> int:
+    """About 64 shards for the whole input (so every worker and array task has several),
+    each between 1 MiB and 64 MiB. It depends on the inputs only, so every run and every
+    array task plans the same shards whatever its worker count."""
+    return int(min(64 << 20, max(1 << 20, total_bytes // 64)))
+
+
 def plan_shards(cfg: PreprocessConfig) -> list[Shard]:
     if not cfg.inputs:
         raise InputError("no inputs given")
-    target = max(1, int(cfg.shard_size_mb * (1 << 20)))
-    shards: list[Shard] = []
+    # First find every unit of input and its size, then cut shards of the chosen size.
+    entries: list[tuple] = []  # ("file", path, size) or (kind, [(path, size), ...])
     for pattern in cfg.inputs:
         for path in _expand(pattern):
             fmt = cfg.input_format
             if fmt in ("text", "code-repos"):
                 if not path.is_dir():
                     raise InputError(f"input {path}: input_format {fmt} expects a directory")
-                shards += _plan_grouped(path, fmt, cfg, target)
+                entries.append(_grouped_units(path, fmt, cfg))
                 continue
             files = _walk_files(path) if path.is_dir() else [path]
             chosen = [f for f in files if (fmt in ("auto", "jsonl") and _is_jsonl(f.name))
@@ -106,8 +113,16 @@ def plan_shards(cfg: PreprocessConfig) -> list[Shard]:
                     + ("; for a directory of text files pass --input-format text, for a directory of "
                        "repositories --input-format code-repos" if path.is_dir() else "")
                 )
-            for file in chosen:
-                shards += _plan_file(file, target)
+            entries += [("file", f, _size(f)) for f in chosen]
+    total = sum(e[2] if e[0] == "file" else sum(size for _, size in e[1]) for e in entries)
+    target = int(cfg.shard_size_mb * (1 << 20)) if cfg.shard_size_mb else auto_shard_bytes(total)
+    target = max(1, target)
+    shards: list[Shard] = []
+    for entry in entries:
+        if entry[0] == "file":
+            shards += _plan_file(entry[1], target)
+        else:
+            shards += _group(entry[0], entry[1], target)
     return shards
 
 
@@ -146,15 +161,15 @@ def _plan_file(path: Path, target: int) -> list[Shard]:
             for start in range(0, size, target)]
 
 
-def _plan_grouped(directory: Path, fmt: str, cfg: PreprocessConfig, target: int) -> list[Shard]:
+def _grouped_units(directory: Path, fmt: str, cfg: PreprocessConfig) -> tuple[str, list]:
     if fmt == "text":
         suffixes = tuple(cfg.text_suffixes)
-        units = [(f, _size(f)) for f in _walk_files(directory) if not suffixes or f.name.endswith(suffixes)]
-        kind = "text-files"
-    else:
-        repos = [directory] if (directory / ".git").exists() else sorted(p for p in directory.iterdir() if p.is_dir())
-        units = [(r, sum(_size(f) for f in list_repo_files(r))) for r in repos]
-        kind = "code-repos"
+        return "text-files", [(f, _size(f)) for f in _walk_files(directory) if not suffixes or f.name.endswith(suffixes)]
+    repos = [directory] if (directory / ".git").exists() else sorted(p for p in directory.iterdir() if p.is_dir())
+    return "code-repos", [(r, sum(_size(f) for f in list_repo_files(r))) for r in repos]
+
+
+def _group(kind: str, units: list, target: int) -> list[Shard]:
     shards, current, current_bytes = [], [], 0
     for path, size in units:
         if current and current_bytes + size > target:

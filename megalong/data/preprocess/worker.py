@@ -33,17 +33,26 @@ def shard_prefix(work_dir: str | Path, shard_id: int) -> Path:
 
 
 def shard_is_done(work_dir: str | Path, shard_id: int) -> bool:
-    return Path(f"{shard_prefix(work_dir, shard_id)}.json").is_file()
+    """A shard is done when its stats file exists and its files have the recorded sizes
+    (shards are not fsync'ed, for speed: after a machine crash a shard whose data never
+    reached the disk fails this check and is tokenized again)."""
+    prefix = shard_prefix(work_dir, shard_id)
+    try:
+        stats = json.loads(Path(f"{prefix}.json").read_text(encoding="utf-8"))
+        return all(os.path.getsize(f"{prefix}{ext}") == size for ext, size in stats["file_sizes"].items())
+    except (OSError, ValueError, KeyError):
+        return False
 
 
-def write_json_atomic(path: str | Path, data: dict) -> None:
+def write_json_atomic(path: str | Path, data: dict, durable: bool = True) -> None:
     path = Path(path)
     tmp = path.with_name(f"{path.name}.tmp.{os.getpid()}")
     with open(tmp, "w", encoding="utf-8") as handle:
         json.dump(data, handle, indent=1, sort_keys=False)
         handle.write("\n")
-        handle.flush()
-        os.fsync(handle.fileno())
+        if durable:
+            handle.flush()
+            os.fsync(handle.fileno())
     os.replace(tmp, path)
 
 
@@ -123,7 +132,7 @@ def tokenize_shard(shard_id: int, shard: Shard, cfg: PreprocessConfig, tokenizer
             os.replace(hashes_tmp, hashes_path)
         stats = {"shard": shard_id, "documents": writer.num_documents, "tokens": writer.num_tokens,
                  "input_bytes": shard.input_bytes, **skips.to_dict()}
-        writer.finalize()
+        writer.finalize(durable=False)
     except BaseException:
         writer.abort()
         if hashes is not None:
@@ -132,5 +141,7 @@ def tokenize_shard(shard_id: int, shard: Shard, cfg: PreprocessConfig, tokenizer
         raise
     if progress is not None and batcher.input_budget:
         progress(batcher.input_budget, 0, 0)
-    write_json_atomic(f"{prefix}.json", stats)
+    stats["file_sizes"] = {ext: os.path.getsize(f"{prefix}{ext}") for ext in (".bin", ".idx")
+                           + ((".hashes",) if cfg.dedup else ())}
+    write_json_atomic(f"{prefix}.json", stats, durable=False)
     return stats
