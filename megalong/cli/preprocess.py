@@ -82,6 +82,16 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         cfg = build_config(args)
+        if args.stage == "merge" and not cfg.inputs and cfg.output_prefix:
+            from pathlib import Path
+
+            from megalong.data.preprocess.pipeline import config_from_plan
+
+            if Path(f"{cfg.output_prefix}.json").is_file() and not Path(cfg.work_dir).exists():
+                log.info("%s is already merged: nothing to do", cfg.output_prefix)
+                return 0
+            # Merge with only --output-prefix: every other setting comes from the plan.
+            cfg = config_from_plan(cfg.output_prefix, keep_work=cfg.keep_work, workers=cfg.workers)
         if not cfg.output_prefix:
             raise ConfigError("--output-prefix is required")
         if not cfg.inputs and args.stage != "merge":

@@ -99,6 +99,17 @@ def load_or_create_plan(cfg: PreprocessConfig, tokenizer) -> dict:
     return plan
 
 
+def config_from_plan(output_prefix: str, **overrides) -> PreprocessConfig:
+    """The settings of the run planned in ``<output_prefix>.work/`` (so ``--stage merge``
+    needs only the output prefix)."""
+    plan_path = Path(f"{output_prefix}.work") / "plan.json"
+    if not plan_path.is_file():
+        raise IncompleteError(f"{plan_path} does not exist: nothing was tokenized for {output_prefix} yet "
+                              "(or it was already merged)")
+    settings = json.loads(plan_path.read_text(encoding="utf-8"))["settings"]
+    return PreprocessConfig(output_prefix=output_prefix, **settings, **overrides)
+
+
 # --- worker processes -------------------------------------------------------------------
 # Each pool process holds its own copy of these, set once by _init_worker (process-local
 # state of a worker, not shared configuration).
