@@ -140,3 +140,32 @@ def test_config_validation():
         PreprocessConfig(input_format="csv")
     with pytest.raises(ValueError, match="min_tokens"):
         PreprocessConfig(min_tokens=10, max_tokens=5)
+
+
+def test_hf_tokenizer_file_gives_the_same_tokens_with_workers(tmp_path):
+    from megalong.data.preprocess import run
+    from megalong.data.tokenizer import bundled_llama3_dir, load_tokenizer
+
+    texts = sample_texts(80)
+    source = write_jsonl(tmp_path / "d.jsonl", texts)
+    spec = str(bundled_llama3_dir() / "tokenizer.json")
+    cfg = PreprocessConfig(inputs=[str(source)], output_prefix=str(tmp_path / "hf"), tokenizer=spec,
+                           workers=2, shard_size_mb=0.002)
+    sidecar = run(cfg, load_tokenizer(spec), progress_stream=open("/dev/null", "w"))
+    assert sidecar["tokenizer"]["kind"] == "huggingface" and sidecar["shards"] > 2
+    assert read_dataset(tmp_path / "hf") == expected(texts)  # ids identical to tiktoken's
+
+
+def test_progress_line_reports_rates_and_eta():
+    import io
+
+    from megalong.data.preprocess.progress import ProgressLine
+
+    stream = io.StringIO()
+    progress = ProgressLine(total_shards=4, total_bytes=1000, stream=stream, log_every=0)
+    progress.update(input_bytes=250, documents=1500, tokens=2_500_000, shards=1)
+    progress.close()
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 2
+    assert "shards 1/4" in lines[-1] and "25.0% of input" in lines[-1]
+    assert "1.50K docs" in lines[-1] and "2.50M tokens" in lines[-1] and "/s)" in lines[-1] and "ETA" in lines[-1]

@@ -129,6 +129,10 @@ def _die_with_parent() -> None:
 def _init_worker(cfg, tokenizer, work_dir, counters) -> None:
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
+    # One thread per worker: Hugging Face tokenizers would otherwise start a thread per core
+    # in every worker process.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    os.environ["RAYON_NUM_THREADS"] = "1"
     _WORKER.update(cfg=cfg, tokenizer=tokenizer, work_dir=work_dir, counters=counters)
 
 
