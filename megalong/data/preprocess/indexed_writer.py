@@ -19,6 +19,7 @@ Megatron-Core's.
 from __future__ import annotations
 
 import os
+import socket
 import struct
 from pathlib import Path
 
@@ -33,6 +34,12 @@ _IDX_PREAMBLE_BYTES = 9 + 8 + 1 + 8 + 8
 _CHUNK = 1 << 20  # documents per streamed block when writing the index
 
 
+# Temporary names carry the host and process: array tasks on different nodes share the
+# output file system, and a name of its own per writer means no two can ever mix their bytes.
+def tmp_tag() -> str:
+    return f"{socket.gethostname()}.{os.getpid()}"  # at call time: forked workers have their own pid
+
+
 def bin_path(prefix: str | Path) -> Path:
     return Path(f"{prefix}.bin")
 
@@ -42,7 +49,7 @@ def idx_path(prefix: str | Path) -> Path:
 
 
 def _tmp(path: Path) -> Path:
-    return path.with_name(f"{path.name}.tmp.{os.getpid()}")
+    return path.with_name(f"{path.name}.tmp.{tmp_tag()}")
 
 
 class IndexedDatasetWriter:

@@ -17,7 +17,7 @@ from typing import Callable
 import numpy as np
 
 from megalong.data.preprocess.config import PreprocessConfig
-from megalong.data.preprocess.indexed_writer import IndexedDatasetWriter
+from megalong.data.preprocess.indexed_writer import IndexedDatasetWriter, tmp_tag
 from megalong.data.preprocess.readers import iter_documents
 from megalong.data.preprocess.report import SkipLog
 from megalong.data.preprocess.sources import Shard
@@ -46,7 +46,7 @@ def shard_is_done(work_dir: str | Path, shard_id: int) -> bool:
 
 def write_json_atomic(path: str | Path, data: dict, durable: bool = True) -> None:
     path = Path(path)
-    tmp = path.with_name(f"{path.name}.tmp.{os.getpid()}")
+    tmp = path.with_name(f"{path.name}.tmp.{tmp_tag()}")
     with open(tmp, "w", encoding="utf-8") as handle:
         json.dump(data, handle, indent=1, sort_keys=False)
         handle.write("\n")
@@ -119,7 +119,7 @@ def tokenize_shard(shard_id: int, shard: Shard, cfg: PreprocessConfig, tokenizer
     prefix = shard_prefix(work_dir, shard_id)
     skips = SkipLog(cfg.strict)
     hashes_path = Path(f"{prefix}.hashes")
-    hashes_tmp = hashes_path.with_name(f"{hashes_path.name}.tmp.{os.getpid()}")
+    hashes_tmp = hashes_path.with_name(f"{hashes_path.name}.tmp.{tmp_tag()}")
     writer = IndexedDatasetWriter(prefix)
     hashes = open(hashes_tmp, "wb") if cfg.dedup else None
     try:
