@@ -75,8 +75,7 @@ def build_config(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     from megalong.config import ConfigError
-    from megalong.data.preprocess import (BadInputError, IncompleteError, InputError, PlanMismatchError,
-                                          array_task_from_env)
+    from megalong.data.preprocess import IncompleteError, InputError, PlanMismatchError, array_task_from_env
     from megalong.data.preprocess import run as run_preprocess
     from megalong.data.tokenizer import TokenizerError, load_tokenizer
 
@@ -106,6 +105,9 @@ def run(args: argparse.Namespace) -> int:
         sidecar = run_preprocess(cfg, tokenizer, stage=args.stage, task_index=task_index, num_tasks=num_tasks)
     except (ConfigError, TokenizerError, InputError, PlanMismatchError, IncompleteError, ValueError) as err:
         # BadInputError (strict mode) is a ValueError: its message starts with file:line.
+        log.error("%s", err)
+        return 1
+    except OSError as err:  # unreadable tokenizer, unwritable output directory, full disk, ...
         log.error("%s", err)
         return 1
     except KeyboardInterrupt:

@@ -81,7 +81,7 @@ class _ShardTokenizer:
             return
         arrays = self.tokenizer.encode_batch_arrays(self.texts)
         lengths = np.fromiter((a.size for a in arrays), dtype=np.int64, count=len(arrays)) + self.extra
-        keep = np.ones(len(arrays), dtype=bool)
+        keep = lengths > 0  # text that tokenizes to nothing, with no BOS/EOS, is not a document
         if self.cfg.min_tokens:
             keep &= lengths >= self.cfg.min_tokens
         if self.cfg.max_tokens:
@@ -90,7 +90,10 @@ class _ShardTokenizer:
         kept_texts = []
         for index in range(len(arrays)):
             if not keep[index]:
-                reason = "too_short" if lengths[index] < self.cfg.min_tokens else "too_long"
+                if lengths[index] == 0:
+                    reason = "empty_text"
+                else:
+                    reason = "too_short" if lengths[index] < self.cfg.min_tokens else "too_long"
                 path, kind, value = self.wheres[index]
                 self.skips.skip(reason, path, f"{int(lengths[index])} tokens", **({kind: value} if kind != "file" else {}))
                 continue
