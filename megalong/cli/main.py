@@ -16,6 +16,7 @@ import sys
 # name -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "info": ("megalong.cli.info", "show versions, devices and available model presets"),
+    "preprocess": ("megalong.cli.preprocess", "tokenize corpora into Megatron indexed datasets (.bin/.idx)"),
 }
 
 

@@ -24,6 +24,8 @@ import os
 from functools import cached_property
 from pathlib import Path
 
+import numpy as np
+
 # The pre-tokenization regex of Llama-3 (identical to the Split pattern in its tokenizer.json).
 LLAMA3_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -79,6 +81,11 @@ class Tokenizer:
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [self.encode(text) for text in texts]
+
+    def encode_batch_arrays(self, texts: list[str]) -> list[np.ndarray]:
+        """Like ``encode_batch`` but one integer numpy array per text (what the preprocessor
+        writes); backends override it when they can skip the Python list of ints."""
+        return [np.asarray(ids, dtype=np.int64) for ids in self.encode_batch(texts)]
 
     def decode(self, ids) -> str:
         raise NotImplementedError
@@ -144,6 +151,12 @@ class TiktokenTokenizer(Tokenizer):
         if self.threads == 1:
             return [self._encoding.encode_ordinary(text) for text in texts]
         return self._encoding.encode_ordinary_batch(list(texts), num_threads=self.threads)
+
+    def encode_batch_arrays(self, texts: list[str]) -> list[np.ndarray]:
+        # With no special token allowed, tiktoken encodes special-token text as ordinary text,
+        # exactly like encode_ordinary, straight into a buffer (no list of Python ints).
+        encode = self._encoding.encode_to_numpy
+        return [encode(text, allowed_special=set(), disallowed_special=()) for text in texts]
 
     def decode(self, ids) -> str:
         return self._encoding.decode([int(i) for i in ids])

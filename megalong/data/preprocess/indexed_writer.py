@@ -1,0 +1,166 @@
+"""Write Megatron-Core's ``.bin/.idx`` indexed-dataset format incrementally and atomically.
+
+The bytes are exactly what ``megatron.core.datasets.indexed_dataset.IndexedDatasetBuilder``
+writes for one sequence per document (the tests compare the two byte for byte), but:
+
+* nothing grows in memory with the corpus: tokens go straight to the ``.bin`` and the
+  per-document lengths are spilled to a side file, from which the ``.idx`` is streamed at
+  the end (the builder keeps Python lists of every length and pointer);
+* whole batches are written with numpy, with no per-document tensor conversion;
+* the outputs appear atomically: everything is written under temporary names (carrying the
+  process id, so an orphaned writer can never share a file with a new one) and renamed into
+  place only when complete, ``.bin`` first and ``.idx`` last.
+
+The format constants are restated here (instead of imported from Megatron-Core) so worker
+processes do not import torch; ``tests/data/test_preprocess_writer.py`` pins them to
+Megatron-Core's.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+from pathlib import Path
+
+import numpy as np
+
+INDEX_HEADER = b"MMIDIDX\x00\x00"  # megatron.core.datasets.indexed_dataset._INDEX_HEADER
+INDEX_VERSION = 1
+# megatron.core.datasets.indexed_dataset.DType codes
+DTYPE_CODES = {np.dtype(np.uint16): 8, np.dtype(np.int32): 4, np.dtype(np.int64): 5}
+TOKEN_DTYPE = np.dtype(np.int32)  # holds Llama-3's 128,256 ids (uint16 stops at 65,535)
+_IDX_PREAMBLE_BYTES = 9 + 8 + 1 + 8 + 8
+_CHUNK = 1 << 20  # documents per streamed block when writing the index
+
+
+# Temporary names carry the host and process: array tasks on different nodes share the
+# output file system, and a name of its own per writer means no two can ever mix their bytes.
+def tmp_tag() -> str:
+    return f"{socket.gethostname()}.{os.getpid()}"  # at call time: forked workers have their own pid
+
+
+def bin_path(prefix: str | Path) -> Path:
+    return Path(f"{prefix}.bin")
+
+
+def idx_path(prefix: str | Path) -> Path:
+    return Path(f"{prefix}.idx")
+
+
+def _tmp(path: Path) -> Path:
+    return path.with_name(f"{path.name}.tmp.{tmp_tag()}")
+
+
+class IndexedDatasetWriter:
+    """Append documents (token arrays) and finalize into ``<prefix>.bin`` + ``<prefix>.idx``."""
+
+    def __init__(self, prefix: str | Path, dtype=TOKEN_DTYPE):
+        self.prefix = Path(prefix)
+        self.dtype = np.dtype(dtype)
+        if self.dtype not in DTYPE_CODES:
+            raise ValueError(f"token dtype {self.dtype} is not one Megatron-Core reads back")
+        self.prefix.parent.mkdir(parents=True, exist_ok=True)
+        self._bin_tmp = _tmp(bin_path(self.prefix))
+        self._lengths_tmp = _tmp(Path(f"{self.prefix}.lengths"))
+        self._bin = open(self._bin_tmp, "wb")
+        self._lengths = open(self._lengths_tmp, "wb")
+        self.num_documents = 0
+        self.num_tokens = 0
+
+    def add_documents(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
+        """``tokens``: the documents' tokens back to back; ``lengths``: tokens per document."""
+        tokens = np.asarray(tokens, dtype=self.dtype)
+        lengths = np.asarray(lengths, dtype=np.int32)
+        if int(lengths.sum(dtype=np.int64)) != tokens.size:
+            raise ValueError(f"lengths sum to {int(lengths.sum())} but {tokens.size} tokens were given")
+        self._bin.write(tokens.tobytes())
+        self._lengths.write(lengths.tobytes())
+        self.num_documents += lengths.size
+        self.num_tokens += tokens.size
+
+    def append_from(self, handle, lengths: np.ndarray) -> None:
+        """Append documents of ``lengths`` whose tokens (in this writer's dtype) are read from
+        ``handle`` at its current position: merging shards without decoding them."""
+        lengths = np.ascontiguousarray(lengths, dtype=np.int32)
+        count = int(lengths.sum(dtype=np.int64))
+        remaining = count * self.dtype.itemsize
+        while remaining > 0:
+            block = handle.read(min(remaining, 1 << 22))
+            if not block:
+                raise IOError(f"{handle.name}: ended {remaining} bytes before its index says")
+            self._bin.write(block)
+            remaining -= len(block)
+        self._lengths.write(lengths.tobytes())
+        self.num_documents += lengths.size
+        self.num_tokens += count
+
+    def finalize(self, durable: bool = True) -> None:
+        """Write the index and rename both files into place. ``durable`` also flushes them to
+        disk first (survives a machine crash, not only a killed process); shards skip it."""
+        if durable:
+            self._bin.flush()
+            os.fsync(self._bin.fileno())
+        self._bin.close()
+        self._lengths.close()
+        idx_tmp = _tmp(idx_path(self.prefix))
+        itemsize = self.dtype.itemsize
+        n = self.num_documents
+        with open(idx_tmp, "wb") as out:
+            out.write(INDEX_HEADER)
+            out.write(struct.pack("<Q", INDEX_VERSION))
+            out.write(struct.pack("<B", DTYPE_CODES[self.dtype]))
+            out.write(struct.pack("<Q", n))  # sequences
+            out.write(struct.pack("<Q", n + 1))  # document indices (one sequence per document)
+            lengths = np.memmap(self._lengths_tmp, dtype=np.int32, mode="r") if n else np.zeros(0, np.int32)
+            for start in range(0, n, _CHUNK):
+                out.write(np.ascontiguousarray(lengths[start : start + _CHUNK]).tobytes())
+            pointer = 0
+            for start in range(0, n, _CHUNK):
+                block = lengths[start : start + _CHUNK].astype(np.int64) * itemsize
+                ends = np.cumsum(block) + pointer
+                out.write((ends - block).tobytes())
+                pointer = int(ends[-1])
+            for start in range(0, n + 1, _CHUNK):
+                out.write(np.arange(start, min(start + _CHUNK, n + 1), dtype=np.int64).tobytes())
+            del lengths
+            if durable:
+                out.flush()
+                os.fsync(out.fileno())
+        os.replace(self._bin_tmp, bin_path(self.prefix))
+        os.replace(idx_tmp, idx_path(self.prefix))
+        os.unlink(self._lengths_tmp)
+
+    def abort(self) -> None:
+        for handle in (self._bin, self._lengths):
+            handle.close()
+        for path in (self._bin_tmp, self._lengths_tmp, _tmp(idx_path(self.prefix))):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+
+    def __enter__(self) -> "IndexedDatasetWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.finalize()
+        else:
+            self.abort()
+
+
+def read_index(prefix: str | Path) -> tuple[np.dtype, np.ndarray]:
+    """(token dtype, per-document lengths) of an indexed dataset, lengths memory-mapped."""
+    path = idx_path(prefix)
+    with open(path, "rb") as handle:
+        preamble = handle.read(_IDX_PREAMBLE_BYTES)
+    if len(preamble) < _IDX_PREAMBLE_BYTES or preamble[:9] != INDEX_HEADER:
+        raise ValueError(f"{path}: not a Megatron indexed-dataset index")
+    code = preamble[17]
+    dtype = next((dt for dt, c in DTYPE_CODES.items() if c == code), None)
+    if dtype is None:
+        raise ValueError(f"{path}: token dtype code {code} is not supported")
+    (count,) = struct.unpack("<Q", preamble[18:26])
+    lengths = np.memmap(path, dtype=np.int32, mode="r", offset=_IDX_PREAMBLE_BYTES, shape=(count,)) if count else np.zeros(0, np.int32)
+    return dtype, lengths

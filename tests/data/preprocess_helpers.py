@@ -1,0 +1,62 @@
+"""Shared helpers for the preprocessing tests."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from megalong.data.preprocess import PreprocessConfig, run
+from megalong.data.tokenizer import load_tokenizer
+
+_TOKENIZER = {}
+
+
+def llama3():
+    if "llama3" not in _TOKENIZER:
+        _TOKENIZER["llama3"] = load_tokenizer("llama3")
+    return _TOKENIZER["llama3"]
+
+
+def sample_texts(count=60):
+    """Varied documents: prose, code, unicode, special-token look-alikes, long and short."""
+    base = [
+        "The quick brown fox jumps over the lazy dog.",
+        "def add(a, b):\n    return a + b\n",
+        "Ünïcödé: 日本語のテキスト, emojis 🙂🚀, and math ∑x².",
+        "A literal <|end_of_text|> inside text stays text.",
+        "Numbers 1234567890 and\ttabs\nand\n\nnewlines.",
+    ]
+    return [f"{base[i % len(base)]} #{i} " + "lorem ipsum " * (i % 13) for i in range(count)]
+
+
+def write_jsonl(path: Path, records, key="text"):
+    with open(path, "w", encoding="utf-8") as handle:
+        for record in records:
+            handle.write(json.dumps(record if isinstance(record, dict) else {key: record}) + "\n")
+    return path
+
+
+def read_dataset(prefix) -> list[list[int]]:
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    dataset = IndexedDataset(str(prefix))
+    return [dataset[i].tolist() for i in range(len(dataset))]
+
+
+def expected(texts, bos=True, eos=True):
+    tok = llama3()
+    return [([tok.bos_id] if bos else []) + tok.encode(t) + ([tok.eos_id] if eos else []) for t in texts]
+
+
+def preprocess(inputs, prefix, **settings) -> dict:
+    cfg = PreprocessConfig(inputs=[str(p) for p in inputs], output_prefix=str(prefix), tokenizer="llama3",
+                           **{"workers": 1, **settings})
+    return run(cfg, llama3(), progress_stream=open("/dev/null", "w"))
+
+
+def file_bytes(prefix) -> tuple[bytes, bytes]:
+    return Path(f"{prefix}.bin").read_bytes(), Path(f"{prefix}.idx").read_bytes()
+
+
+def as_arrays(docs):
+    return [np.asarray(d) for d in docs]
