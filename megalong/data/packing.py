@@ -30,6 +30,7 @@ samples up front; these indices answer any sample lazily from O(documents) array
 
 from __future__ import annotations
 
+import functools
 import zlib
 from dataclasses import dataclass, field
 
@@ -314,6 +315,13 @@ def build_index(kind: str, lengths: np.ndarray, seq_length: int, seed: int, name
     raise ValueError(f"domain {name!r}: unknown kind {kind!r} (expected long, concat or sft)")
 
 
+@functools.lru_cache(maxsize=4)
+def _positions(seq_length: int) -> np.ndarray:
+    positions = np.arange(seq_length, dtype=np.int64)
+    positions.flags.writeable = False
+    return positions
+
+
 def materialize(layout: SampleLayout, pieces: list[np.ndarray], next_token: int | None,
                 pad_token_id: int, seq_length: int,
                 target_masks: list[np.ndarray] | None = None) -> PackedSample:
@@ -326,13 +334,17 @@ def materialize(layout: SampleLayout, pieces: list[np.ndarray], next_token: int 
     seg_lengths = layout.segment_lengths
     if int(seg_lengths.sum()) != seq_length:
         raise ValueError(f"layout covers {int(seg_lengths.sum())} tokens, expected {seq_length}")
-    parts = [np.asarray(p, dtype=np.int64) for p in pieces]
-    if layout.pad_length:
-        parts.append(np.full(layout.pad_length, pad_token_id, dtype=np.int64))
-    tokens = np.concatenate(parts)
     cu = np.zeros(seg_lengths.size + 1, dtype=np.int32)
     np.cumsum(seg_lengths, out=cu[1:])
-    position_ids = np.arange(seq_length, dtype=np.int64) - np.repeat(cu[:-1].astype(np.int64), seg_lengths)
+    if len(pieces) != layout.lengths.size or any(len(p) != n for p, n in zip(pieces, layout.lengths)):
+        raise ValueError("the pieces read do not match the sample layout (dataset changed on disk?)")
+    # Copy each piece straight into the sample (one int32 -> int64 pass, no concatenate).
+    tokens = np.empty(seq_length, dtype=np.int64)
+    for piece, start, stop in zip(pieces, cu[:-1], cu[1:]):
+        tokens[start:stop] = piece
+    if layout.pad_length:
+        tokens[seq_length - layout.pad_length:] = pad_token_id
+    position_ids = _positions(seq_length) - np.repeat(cu[:-1].astype(np.int64), seg_lengths)
 
     final_label = int(next_token) if layout.continues else pad_token_id
     labels = np.empty(seq_length, dtype=np.int64)
