@@ -16,6 +16,7 @@ import sys
 # name -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "info": ("megalong.cli.info", "show versions, devices and available model presets"),
+    "sft-data": ("megalong.cli.sft_data", "render chat JSONL into an SFT chat dataset (Llama-3 format)"),
 }
 
 

@@ -12,7 +12,8 @@ from megalong.data.sft import (
     ChatFormatError, open_chat_dataset, read_conversation, render_conversation, write_chat_dataset,
 )
 from megalong.data.stream import DataConfig, TrainStream
-from tests.data.builders import TiktokenLlama3, llama3_tokenizer_dir, unique_documents, write_indexed
+from megalong.data.tokenizer import bundled_llama3_dir, load_tokenizer
+from tests.data.builders import unique_documents, write_indexed
 
 # Meta-Llama-3-8B-Instruct's chat template (tokenizer_config.json of the release).
 LLAMA3_CHAT_TEMPLATE = (
@@ -36,13 +37,13 @@ CONVERSATIONS = [
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return TiktokenLlama3()
+    return load_tokenizer("llama3")
 
 
 def test_rendering_matches_the_llama3_chat_template(tokenizer):
     from transformers import PreTrainedTokenizerFast
 
-    hf = PreTrainedTokenizerFast(tokenizer_file=str(llama3_tokenizer_dir() / "tokenizer.json"),
+    hf = PreTrainedTokenizerFast(tokenizer_file=str(bundled_llama3_dir() / "tokenizer.json"),
                                  bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>")
     for messages in CONVERSATIONS:
         ids = hf.apply_chat_template(messages, chat_template=LLAMA3_CHAT_TEMPLATE, tokenize=True)
@@ -156,3 +157,15 @@ def test_packed_sft_samples_keep_whole_conversations_and_assistant_masks(tmp_pat
                 assert b == seq_length and set(segment) == {cfg.pad_token_id}
                 assert not sample.loss_mask[a:b].any()
     assert set(seen) == set(rendered) and set(seen.values()) == {1}
+
+
+def test_sft_data_command(tmp_path):
+    from megalong.cli.main import main
+
+    src = _write_jsonl(tmp_path / "chat.jsonl", CONVERSATIONS, extra_lines=["{bad"])
+    assert main(["sft-data", str(src), "--output", str(tmp_path / "ds" / "chat")]) == 0
+    sidecar = json.loads((tmp_path / "ds" / "chat.json").read_text())
+    assert sidecar["conversations"] == 3 and sidecar["skipped"] == {"malformed JSON": 1}
+    assert sidecar["tokenizer"]["vocab_size"] == 128256
+    assert main(["sft-data", str(src), "--output", str(tmp_path / "ds2" / "chat"), "--strict"]) == 1
+    assert not (tmp_path / "ds2" / "chat.bin").exists()
