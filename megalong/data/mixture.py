@@ -140,6 +140,11 @@ class DomainSource:
         self.lengths = np.concatenate(lengths) if lengths else np.zeros(0, dtype=np.int64)
         self.index = build_index(spec.kind, self.lengths, seq_length, seed, spec.name,
                                  chunk_length=spec.chunk_length)
+        if self.index.tokens_per_epoch == 0:
+            what = {"long": f"no document of at least {spec.chunk_length or seq_length:,} tokens",
+                    "concat": "no tokens",
+                    "sft": f"no conversation of at most {seq_length:,} tokens"}[spec.kind]
+            raise ValueError(f"domain {spec.name!r} ({spec.kind}) has {what} in {', '.join(self.prefixes)}")
 
     @property
     def name(self) -> str:

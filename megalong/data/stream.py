@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
@@ -75,6 +76,7 @@ class TrainStream:
         self.cfg = cfg
         self.global_batch_size = int(global_batch_size)
         self.data_parallel_size = int(data_parallel_size)
+        started = time.perf_counter()
         self.mixture = cfg.mixture_spec()
         default_repeat = self.mixture.allow_repeat if cfg.allow_repeat is None else cfg.allow_repeat
         self.domains: list[DomainSource] = []
@@ -87,6 +89,9 @@ class TrainStream:
         self.total_steps = total_steps
         if total_steps is not None:
             self._check_capacity(total_steps * self.global_batch_size)
+        log.info("data: indexed %s documents in %d domain(s) in %.2f s",
+                 f"{sum(int(d.lengths.size) for d in self.domains):,}", len(self.domains),
+                 time.perf_counter() - started)
 
     # -- the contract -----------------------------------------------------------------------
 
@@ -151,6 +156,26 @@ class TrainStream:
                 entry["padding_tokens"] = int(sum(pads))
             domains[source.name] = entry
         return {"steps": steps, "samples": num_samples, "tokens": total_tokens, "domains": domains}
+
+    # -- checkpointing ----------------------------------------------------------------------
+
+    def state_dict(self, next_step: int) -> dict:
+        """What a checkpoint stores: the next step to run and the data's fingerprint. The
+        stream holds no other state: ``batch_for_step(next_step, r)`` after a resume is the
+        batch an uninterrupted run would have seen."""
+        return {"next_step": int(next_step), "consumed_samples": int(next_step) * self.global_batch_size,
+                "fingerprint": self.fingerprint()}
+
+    def resume_step(self, state: dict) -> int:
+        """The step to continue from; refuses a checkpoint made with other data, seed,
+        sequence length or global batch size (the same step would mean other samples)."""
+        if state.get("fingerprint") != self.fingerprint():
+            raise ValueError(
+                "the checkpoint's data stream does not match this configuration (mixture, datasets, "
+                "seq_length, seed or global batch size changed); resuming would not continue the same "
+                f"stream (checkpoint {state.get('fingerprint')}, now {self.fingerprint()})"
+            )
+        return int(state["next_step"])
 
     # -- helpers ----------------------------------------------------------------------------
 

@@ -126,3 +126,10 @@ def test_data_config_loads_from_a_recipe_with_overrides(tmp_path):
     assert cfg.data_root == "/lustre/prolong" and cfg.seed == 9
     with pytest.raises(FileNotFoundError, match=r"domain 'code_repos_64k'.*/lustre/prolong/"):
         TrainStream(cfg, 64, 8)
+
+
+def test_long_domain_without_long_documents_is_refused(tmp_path):
+    prefix = write_indexed(tmp_path / "short", unique_documents([10, 20, 30]))
+    cfg = DataConfig(domains=[DomainSpec(name="books_64k", weight=1, kind="long", paths=[prefix])], seq_length=64)
+    with pytest.raises(ValueError, match=r"domain 'books_64k' \(long\) has no document of at least 64 tokens"):
+        TrainStream(cfg, 1, 1)

@@ -40,7 +40,10 @@ def test_fresh_stream_at_step_k_gives_the_batch_of_an_uninterrupted_run(tmp_path
     for k in (0, 5, 11):
         resumed = TrainStream(cfg, global_batch_size=8, data_parallel_size=2)
         _same(resumed.batch_for_step(k, 1), seen[k])
-    assert TrainStream(cfg, 8, 2).fingerprint() == running.fingerprint()
+    resumed = TrainStream(cfg, 8, 4)  # another DP size is the same stream
+    assert resumed.resume_step(running.state_dict(7)) == 7
+    with pytest.raises(ValueError, match="does not match"):
+        TrainStream(cfg, 16, 2).resume_step(running.state_dict(7))
     other = TrainStream(_config(tmp_path, seed=5), 8, 2)
     assert other.fingerprint() != running.fingerprint()
     assert any(not np.array_equal(a.tokens, b.tokens) for a, b in zip(other.batch_for_step(3, 1), seen[3]))
