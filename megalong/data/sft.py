@@ -135,6 +135,10 @@ def write_chat_dataset(inputs, tokenizer, output_prefix: str, messages_key: str 
     report = ChatWriteReport()
     builder = IndexedDatasetBuilder(str(tmp) + ".bin", dtype=np.int32, multimodal=True)
     started = last_log = time.monotonic()
+    # Progress by bytes read is exact only for uncompressed inputs; compressed ones show rates only.
+    plain = all(p.suffix not in (".gz", ".zst") for p in inputs)
+    total_bytes = sum(p.stat().st_size for p in inputs if p.exists()) if plain else 0
+    bytes_done = 0
     try:
         for path in inputs:
             line_no = 0
@@ -153,6 +157,8 @@ def write_chat_dataset(inputs, tokenizer, output_prefix: str, messages_key: str 
                     if not line:
                         break
                     line_no += 1
+                    if total_bytes:
+                        bytes_done += len(line.encode("utf-8"))
                     where = f"{path}:{line_no}"
                     if not line.strip():
                         continue
@@ -177,8 +183,13 @@ def write_chat_dataset(inputs, tokenizer, output_prefix: str, messages_key: str 
                     now = time.monotonic()
                     if now - last_log >= log_every_s:
                         rate = report.tokens / (now - started)
-                        log.info("chat data: %s conversations, %s tokens (%.0f tokens/s), reading %s",
-                                 f"{report.conversations:,}", f"{report.tokens:,}", rate, where)
+                        eta = ""
+                        if total_bytes and bytes_done:
+                            done = bytes_done / total_bytes
+                            eta = f", {done:.0%} done, ETA {(now - started) * (1 - done) / done:.0f} s"
+                        log.info("chat data: %s conversations, %s tokens (%.0f tokens/s, %.0f conversations/s%s), at %s",
+                                 f"{report.conversations:,}", f"{report.tokens:,}", rate,
+                                 report.conversations / (now - started), eta, where)
                         last_log = now
         builder.finalize(str(tmp) + ".idx")
         sidecar = {

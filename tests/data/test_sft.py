@@ -157,6 +157,11 @@ def test_packed_sft_samples_keep_whole_conversations_and_assistant_masks(tmp_pat
                 assert b == seq_length and set(segment) == {cfg.pad_token_id}
                 assert not sample.loss_mask[a:b].any()
     assert set(seen) == set(rendered) and set(seen.values()) == {1}
+    report = stream.report()["domains"]["chat"]
+    drawn = samples[: len(samples)]
+    assert report["samples"] == len(drawn)
+    assert report["padding_tokens"] == sum(int((s.tokens == cfg.pad_token_id).sum()) for s in drawn)
+    assert "left out: 1 docs" in stream.describe()
 
 
 def test_sft_data_command(tmp_path):
