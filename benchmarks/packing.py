@@ -55,7 +55,7 @@ def simulated_lengths(kind: str, tokens: int, seq_length: int, rng) -> np.ndarra
     return lengths.astype(np.int64)
 
 
-def bench_index_build(total_tokens: int, seq_length: int) -> None:
+def bench_index_build(total_tokens: int, seq_length: int, mix=STAGE1) -> None:
     from megatron.core.datasets import helpers
     from megatron.core.datasets.gpt_dataset import _build_document_index, _build_shuffle_index
 
@@ -63,20 +63,21 @@ def bench_index_build(total_tokens: int, seq_length: int) -> None:
     from megalong.data.packing import build_index
 
     rng = np.random.default_rng(0)
-    per_domain = [simulated_lengths(kind, int(total_tokens * share), seq_length, rng) for _, share, kind in STAGE1]
+    per_domain = [simulated_lengths(kind, int(total_tokens * share), seq_length, rng) for _, share, kind in mix]
     all_lengths = np.concatenate(per_domain)
+    label = "stage-1 shares" if mix is STAGE1 else "short documents only"
     print(f"[index] simulated {all_lengths.size:,} documents, {int(all_lengths.sum()):,} tokens "
-          f"(stage-1 shares; long domains median 150K tokens, short median 700)")
+          f"({label}; long domains median 150K tokens, short median 700)")
 
     t0 = time.perf_counter()
     indices = [build_index(kind, lengths, seq_length, seed=1, name=name)
-               for (name, _, kind), lengths in zip(STAGE1, per_domain)]
+               for (name, _, kind), lengths in zip(mix, per_domain)]
     for index in indices:  # epochs are built lazily: count the first epoch's shuffle here
         index.layout(0)
     t_build = time.perf_counter() - t0
     num_samples = int(all_lengths.sum()) // seq_length
     t0 = time.perf_counter()
-    blend = Blend(np.array([share for _, share, _ in STAGE1]))
+    blend = Blend(np.array([share for _, share, _ in mix]))
     domains, samples = blend.lookup(0, num_samples)
     t_blend = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -192,6 +193,8 @@ def main() -> int:
 
     warnings.filterwarnings("ignore")
     bench_index_build(int(args.tokens), args.seq_length)
+    # The harder case for the index: every token in short documents (~600K documents per 1B tokens).
+    bench_index_build(int(args.tokens), args.seq_length, mix=[("web", 1.0, "concat")])
     bench_samples_per_second(args.seq_length, args.samples)
     bench_balancing(args.seq_length)
     return 0
