@@ -1,0 +1,96 @@
+"""Single-process checks of the kernels, the block skipping and the public helpers."""
+
+import math
+
+import pytest
+import torch
+
+from megalong.model.attention import packed_seq_params_for, resolve_backend
+from megalong.model.attention.blocks import plan_blocks
+from megalong.model.attention.layout import DocumentLayout, document_ids, local_positions
+from megalong.model.attention.local import sdpa_attention
+from megalong.model.attention.reference import reference_attention
+from megalong.model.attention.ring import ring_attention
+from tests.model.attention.cases import make_inputs
+
+
+def _check_against_reference(attention, seed, styles, tile, dtype=torch.float64, tol=1e-10):
+    cu_seqlens, q, k, v, grad_out = make_inputs(48, 2, 4, 2, 8, seed=seed, styles=styles, dtype=dtype)
+    layout = DocumentLayout.from_sample_cu_seqlens(cu_seqlens, 48)
+    scale = 1.0 / math.sqrt(8)
+    ref_inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+    expected = reference_attention(*ref_inputs, layout.doc_ids, scale)
+    expected.backward(grad_out)
+    inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = attention(*inputs, layout, scale, tile)
+    out.backward(grad_out)
+    assert (out - expected).abs().max() < tol
+    for mine, theirs in zip(inputs, ref_inputs):
+        assert (mine.grad - theirs.grad).abs().max() < tol
+
+
+@pytest.mark.parametrize("tile", [1, 5, 16, 256])
+@pytest.mark.parametrize("styles", [("mixed", "short"), ("single", "single")])
+def test_sdpa_backend_matches_reference(tile, styles):
+    _check_against_reference(sdpa_attention, 0, styles, tile)
+
+
+@pytest.mark.parametrize("tile", [1, 5, 256])
+def test_block_kernel_without_cp_matches_reference(tile):
+    def ring_single(q, k, v, layout, scale, tile):
+        return ring_attention(q, k, v, layout, None, scale, tile)
+
+    _check_against_reference(ring_single, 1, ("mixed", "short"), tile)
+
+
+def test_fp32_matches_reference_to_1e5():
+    _check_against_reference(sdpa_attention, 2, ("mixed", "short"), 8, torch.float32, 1e-5)
+
+
+def test_block_skipping_follows_documents():
+    seq = 1024
+    # 16 documents of 64 tokens: only diagonal tiles of 64 are visible.
+    layout = DocumentLayout.from_sample_cu_seqlens([torch.arange(0, seq + 1, 64)], seq)
+    pos = local_positions(seq, 1, 0)
+    plan = plan_blocks(pos, layout.doc_ids, pos, layout.doc_ids, tile=64)
+    assert plan.visible_pairs == 16 and plan.total_pairs == 256
+    # One document: plain causal, the lower triangle of tiles.
+    causal = DocumentLayout.causal(1, seq)
+    plan = plan_blocks(pos, causal.doc_ids, pos, causal.doc_ids, tile=64)
+    assert plan.visible_pairs == 16 * 17 // 2
+
+
+def test_cp_rank_sees_no_key_of_a_later_chunk():
+    # Rank 0 of CP=2 holds chunks 0 and 3; rank 1's chunks 1 and 2 lie between them.
+    layout = DocumentLayout.causal(1, 16)
+    q_pos, k_pos = local_positions(16, 2, 0), local_positions(16, 2, 1)
+    plan = plan_blocks(q_pos, layout.local_doc_ids(2, 0), k_pos, layout.local_doc_ids(2, 1), tile=4)
+    assert [row[:2] for row in plan.rows] == [(4, 8)]  # only chunk 3 looks at rank 1's keys
+
+
+def test_document_ids_reject_bad_boundaries():
+    assert document_ids(torch.tensor([0, 2, 5]), 5).tolist() == [0, 0, 1, 1, 1]
+    with pytest.raises(ValueError, match="from 0 to the sequence length 6"):
+        document_ids(torch.tensor([0, 2, 5]), 6)
+    with pytest.raises(ValueError, match="rise strictly"):
+        document_ids(torch.tensor([0, 2, 2, 5]), 5)
+
+
+def test_packed_seq_params_keep_rope_global():
+    params = packed_seq_params_for([torch.tensor([0, 3, 8]), torch.tensor([0, 8])], 8)
+    assert params.qkv_format == "sbhd"  # Megatron-Core then applies RoPE at global positions
+    assert params.max_seqlen_q == params.max_seqlen_kv == 8  # sizes Megatron's RoPE table
+    assert params.cu_seqlens_q.tolist() == [0, 3, 8, 16]
+    assert params.layout.doc_ids.tolist() == [[0, 0, 0, 1, 1, 1, 1, 1], [2] * 8]  # ids unique per batch
+    assert packed_seq_params_for(None, 8) is None
+    with pytest.raises(ValueError, match="sample 1"):
+        packed_seq_params_for([torch.tensor([0, 8]), torch.tensor([0, 9])], 8)
+
+
+def test_backend_choice():
+    assert resolve_backend("auto", on_gpu=False) == "sdpa"
+    assert resolve_backend("sdpa", on_gpu=False) == "sdpa"
+    with pytest.raises(ValueError, match="needs a GPU"):
+        resolve_backend("te", on_gpu=False)
+    with pytest.raises(ValueError, match="unknown"):
+        resolve_backend("xformers", on_gpu=False)
