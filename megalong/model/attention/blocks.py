@@ -115,8 +115,8 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _masked_scores(q_t, k_sel, mask, scale):
-    scores = torch.einsum("bhgqd,bhkd->bhgqk", q_t, k_sel).to(accumulation_dtype(q_t.dtype)) * scale
-    return scores.masked_fill(~mask[:, None, None], float("-inf"))
+    scores = torch.einsum("bhgqd,bhkd->bhgqk", q_t, k_sel).to(accumulation_dtype(q_t.dtype))
+    return scores.mul_(scale).masked_fill_(~mask[:, None, None], float("-inf"))
 
 
 def _finite(lse: torch.Tensor) -> torch.Tensor:
@@ -137,7 +137,7 @@ def block_forward(q, k, v, q_pos, q_doc, k_pos, k_doc, scale: float, plan: Block
         mask = document_causal_mask(q_pos[qs:qe], q_doc[:, qs:qe], _select(k_pos, ranges, 0), _select(k_doc, ranges, 1))
         scores = _masked_scores(q_t, k_sel, mask, scale)
         row_lse = torch.logsumexp(scores, dim=-1)
-        probs = torch.exp(scores - _finite(row_lse)[..., None])
+        probs = scores.sub_(_finite(row_lse)[..., None]).exp_()
         out[..., qs:qe, :] = torch.einsum("bhgqk,bhkd->bhgqd", probs.to(v.dtype), v_sel)
         lse[..., qs:qe] = row_lse
     return out, lse
@@ -158,10 +158,10 @@ def block_backward(dout, q, k, v, lse, delta, q_pos, q_doc, k_pos, k_doc, scale:
         k_sel, v_sel = _select(k, ranges, 2).to(acc), _select(v, ranges, 2).to(acc)
         mask = document_causal_mask(q_pos[qs:qe], q_doc[:, qs:qe], _select(k_pos, ranges, 0), _select(k_doc, ranges, 1))
         scores = _masked_scores(q_t, k_sel, mask, scale)
-        probs = torch.exp(scores - _finite(lse[..., qs:qe])[..., None])
+        probs = scores.sub_(_finite(lse[..., qs:qe])[..., None]).exp_()
         dv_sel = torch.einsum("bhgqk,bhgqd->bhkd", probs, do_t)
         dprobs = torch.einsum("bhgqd,bhkd->bhgqk", do_t, v_sel)
-        dscores = probs * (dprobs - delta[..., qs:qe, None])
+        dscores = dprobs.sub_(delta[..., qs:qe, None]).mul_(probs)
         dq[..., qs:qe, :] = torch.einsum("bhgqk,bhkd->bhgqd", dscores, k_sel) * scale
         dk_sel = torch.einsum("bhgqk,bhgqd->bhkd", dscores, q_t) * scale
         offset = 0
