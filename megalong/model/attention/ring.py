@@ -18,32 +18,8 @@ import torch
 import torch.distributed as dist
 
 from megalong.model.attention import blocks
+from megalong.model.attention.comm import RingExchange
 from megalong.model.attention.layout import DocumentLayout
-
-
-class _RingExchange:
-    """Send a tensor to the next CP rank and receive the previous rank's, asynchronously."""
-
-    def __init__(self, group):
-        self.group = group
-        self.size = dist.get_world_size(group)
-        self.rank = dist.get_rank(group)
-        ranks = dist.get_process_group_ranks(group)
-        self.next_rank = ranks[(self.rank + 1) % self.size]
-        self.prev_rank = ranks[(self.rank - 1) % self.size]
-
-    def start(self, tensor: torch.Tensor):
-        received = torch.empty_like(tensor)
-        ops = [
-            dist.P2POp(dist.isend, tensor, self.next_rank, self.group),
-            dist.P2POp(dist.irecv, received, self.prev_rank, self.group),
-        ]
-        return received, dist.batch_isend_irecv(ops)
-
-    @staticmethod
-    def wait(requests) -> None:
-        for request in requests:
-            request.wait()
 
 
 def _to_blocks(x: torch.Tensor, kv_heads: int) -> torch.Tensor:
@@ -71,7 +47,7 @@ class RingAttention(torch.autograd.Function):
         device = query.device
         q_pos = layout.positions(cp_size, cp_rank, device)
         q_doc = layout.local_doc_ids(cp_size, cp_rank, device)
-        ring = _RingExchange(group) if cp_size > 1 else None
+        ring = RingExchange(group) if cp_size > 1 else None
 
         acc = blocks.accumulation_dtype(query.dtype)
         out = torch.zeros(q.shape, dtype=acc, device=device)
@@ -79,7 +55,7 @@ class RingAttention(torch.autograd.Function):
         for step in range(cp_size):
             source = (cp_rank - step) % cp_size
             if step + 1 < cp_size:
-                next_kv, pending = ring.start(kv)
+                pending = ring.start(kv)
             k_pos = layout.positions(cp_size, source, device)
             k_doc = layout.local_doc_ids(cp_size, source, device)
             plan = blocks.plan_blocks(q_pos, q_doc, k_pos, k_doc, tile)
@@ -87,8 +63,7 @@ class RingAttention(torch.autograd.Function):
                 block_out, block_lse = blocks.block_forward(q, kv[0], kv[1], q_pos, q_doc, k_pos, k_doc, softmax_scale, plan)
                 out, lse = blocks.merge_partial(out, lse, block_out, block_lse)
             if step + 1 < cp_size:
-                ring.wait(pending)
-                kv = next_kv
+                kv = ring.wait(pending)
         out = out.to(query.dtype)
 
         ctx.save_for_backward(query, key, value, out, lse)
@@ -112,7 +87,7 @@ class RingAttention(torch.autograd.Function):
         delta = (dout.to(acc) * out.to(acc)).sum(dim=-1)
         q_pos = layout.positions(cp_size, cp_rank, device)
         q_doc = layout.local_doc_ids(cp_size, cp_rank, device)
-        ring = _RingExchange(group) if cp_size > 1 else None
+        ring = RingExchange(group) if cp_size > 1 else None
 
         kv = torch.stack([key.permute(1, 2, 0, 3), value.permute(1, 2, 0, 3)]).contiguous()
         dq = torch.zeros(q.shape, dtype=acc, device=device)
@@ -121,7 +96,7 @@ class RingAttention(torch.autograd.Function):
         for step in range(cp_size):
             source = (cp_rank - step) % cp_size
             if step + 1 < cp_size:
-                next_kv, pending = ring.start(kv)
+                pending = ring.start(kv)
             k_pos = layout.positions(cp_size, source, device)
             k_doc = layout.local_doc_ids(cp_size, source, device)
             plan = blocks.plan_blocks(q_pos, q_doc, k_pos, k_doc, tile)
@@ -134,12 +109,10 @@ class RingAttention(torch.autograd.Function):
                 dkv[1] += dv_block
             if cp_size > 1:
                 # Pass the accumulator on: after the last step it is back at its owner.
-                next_dkv, dkv_pending = ring.start(dkv)
+                dkv_pending = ring.start(dkv)
                 if step + 1 < cp_size:
-                    ring.wait(pending)
-                    kv = next_kv
-                ring.wait(dkv_pending)
-                dkv = next_dkv
+                    kv = ring.wait(pending)
+                dkv = ring.wait(dkv_pending)
 
         grad_query = _from_blocks(dq).to(query.dtype)
         grad_key = dkv[0].permute(2, 0, 1, 3).to(key.dtype)

@@ -15,6 +15,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from megalong.model.attention.comm import all_to_all
 from megalong.model.attention.layout import DocumentLayout, rank_concat_order
 
 
@@ -23,9 +24,7 @@ def _sequence_to_heads(x: torch.Tensor, group) -> torch.Tensor:
     cp = dist.get_world_size(group)
     s, b, h, d = x.shape
     send = x.reshape(s, b, cp, h // cp, d).permute(2, 0, 1, 3, 4).contiguous()
-    received = torch.empty_like(send)
-    dist.all_to_all_single(received, send, group=group)
-    return received.reshape(cp * s, b, h // cp, d)
+    return all_to_all(send, group).reshape(cp * s, b, h // cp, d)
 
 
 def _heads_to_sequence(x: torch.Tensor, group) -> torch.Tensor:
@@ -33,9 +32,7 @@ def _heads_to_sequence(x: torch.Tensor, group) -> torch.Tensor:
     cp = dist.get_world_size(group)
     total, b, hl, d = x.shape
     s = total // cp
-    send = x.reshape(cp, s, b, hl, d).contiguous()
-    received = torch.empty_like(send)
-    dist.all_to_all_single(received, send, group=group)
+    received = all_to_all(x.reshape(cp, s, b, hl, d).contiguous(), group)
     return received.permute(1, 2, 0, 3, 4).reshape(s, b, cp * hl, d)
 
 
