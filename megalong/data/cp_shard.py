@@ -115,7 +115,7 @@ def pad_documents_for_thd(batch: dict, cp_size: int, pad_token_id: int = 0) -> d
             real.append(real[-1] + length)
             padded.append(padded[-1] + length + pad)
     out = {key: torch.cat(values)[None] for key, values in pieces.items()}
-    # Real lengths, but each document starting at its padded offset: TE's convention.
+    # TE takes both: cu_seqlens_q (real lengths, cumulated) and cu_seqlens_q_padded.
     out["cu_seqlens"] = torch.tensor(real, dtype=torch.int32)
     out["cu_seqlens_padded"] = torch.tensor(padded, dtype=torch.int32)
     return out

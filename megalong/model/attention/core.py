@@ -31,8 +31,13 @@ class DocumentAttention(MegatronModule):
 
     Subclasses made by :func:`megalong.model.attention.core_attention_for` fix ``backend``
     ("sdpa", "flash" or "te": the kernel used on whole sequences) and ``cp_comm``
-    ("ring" or "a2a"). The ring's per-step blocks always use megalong's PyTorch block
-    kernel, which returns the log-sum-exp the merge needs.
+    ("ring" or "a2a"). Under CP:
+
+    * sdpa / flash: megalong's ring (per-step blocks in megalong's PyTorch block kernel,
+      which returns the log-sum-exp the merge needs) or megalong's all-to-all followed by
+      the backend's whole-sequence kernel;
+    * te: Transformer Engine's own ring ("p2p") or all-to-all on its THD layout, after
+      an exchange of tokens into that layout (``thd_relayout``).
     """
 
     backend: str = "sdpa"
@@ -62,16 +67,25 @@ class DocumentAttention(MegatronModule):
             parallel_state.get_context_parallel_group() if self.cp_size > 1 else None
         )
         if self.backend == "te":
-            from megalong.model.attention.te import TEDocumentKernel
+            from megalong.model.attention.te import TEContextParallelKernel, TEDocumentKernel
 
             self.te_kernel = TEDocumentKernel(self.head_dim, self.softmax_scale, layer_number)
+            # Under CP, TE's own ring / all-to-all runs on its per-document THD layout.
+            self.te_cp_kernel = TEContextParallelKernel(
+                self.head_dim, self.softmax_scale, layer_number, self.cp_group, self.cp_comm
+            ) if self.cp_size > 1 else None
         if layer_number == 1 and (parallel_state.get_tensor_model_parallel_rank() == 0):
             log.info(
                 "Core attention: megalong document-masked attention, %s kernel%s",
                 {"sdpa": "PyTorch SDPA", "flash": "flash-attn varlen", "te": "Transformer Engine THD"}[self.backend],
                 "" if self.cp_size == 1 else
-                f", context parallel x{self.cp_size} by {'ring (PyTorch blocks)' if self.cp_comm == 'ring' else 'all-to-all'}",
+                f", context parallel x{self.cp_size} by {self._cp_description()}",
             )
+
+    def _cp_description(self) -> str:
+        if self.backend == "te":
+            return f"Transformer Engine's own {'ring (p2p)' if self.cp_comm == 'ring' else 'all-to-all'} on THD"
+        return "megalong's ring (PyTorch block kernel)" if self.cp_comm == "ring" else "megalong's all-to-all"
 
     def _whole_sequence_attention(self, query, key, value, layout: DocumentLayout) -> torch.Tensor:
         if self.backend == "flash":
@@ -94,6 +108,8 @@ class DocumentAttention(MegatronModule):
         layout = layout_from_packed_seq_params(packed_seq_params, batch, s_local * self.cp_size)
         if self.cp_size == 1:
             return self._whole_sequence_attention(query, key, value, layout)
+        if self.backend == "te":
+            return self.te_cp_kernel(query, key, value, layout)
         if self.cp_comm == "a2a":
             return ulysses.ulysses_attention(query, key, value, layout, self.cp_group, self._whole_sequence_attention)
         return ring.ring_attention(query, key, value, layout, self.cp_group, self.softmax_scale, self.tile)

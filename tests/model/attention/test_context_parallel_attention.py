@@ -65,14 +65,54 @@ def _cp_attention_worker(cp_size: int, cases) -> list:
             **{f"d{name}": (s.grad - f.grad[index]).abs().max().item()
                for name, s, f in zip("qkv", shard, full)},
         })
+    errors.append(_thd_relayout_errors(cp_size, rank, group))
     dist.destroy_process_group()  # here, so the launcher need not import Megatron-Core to shut down
     return errors
+
+
+def _thd_relayout_errors(cp_size: int, rank: int, group) -> dict:
+    """The exchange into Transformer Engine's THD CP layout, checked against cp_shard's padding."""
+    from megalong.data.cp_shard import pad_documents_for_thd, shard_thd_for_cp
+    from megalong.model.attention.layout import DocumentLayout, local_positions
+    from megalong.model.attention.thd_relayout import from_thd, thd_plan, to_thd
+
+    cu_seqlens, x, _, _, _ = make_inputs(SEQ_LENGTH, 2, 3, 1, 4, seed=11)
+    batch, seq = 2, SEQ_LENGTH
+    layout = DocumentLayout.from_sample_cu_seqlens(cu_seqlens, seq)
+    ids = torch.arange(batch * seq).view(batch, seq)
+    padded = pad_documents_for_thd(
+        {"tokens": ids, "labels": ids, "loss_mask": torch.ones(batch, seq),
+         "position_ids": ids, "cu_seqlens": cu_seqlens}, cp_size, pad_token_id=-1)
+    x_flat = x.transpose(0, 1).reshape(batch * seq, 3, 4)
+    weights, grad_full = [], torch.zeros_like(x_flat)
+    for r in range(cp_size):
+        shard_ids = shard_thd_for_cp(padded, cp_size, r)["tokens"][0]
+        w = torch.randn(shard_ids.numel(), 3, 4, generator=torch.Generator().manual_seed(r))
+        grad_full[shard_ids[shard_ids >= 0]] = w[shard_ids >= 0]
+        weights.append((shard_ids, w))
+    shard_ids, w = weights[rank]
+    expected = torch.where((shard_ids >= 0)[:, None, None], x_flat[shard_ids.clamp_min(0)], torch.zeros(()))
+
+    plan = thd_plan(layout, cp_size, rank)
+    pos = local_positions(seq, cp_size, rank)
+    local = x[pos].clone().requires_grad_()
+    thd = to_thd(local, plan, group)
+    (thd * w).sum().backward()
+    local_ids = (torch.arange(batch)[None, :] * seq + pos[:, None])  # [s_local, b]
+    back = from_thd(thd.detach(), plan, pos.numel(), batch, group)
+    return {
+        "thd values": (thd.detach() - expected).abs().max().item(),
+        "thd boundaries": float(not (torch.equal(plan.cu_seqlens, padded["cu_seqlens"])
+                                     and torch.equal(plan.cu_seqlens_padded, padded["cu_seqlens_padded"]))),
+        "thd round trip": (back - local.detach()).abs().max().item(),
+        "thd gradient": (local.grad - grad_full[local_ids]).abs().max().item(),
+    }
 
 
 @pytest.mark.parametrize("cp_size", [2, 4])
 def test_cp_attention_matches_reference(cp_size):
     results = run_processes(_cp_attention_worker, cp_size, args=(cp_size, CASES))
     for rank, errors in enumerate(results):
-        for case, error in zip(CASES, errors):
+        for case, error in zip(CASES + ["THD relayout"], errors):
             for name, value in error.items():
                 assert value < 1e-5, f"CP={cp_size} rank {rank} case {case}: {name} differs by {value:.3g}"
