@@ -9,8 +9,9 @@ same inputs, itself first checked against the explicit-mask reference):
 
 1. each installed GPU backend (Transformer Engine THD, flash-attn varlen) on one device,
    without context parallelism: outputs and q/k/v gradients;
-2. context parallelism on one device: ``--cp`` processes share the GPU (gloo, tensors
-   staged through the host) and run the ring and the all-to-all with every kernel;
+2. context parallelism: ``--cp`` processes share the GPU (gloo, tensors staged through the
+   host) and run megalong's ring and all-to-all with every kernel; with at least ``--cp``
+   GPUs each rank gets its own GPU (NCCL) and Transformer Engine's own CP is checked too;
 3. throughput: forward + backward tokens/s of each kernel on a long packed sequence with
    realistic document lengths, and on one full-causal document.
 
@@ -124,15 +125,22 @@ def check_single_device(args, device) -> list[str]:
     return failures
 
 
-def _cp_worker(args, device_type: str) -> list:
-    """One CP rank sharing the device with the others (gloo; GPU tensors staged through the host)."""
+def _cp_worker(args, device_type: str, one_gpu_per_rank: bool) -> list:
+    """One CP rank: sharing one device with the others (gloo; GPU tensors staged through the
+    host), or on its own GPU with NCCL, where Transformer Engine's own CP is checked too."""
     import torch.distributed as dist
 
     from megalong.model.attention.ring import ring_attention
     from megalong.model.attention.ulysses import ulysses_attention
 
-    dist.init_process_group("gloo", init_method="env://")
-    device = torch.device(device_type, 0) if device_type == "cuda" else torch.device("cpu")
+    rank_env = int(os.environ["RANK"])
+    if one_gpu_per_rank:
+        torch.cuda.set_device(rank_env)
+    dist.init_process_group("nccl" if one_gpu_per_rank else "gloo", init_method="env://")
+    if device_type == "cuda":
+        device = torch.device("cuda", rank_env if one_gpu_per_rank else 0)
+    else:
+        device = torch.device("cpu")
     group, rank, cp = dist.group.WORLD, dist.get_rank(), dist.get_world_size()
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     seq = args.cp_seq_length
@@ -147,6 +155,13 @@ def _cp_worker(args, device_type: str) -> list:
     for name, kernel in kernels(device).items():
         runs.append((f"all-to-all + {name}", lambda q_, k_, v_, kernel=kernel: ulysses_attention(
             q_, k_, v_, layout, group, lambda a, b, c, lay: kernel(a, b, c, lay, scale))))
+    if one_gpu_per_rank and transformer_engine_available():
+        from megalong.model.attention.te import TEContextParallelKernel
+
+        for comm in ("ring", "a2a"):
+            te_cp = TEContextParallelKernel(args.head_dim, scale, 1, group, comm)
+            runs.append((f"Transformer Engine's own CP ({comm}) on THD",
+                         lambda q_, k_, v_, te_cp=te_cp: te_cp(q_, k_, v_, layout)))
     for name, fn in runs:
         try:
             out, grads = run_with_grads(fn, *shard)
@@ -163,9 +178,15 @@ def _cp_worker(args, device_type: str) -> list:
 def check_context_parallel(args, device) -> list[str]:
     from megalong.runtime.launch import run_processes
 
-    print(f"2. Context parallelism on one device: {args.cp} processes share it")
+    one_gpu_per_rank = device.type == "cuda" and torch.cuda.device_count() >= args.cp
+    if one_gpu_per_rank:
+        print(f"2. Context parallelism over {args.cp} GPUs (NCCL), Transformer Engine's own CP included")
+    else:
+        print(f"2. Context parallelism on one device: {args.cp} processes share it (gloo)")
+        if device.type == "cuda" and transformer_engine_available():
+            print("  (Transformer Engine's own CP needs one GPU per CP rank with NCCL: not checked here)")
     failures = []
-    per_rank = run_processes(_cp_worker, args.cp, args=(args, device.type))
+    per_rank = run_processes(_cp_worker, args.cp, args=(args, device.type, one_gpu_per_rank))
     for i, (name, *_rest) in enumerate(per_rank[0]):
         errors = [rank_results[i] for rank_results in per_rank]
         crashed = [e[3] for e in errors if e[3]]
