@@ -12,7 +12,9 @@ same inputs, itself first checked against the explicit-mask reference):
 2. context parallelism: ``--cp`` processes share the GPU (gloo, tensors staged through the
    host) and run megalong's ring and all-to-all with every kernel; with at least ``--cp``
    GPUs each rank gets its own GPU (NCCL) and Transformer Engine's own CP is checked too;
-3. throughput: forward + backward tokens/s of each kernel on a long packed sequence with
+3. the whole model: a tiny Llama built by ``megalong.model.llama.build_model`` (Transformer
+   Engine layers when installed) gives the same loss and gradients with every kernel;
+4. throughput: forward + backward tokens/s of each kernel on a long packed sequence with
    realistic document lengths, and on one full-causal document.
 
 Prints one line per check and a summary; exits 1 on any mismatch, 0 when everything
@@ -204,8 +206,61 @@ def check_context_parallel(args, device) -> list[str]:
     return failures
 
 
+def _model_worker(backends, device_type: str) -> dict:
+    """Loss and gradients of a tiny Llama (Megatron-Core GPTModel) with each attention backend."""
+    from megalong.config.parallel import ParallelConfig
+    from megalong.model import preset_config
+    from megalong.model.attention import packed_seq_params_for
+    from megalong.model.llama import build_model
+    from megalong.runtime import init_distributed, set_seed
+
+    parallel = ParallelConfig()
+    init_distributed(parallel, device=device_type)
+    on_gpu = device_type == "cuda"
+    device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
+    seq = 512
+    generator = torch.Generator().manual_seed(0)
+    cu = [boundaries(seq, 7, median=60.0), boundaries(seq, 8, median=200.0)]
+    stream = torch.randint(0, 512, (2, seq + 1), generator=generator).to(device)
+    params = packed_seq_params_for(cu, seq)
+    results = {}
+    for backend in backends:
+        set_seed(1234)  # identical initial weights for every backend
+        model_cfg = preset_config("test-tiny", attention_backend=backend,
+                                  params_dtype="bf16" if on_gpu else "fp32")
+        model = build_model(model_cfg, parallel, on_gpu=on_gpu)[0]
+        position_ids = torch.arange(seq, device=device).expand(2, seq)
+        losses = model(stream[:, :-1], position_ids, attention_mask=None, labels=stream[:, 1:],
+                       packed_seq_params=params)
+        loss = losses.float().mean()
+        loss.backward()
+        results[backend] = {"loss": loss.item(),
+                            "grads": {n: p.grad.float().cpu() for n, p in model.named_parameters()}}
+    return results
+
+
+def check_model(args, device) -> list[str]:
+    from megalong.runtime.launch import run_processes
+
+    backends = list(kernels(device))
+    print(f"3. Whole model (test-tiny Llama, Megatron-Core layers): {', '.join(backends)}")
+    results = run_processes(_model_worker, 1, args=(backends, device.type))[0]
+    reference = results["sdpa"]
+    failures = []
+    for backend, result in results.items():
+        loss_err = abs(result["loss"] - reference["loss"]) / abs(reference["loss"])
+        grad_err = max(((g - reference["grads"][n]).norm() / reference["grads"][n].norm().clamp_min(1e-12)).item()
+                       for n, g in result["grads"].items())
+        ok = loss_err <= 1e-2 and grad_err <= 5e-2
+        print(f"  [{'PASS' if ok else 'FAIL'}] model with {backend}: loss {result['loss']:.5f} "
+              f"(relative difference to sdpa {loss_err:.2e}), largest relative gradient difference {grad_err:.2e}")
+        if not ok:
+            failures.append(f"model with {backend}")
+    return failures
+
+
 def measure_throughput(args, device) -> None:
-    print(f"3. Throughput, forward + backward, one sequence of {args.throughput_seq_length} tokens, "
+    print(f"4. Throughput, forward + backward, one sequence of {args.throughput_seq_length} tokens, "
           f"{args.heads} query / {args.kv_heads} KV heads of {args.head_dim}")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     seq = args.throughput_seq_length
@@ -245,6 +300,7 @@ def main(argv=None) -> int:
     parser.add_argument("--kv-heads", type=int, default=8, help="KV heads (Llama-3-8B: 8)")
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--skip-throughput", action="store_true")
+    parser.add_argument("--skip-model", action="store_true", help="skip the whole-model check")
     parser.add_argument("--allow-cpu", action="store_true",
                         help="run the SDPA parts on CPU to try the script itself (checks no GPU kernel)")
     args = parser.parse_args(argv)
@@ -265,6 +321,8 @@ def main(argv=None) -> int:
     failures = check_single_device(args, device)
     if args.cp > 1:
         failures += check_context_parallel(args, device)
+    if not args.skip_model:
+        failures += check_model(args, device)
     if not args.skip_throughput:
         measure_throughput(args, device)
     if failures:
