@@ -6,6 +6,9 @@ different key blocks can be merged exactly; and a backward that recomputes the
 probabilities from the *final* log-sum-exp (as FlashAttention does). PyTorch's SDPA
 returns neither, so this is written out here.
 
+On CPU each tile runs PyTorch's fused flash-attention op, which returns the log-sum-exp
+and has a backward taking it; elsewhere (GPU) the scores of a tile are written out.
+
 Work is skipped at tile granularity: queries and keys are cut into tiles of contiguous
 positions, and a key tile is only touched by a query tile when causality and the
 document boundaries leave some pair visible. With many short documents most tiles are
@@ -124,17 +127,49 @@ def _finite(lse: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
 
 
-def block_forward(q, k, v, q_pos, q_doc, k_pos, k_doc, scale: float, plan: BlockPlan):
+def _fused_available(x: torch.Tensor) -> bool:
+    """PyTorch's fused CPU flash-attention op returns the log-sum-exp and takes one back."""
+    return x.device.type == "cpu" and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
+
+
+def _stacked(x: torch.Tensor) -> torch.Tensor:
+    """[b, hkv, g, t, d] -> [b, hkv, g * t, d]: the g query heads of a KV head as one longer query block."""
+    b, hkv, g, t, d = x.shape
+    return x.reshape(b, hkv, g * t, d)
+
+
+def _additive_mask(mask: torch.Tensor, groups: int, dtype) -> torch.Tensor:
+    """Boolean [b, t, k] -> additive [b, 1, g * t, k] (0 where visible, -inf where masked)."""
+    bias = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+    return bias[:, None].repeat(1, 1, groups, 1)
+
+
+def block_forward(q, k, v, q_pos, q_doc, k_pos, k_doc, scale: float, plan: BlockPlan, fused=None):
     """Partial attention of queries q over keys k: returns (out like q, lse [b, hkv, g, sq]).
 
     Rows that see no key get out = 0 and lse = -inf (they merge as "nothing seen").
+    ``fused`` (default: on CPU) uses PyTorch's fused CPU flash-attention op per tile;
+    otherwise the scores are written out.
     """
+    if fused is None:
+        fused = _fused_available(q)
     out = torch.zeros_like(q)
     lse = torch.full(q.shape[:-1], float("-inf"), dtype=accumulation_dtype(q.dtype), device=q.device)
     for qs, qe, ranges in plan.rows:
         q_t = q[..., qs:qe, :]
         k_sel, v_sel = _select(k, ranges, 2), _select(v, ranges, 2)
         mask = document_causal_mask(q_pos[qs:qe], q_doc[:, qs:qe], _select(k_pos, ranges, 0), _select(k_doc, ranges, 1))
+        if fused:
+            b, hkv, g, t, d = q_t.shape
+            tile_out, tile_lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                _stacked(q_t), k_sel, v_sel, 0.0, False, attn_mask=_additive_mask(mask, g, q.dtype), scale=scale,
+            )
+            tile_lse = tile_lse.reshape(b, hkv, g, t).to(lse.dtype)
+            # The fused op reports lse = 0 for rows that see nothing; the merge needs -inf.
+            seen = mask.any(dim=-1)[:, None, None, :]
+            out[..., qs:qe, :] = tile_out.reshape(b, hkv, g, t, d)
+            lse[..., qs:qe] = torch.where(seen, tile_lse, torch.full_like(tile_lse, float("-inf")))
+            continue
         scores = _masked_scores(q_t, k_sel, mask, scale)
         row_lse = torch.logsumexp(scores, dim=-1)
         probs = scores.sub_(_finite(row_lse)[..., None]).exp_()
@@ -143,27 +178,36 @@ def block_forward(q, k, v, q_pos, q_doc, k_pos, k_doc, scale: float, plan: Block
     return out, lse
 
 
-def block_backward(dout, q, k, v, lse, delta, q_pos, q_doc, k_pos, k_doc, scale: float, plan: BlockPlan):
-    """Gradients of one query block against one key block, given the FINAL row lse.
+def block_backward(dout, q, k, v, out, lse, delta, q_pos, q_doc, k_pos, k_doc, scale: float, plan: BlockPlan,
+                   fused=None):
+    """Gradients of one query block against one key block, given the FINAL row out and lse.
 
     ``delta`` = rowsum(dout * out_final) ([b, hkv, g, sq]). Returns (dq, dk, dv) in the
     accumulation dtype; dk/dv are this block's contribution to those keys' gradients.
     """
+    if fused is None:
+        fused = _fused_available(q)
     acc = accumulation_dtype(q.dtype)
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
     dk = torch.zeros(k.shape, dtype=acc, device=k.device)
     dv = torch.zeros(v.shape, dtype=acc, device=v.device)
     for qs, qe, ranges in plan.rows:
-        q_t, do_t = q[..., qs:qe, :].to(acc), dout[..., qs:qe, :].to(acc)
-        k_sel, v_sel = _select(k, ranges, 2).to(acc), _select(v, ranges, 2).to(acc)
         mask = document_causal_mask(q_pos[qs:qe], q_doc[:, qs:qe], _select(k_pos, ranges, 0), _select(k_doc, ranges, 1))
-        scores = _masked_scores(q_t, k_sel, mask, scale)
-        probs = scores.sub_(_finite(lse[..., qs:qe])[..., None]).exp_()
-        dv_sel = torch.einsum("bhgqk,bhgqd->bhkd", probs, do_t)
-        dprobs = torch.einsum("bhgqd,bhkd->bhgqk", do_t, v_sel)
-        dscores = dprobs.sub_(delta[..., qs:qe, None]).mul_(probs)
-        dq[..., qs:qe, :] = torch.einsum("bhgqk,bhkd->bhgqd", dscores, k_sel) * scale
-        dk_sel = torch.einsum("bhgqk,bhgqd->bhkd", dscores, q_t) * scale
+        k_sel, v_sel = _select(k, ranges, 2), _select(v, ranges, 2)
+        if fused:
+            b, hkv, g, t, d = q[..., qs:qe, :].shape
+            dq_t, dk_sel, dv_sel = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                _stacked(dout[..., qs:qe, :]), _stacked(q[..., qs:qe, :]), k_sel, v_sel,
+                _stacked(out[..., qs:qe, :]), lse[..., qs:qe].reshape(b, hkv, g * t).to(acc), 0.0, False,
+                attn_mask=_additive_mask(mask, g, q.dtype), scale=scale,
+            )
+            dq[..., qs:qe, :] = dq_t.reshape(b, hkv, g, t, d)
+        else:
+            dq_t, dk_sel, dv_sel = _math_tile_backward(
+                dout[..., qs:qe, :].to(acc), q[..., qs:qe, :].to(acc), k_sel.to(acc), v_sel.to(acc),
+                mask, lse[..., qs:qe], delta[..., qs:qe], scale,
+            )
+            dq[..., qs:qe, :] = dq_t
         offset = 0
         for ks, ke in ranges:
             n = ke - ks
@@ -171,6 +215,18 @@ def block_backward(dout, q, k, v, lse, delta, q_pos, q_doc, k_pos, k_doc, scale:
             dv[:, :, ks:ke] += dv_sel[:, :, offset:offset + n]
             offset += n
     return dq, dk, dv
+
+
+def _math_tile_backward(do_t, q_t, k_sel, v_sel, mask, lse, delta, scale):
+    """One query tile's gradients with the scores written out (probabilities from the final lse)."""
+    scores = _masked_scores(q_t, k_sel, mask, scale)
+    probs = scores.sub_(_finite(lse)[..., None]).exp_()
+    dv_sel = torch.einsum("bhgqk,bhgqd->bhkd", probs, do_t)
+    dprobs = torch.einsum("bhgqd,bhkd->bhgqk", do_t, v_sel)
+    dscores = dprobs.sub_(delta[..., None]).mul_(probs)
+    dq_t = torch.einsum("bhgqk,bhkd->bhgqd", dscores, k_sel) * scale
+    dk_sel = torch.einsum("bhgqk,bhgqd->bhkd", dscores, q_t) * scale
+    return dq_t, dk_sel, dv_sel
 
 
 def merge_partial(out, lse, block_out, block_lse):

@@ -102,7 +102,7 @@ class RingAttention(torch.autograd.Function):
             plan = blocks.plan_blocks(q_pos, q_doc, k_pos, k_doc, tile)
             if not plan.empty:
                 dq_block, dk_block, dv_block = blocks.block_backward(
-                    dout, q, kv[0], kv[1], lse, delta, q_pos, q_doc, k_pos, k_doc, scale, plan
+                    dout, q, kv[0], kv[1], out, lse, delta, q_pos, q_doc, k_pos, k_doc, scale, plan
                 )
                 dq += dq_block
                 dkv[0] += dk_block
