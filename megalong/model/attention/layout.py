@@ -110,6 +110,12 @@ class DocumentLayout:
             self._cache[key] = self.doc_ids[:, pos].contiguous().to(device)
         return self._cache[key]
 
+    def cached(self, key, compute):
+        """Per-micro-batch memo (block plans, index maps): computed once, shared by all layers."""
+        if key not in self._cache:
+            self._cache[key] = compute()
+        return self._cache[key]
+
     def flat_cu_seqlens(self, device=None) -> torch.Tensor:
         """int32 boundaries over the sample-major flattened batch (flash-attn / TE THD input)."""
         key = ("cu", str(device))

@@ -34,6 +34,11 @@ def _from_blocks(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(b, hkv * g, s, d).permute(2, 0, 1, 3)
 
 
+def _plan(layout, cp_size, q_rank, k_rank, tile, q_pos, q_doc, k_pos, k_doc) -> blocks.BlockPlan:
+    return layout.cached(("block_plan", cp_size, q_rank, k_rank, tile),
+                         lambda: blocks.plan_blocks(q_pos, q_doc, k_pos, k_doc, tile))
+
+
 class RingAttention(torch.autograd.Function):
     """Document-masked causal attention over a CP group, ring-style (forward and backward)."""
 
@@ -58,7 +63,7 @@ class RingAttention(torch.autograd.Function):
                 pending = ring.start(kv)
             k_pos = layout.positions(cp_size, source, device)
             k_doc = layout.local_doc_ids(cp_size, source, device)
-            plan = blocks.plan_blocks(q_pos, q_doc, k_pos, k_doc, tile)
+            plan = _plan(layout, cp_size, cp_rank, source, tile, q_pos, q_doc, k_pos, k_doc)
             if not plan.empty:
                 block_out, block_lse = blocks.block_forward(q, kv[0], kv[1], q_pos, q_doc, k_pos, k_doc, softmax_scale, plan)
                 out, lse = blocks.merge_partial(out, lse, block_out, block_lse)
@@ -99,7 +104,7 @@ class RingAttention(torch.autograd.Function):
                 pending = ring.start(kv)
             k_pos = layout.positions(cp_size, source, device)
             k_doc = layout.local_doc_ids(cp_size, source, device)
-            plan = blocks.plan_blocks(q_pos, q_doc, k_pos, k_doc, tile)
+            plan = _plan(layout, cp_size, cp_rank, source, tile, q_pos, q_doc, k_pos, k_doc)
             if not plan.empty:
                 dq_block, dk_block, dv_block = blocks.block_backward(
                     dout, q, kv[0], kv[1], out, lse, delta, q_pos, q_doc, k_pos, k_doc, scale, plan

@@ -68,6 +68,11 @@ def kv_repeat_for(kv_heads: int, query_heads: int, cp_size: int) -> int:
     return cp_size // math.gcd(kv_heads, cp_size)
 
 
+def _orders(seq_length: int, cp: int, device):
+    order = rank_concat_order(seq_length, cp).to(device)  # rank-order index -> position
+    return order, torch.argsort(order)  # and position -> rank-order index
+
+
 def ulysses_attention(query, key, value, layout: DocumentLayout, group,
                       local_attention: Callable[..., torch.Tensor]) -> torch.Tensor:
     """q [s_local, b, hq, d], k/v [s_local, b, hkv, d] (load-balanced CP layout) -> [s_local, b, hq*d].
@@ -81,8 +86,8 @@ def ulysses_attention(query, key, value, layout: DocumentLayout, group,
         key = key.repeat_interleave(repeat, dim=2)
         value = value.repeat_interleave(repeat, dim=2)
 
-    order = rank_concat_order(layout.seq_length, cp).to(query.device)  # rank-order index -> position
-    natural = torch.argsort(order)  # position -> rank-order index
+    order, natural = layout.cached(("ulysses_order", cp, str(query.device)),
+                                   lambda: _orders(layout.seq_length, cp, query.device))
 
     def gather(x):
         return _SequenceToHeads.apply(x, group).index_select(0, natural)

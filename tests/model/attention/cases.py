@@ -9,10 +9,13 @@ def random_boundaries(seq_length: int, generator: torch.Generator, style: str) -
     """cu_seqlens for one sample.
 
     "mixed": a few long documents spanning CP chunks plus runs of 1-3 token documents;
-    "short": only tiny documents; "single": one document (plain causal).
+    "short": only tiny documents; "single": one document (plain causal); "aligned":
+    documents of 8 tokens, so boundaries fall exactly on CP chunk boundaries.
     """
     if style == "single":
         return torch.tensor([0, seq_length])
+    if style == "aligned":
+        return torch.arange(0, seq_length + 1, 8)
     cuts, position = [0], 0
     while position < seq_length:
         if style == "short" or torch.rand((), generator=generator) < 0.6:

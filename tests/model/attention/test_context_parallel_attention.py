@@ -18,6 +18,7 @@ CASES = [
     (0, ("mixed", "short"), 4, 2, "ring", 4),
     (1, ("mixed", "single"), 4, 2, "ring", 64),
     (2, ("short", "mixed"), 4, 1, "ring", 3),
+    (4, ("aligned", "short"), 4, 2, "ring", 8),
     (0, ("mixed", "short"), 4, 2, "a2a", 4),
     (3, ("single", "mixed"), 8, 2, "a2a", 8),
 ]
