@@ -127,6 +127,7 @@ def document_attention_class(backend: str, cp_comm: str) -> type:
     key = (backend, cp_comm)
     if key not in _CLASSES:
         name = f"DocumentAttention_{backend}_{cp_comm}"
-        _CLASSES[key] = type(name, (DocumentAttention,), {"backend": backend, "cp_comm": cp_comm, "__module__": __name__})
+        attributes = {"backend": backend, "cp_comm": cp_comm, "__module__": __name__}
+        _CLASSES[key] = type(name, (DocumentAttention,), attributes)
         globals()[name] = _CLASSES[key]  # picklable by name
     return _CLASSES[key]

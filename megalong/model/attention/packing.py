@@ -31,7 +31,9 @@ class DocumentPackedSeqParams(PackedSeqParams):
     layout: Optional[DocumentLayout] = None
 
 
-def packed_seq_params_for(cu_seqlens: Optional[Sequence[torch.Tensor]], seq_length: int) -> Optional[DocumentPackedSeqParams]:
+def packed_seq_params_for(
+    cu_seqlens: Optional[Sequence[torch.Tensor]], seq_length: int
+) -> Optional[DocumentPackedSeqParams]:
     """Params that keep attention inside documents, from each sample's full boundaries.
 
     ``cu_seqlens``: one int tensor per sample, 0 = c_0 < ... < c_D = seq_length (the

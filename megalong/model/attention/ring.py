@@ -65,7 +65,9 @@ class RingAttention(torch.autograd.Function):
             k_doc = layout.local_doc_ids(cp_size, source, device)
             plan = _plan(layout, cp_size, cp_rank, source, tile, q_pos, q_doc, k_pos, k_doc)
             if not plan.empty:
-                block_out, block_lse = blocks.block_forward(q, kv[0], kv[1], q_pos, q_doc, k_pos, k_doc, softmax_scale, plan)
+                block_out, block_lse = blocks.block_forward(
+                    q, kv[0], kv[1], q_pos, q_doc, k_pos, k_doc, softmax_scale, plan
+                )
                 out, lse = blocks.merge_partial(out, lse, block_out, block_lse)
             if step + 1 < cp_size:
                 kv = ring.wait(pending)
