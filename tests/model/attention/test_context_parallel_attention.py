@@ -7,7 +7,6 @@ differences of the output and of the q/k/v gradients at its own positions.
 
 import math
 
-import pytest
 import torch
 
 from megalong.runtime.launch import run_processes
@@ -26,7 +25,21 @@ SEQ_LENGTH = 64
 HEAD_DIM = 8
 
 
-def _cp_attention_worker(cp_size: int, cases) -> list:
+def _cp_attention_worker(cp_sizes, cases) -> dict:
+    """Four processes: CP=2 as two groups of two, then CP=4 over all of them."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method="env://")
+    world, rank = dist.get_world_size(), dist.get_rank()
+    results = {}
+    for cp_size in cp_sizes:
+        groups = [dist.new_group(list(range(start, start + cp_size))) for start in range(0, world, cp_size)]
+        results[cp_size] = _check_cases(cp_size, groups[rank // cp_size], cases)
+    dist.destroy_process_group()  # here, so the launcher need not import Megatron-Core to shut down
+    return results
+
+
+def _check_cases(cp_size: int, group, cases) -> list:
     import torch.distributed as dist
 
     from megalong.model.attention.layout import DocumentLayout, local_positions
@@ -35,10 +48,8 @@ def _cp_attention_worker(cp_size: int, cases) -> list:
     from megalong.model.attention.ring import ring_attention
     from megalong.model.attention.ulysses import ulysses_attention
 
-    # The attention only needs a process group: the whole world is the CP group here
-    # (Megatron-Core's parallel state is exercised by the whole-model tests).
-    dist.init_process_group("gloo", init_method="env://")
-    group = dist.group.WORLD
+    # The attention only needs a process group (Megatron-Core's parallel state is
+    # exercised by the whole-model tests).
     rank = dist.get_rank(group)
     scale = 1.0 / math.sqrt(HEAD_DIM)
     errors = []
@@ -67,7 +78,6 @@ def _cp_attention_worker(cp_size: int, cases) -> list:
                for name, s, f in zip("qkv", shard, full)},
         })
     errors.append(_thd_relayout_errors(cp_size, rank, group))
-    dist.destroy_process_group()  # here, so the launcher need not import Megatron-Core to shut down
     return errors
 
 
@@ -110,10 +120,12 @@ def _thd_relayout_errors(cp_size: int, rank: int, group) -> dict:
     }
 
 
-@pytest.mark.parametrize("cp_size", [2, 4])
-def test_cp_attention_matches_reference(cp_size):
-    results = run_processes(_cp_attention_worker, cp_size, args=(cp_size, CASES))
-    for rank, errors in enumerate(results):
-        for case, error in zip(CASES + ["THD relayout"], errors):
-            for name, value in error.items():
-                assert value < 1e-5, f"CP={cp_size} rank {rank} case {case}: {name} differs by {value:.3g}"
+def test_cp_attention_matches_reference():
+    results = run_processes(_cp_attention_worker, 4, args=((2, 4), CASES))
+    for rank, per_cp in enumerate(results):
+        assert sorted(per_cp) == [2, 4]
+        for cp_size, errors in per_cp.items():
+            assert len(errors) == len(CASES) + 1
+            for case, error in zip(CASES + ["THD relayout"], errors):
+                for name, value in error.items():
+                    assert value < 1e-5, f"CP={cp_size} rank {rank} case {case}: {name} differs by {value:.3g}"
