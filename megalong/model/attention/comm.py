@@ -16,24 +16,27 @@ def _needs_staging(tensor: torch.Tensor, group) -> bool:
 
 
 class RingExchange:
-    """Send a tensor to the next rank of ``group`` and receive the previous rank's, asynchronously."""
+    """Shifted point-to-point exchanges within ``group``, asynchronous.
+
+    ``start(tensor, shift)`` sends to rank ``r + shift`` and receives from ``r - shift``
+    (``shift=1``: the classic ring). ``tag`` keeps two exchanges in flight at once
+    between the same ranks apart.
+    """
 
     def __init__(self, group):
         self.group = group
         self.size = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
-        ranks = dist.get_process_group_ranks(group)
-        self.next_rank = ranks[(self.rank + 1) % self.size]
-        self.prev_rank = ranks[(self.rank - 1) % self.size]
+        self.ranks = dist.get_process_group_ranks(group)
 
-    def start(self, tensor: torch.Tensor):
+    def start(self, tensor: torch.Tensor, shift: int = 1, tag: int = 0):
         """Begin the exchange; returns a handle for :meth:`wait`."""
         staged = _needs_staging(tensor, self.group)
         outgoing = tensor.cpu() if staged else tensor
         received = torch.empty_like(outgoing)
         ops = [
-            dist.P2POp(dist.isend, outgoing, self.next_rank, self.group),
-            dist.P2POp(dist.irecv, received, self.prev_rank, self.group),
+            dist.P2POp(dist.isend, outgoing, self.ranks[(self.rank + shift) % self.size], self.group, tag),
+            dist.P2POp(dist.irecv, received, self.ranks[(self.rank - shift) % self.size], self.group, tag),
         ]
         return received, dist.batch_isend_irecv(ops), tensor.device, outgoing
 

@@ -151,3 +151,16 @@ def test_fused_and_written_out_block_kernels_agree(dtype):
     grads_math = block_backward(dout, q, k, v, out, lse, delta, q_pos, q_doc, k_pos, k_doc, 0.3, plan, fused=False)
     for a, b in zip(grads_fused, grads_math):
         assert (a - b).abs().max() < 1e-5
+
+
+def test_ring_skips_steps_no_rank_needs():
+    from megalong.model.attention.ring import needed_steps
+
+    def steps(cu):
+        return needed_steps(DocumentLayout.from_sample_cu_seqlens([torch.tensor(cu)], 64), 4, tile=4)
+
+    assert steps(list(range(0, 65, 8))) == [0]  # documents = CP chunks: no communication at all
+    # Documents straddling chunk edges: rank r needs rank r-1 (its first chunk) and rank
+    # r+1 = r-3 (its second chunk), never the rank two away.
+    assert steps([0, 6, 10, 14, 18, 22, 26, 30, 34, 38, 42, 46, 50, 54, 58, 62, 64]) == [0, 1, 3]
+    assert steps([0, 64]) == [0, 1, 2, 3]  # one document: the full ring
