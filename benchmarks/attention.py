@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from megalong.model.attention.blocks import plan_blocks  # noqa: E402
 from megalong.model.attention.layout import DocumentLayout, local_positions  # noqa: E402
 from megalong.model.attention.local import sdpa_attention  # noqa: E402
-from megalong.model.attention.ring import ring_attention  # noqa: E402
+from megalong.model.attention.ring import needed_steps, ring_attention  # noqa: E402
 
 
 def realistic_boundaries(seq_length: int, seed: int, median: float) -> torch.Tensor:
@@ -96,6 +96,11 @@ def main(argv=None) -> int:
     print(f"FLOP ratio documents / full causal = sum(len^2)/S^2 = {flop_ratio:.4f} "
           f"(ideal speed-up x{1 / flop_ratio:.1f}); visible tile pairs, documents / causal = {tile_ratio:.4f} "
           f"(x{1 / tile_ratio:.1f} at tile {args.tile})")
+    ring_steps = ", ".join(
+        f"CP={cp}: {len(needed_steps(documents, cp, args.tile)) - 1} of {cp - 1}" for cp in (2, 4, 8)
+        if seq % (2 * cp * args.tile) == 0
+    )
+    print(f"ring K/V exchanges this packing needs (the others are skipped): {ring_steps}")
 
     def baseline():
         qb, kb, vb = (x.permute(1, 2, 0, 3) for x in (q, k, v))
