@@ -134,6 +134,26 @@ def _planner_classes():
     return StreamingSavePlanner, RegionLoadPlanner
 
 
+def _unwrapped(call):
+    """Run a DCP call; re-raise the first underlying error instead of DCP's CheckpointException
+    (a BaseException that would slip past ordinary error handling)."""
+    import warnings
+
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        with warnings.catch_warnings():
+            # Single-process use is the point here, not a mistake.
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            return call()
+    except CheckpointException as wrapped:
+        for failure in wrapped.failures.values():
+            error = failure[0] if isinstance(failure, tuple) else failure
+            if isinstance(error, Exception):
+                raise error from None
+        raise RuntimeError(str(wrapped)) from None
+
+
 def write_checkpoint(
     directory: str | Path,
     tensors: list[TensorPiece],
@@ -149,7 +169,8 @@ def write_checkpoint(
     directory.mkdir(parents=True, exist_ok=True)
     # One thread, one file: tensors are produced and written strictly one after another.
     writer = FileSystemWriter(str(directory), single_file_per_rank=True, thread_count=1)
-    dcp.save({}, storage_writer=writer, planner=save_planner(list(tensors), list(objects), on_written), no_dist=True)
+    planner = save_planner(list(tensors), list(objects), on_written)
+    _unwrapped(lambda: dcp.save({}, storage_writer=writer, planner=planner, no_dist=True))
     torch.save({}, directory / "common.pt")
     (directory / "metadata.json").write_text(json.dumps(MCORE_METADATA), encoding="utf-8")
 
@@ -203,5 +224,6 @@ class CheckpointReader:
             if len(offset) != len(size) or any(o + s > d for o, s, d in zip(offset, shape, size)):
                 raise DistCheckpointError(f"{key}: region {list(offset)}+{list(shape)} is outside {list(size)}")
             regions[key] = (tuple(offset), torch.empty(shape, dtype=self.dtype(key)))
-        dcp.load({}, storage_reader=self._reader_cls(str(self.directory)), planner=load_planner(regions), no_dist=True)
+        reader = self._reader_cls(str(self.directory))
+        _unwrapped(lambda: dcp.load({}, storage_reader=reader, planner=load_planner(regions), no_dist=True))
         return {key: buffer for key, (_, buffer) in regions.items()}
