@@ -199,6 +199,8 @@ class LlamaStateDictAdapter:
     def _fuse(self, megatron_name: str, tensors: list[torch.Tensor]) -> torch.Tensor:
         if megatron_name in (MEGATRON_EMBEDDING, MEGATRON_OUTPUT):
             (table,) = tensors
+            if table.shape[0] == self.padded_vocab_size:  # Llama-3's 128,256 needs no padding
+                return table
             padded = table.new_zeros((self.padded_vocab_size, table.shape[1]))
             padded[: table.shape[0]].copy_(table)
             return padded
