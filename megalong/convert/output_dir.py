@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 from pathlib import Path
+
+log = logging.getLogger("megalong.convert")
 
 
 @contextlib.contextmanager
@@ -21,6 +24,11 @@ def staged_output(final: str | Path):
         raise FileExistsError(f"output {final} already exists; choose a new path or remove it first")
     if not final.parent.is_dir():
         raise FileNotFoundError(f"parent directory of the output {final.parent} does not exist")
+    stale = sorted(p.name for p in final.parent.glob(f"{final.name}.tmp-*"))
+    if stale:
+        # Left by a killed earlier run (or one still running elsewhere): never ours to delete.
+        log.warning("ignoring leftover temporary output(s) %s in %s; remove them once no conversion "
+                    "is running", ", ".join(stale), final.parent)
     tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
