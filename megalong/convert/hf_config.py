@@ -19,8 +19,9 @@ SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
 # Megatron-LM's default; Llama-3's 128,256 tokens are already a multiple of it.
 DEFAULT_VOCAB_DIVISOR = 128
 
+# HF dtype -> megalong params_dtype. fp16 weights are kept as fp16 on disk (so an export is
+# bit-exact) but megalong has no fp16 training mode; they load losslessly into fp32.
 _TORCH_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp32"}
-_PARAMS_DTYPE_TO_HF = {"fp32": "float32", "bf16": "bfloat16"}
 
 # HF keys we read, with the value megalong's Llama always has (checked when present).
 _FIXED = {
