@@ -18,6 +18,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "info": ("megalong.cli.info", "show versions, devices and available model presets"),
     "preprocess": ("megalong.cli.preprocess", "tokenize corpora into Megatron indexed datasets (.bin/.idx)"),
     "sft-data": ("megalong.cli.sft_data", "render chat JSONL into an SFT chat dataset (Llama-3 format)"),
+    "convert": ("megalong.cli.convert", "convert checkpoints between Hugging Face and Megatron-Core"),
 }
 
 

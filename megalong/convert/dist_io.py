@@ -1,0 +1,229 @@
+"""Write and read Megatron-Core distributed checkpoints without holding the model.
+
+Megatron-Core's ``dist_checkpointing`` saves a model's sharded state dict with the
+``torch_dist`` backend: a PyTorch Distributed Checkpoint (DCP) directory whose keys are
+the ShardedTensor keys (per-layer tensors stacked along a leading layer axis) plus
+``metadata.json`` and ``common.pt``. Saving through Megatron-Core needs every tensor in
+memory at once; for conversion that is the whole model. This module writes the same
+directory through DCP's own planner interface, producing each tensor only when DCP is
+about to write it, and reads any rectangular region of a stored tensor (e.g. one layer
+of a stacked tensor) without reading the rest. The result loads with
+``megalong.checkpoint.weights.load_weights`` at any TP/PP, and reading accepts what
+Megatron-Core saved at any TP/PP.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+# What Megatron-Core writes for its torch_dist backend (dist_checkpointing/core.py).
+MCORE_METADATA = {"sharded_backend": "torch_dist", "sharded_backend_version": 1,
+                  "common_backend": "torch", "common_backend_version": 1}
+
+
+class DistCheckpointError(ValueError):
+    """A distributed checkpoint that is missing, unreadable or lacks a tensor."""
+
+
+@dataclass
+class TensorPiece:
+    """One chunk of a global tensor, produced on demand."""
+
+    key: str
+    global_shape: tuple[int, ...]
+    offset: tuple[int, ...]
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    produce: Callable[[], torch.Tensor]
+
+
+@dataclass
+class ObjectPiece:
+    """A ShardedObject (e.g. a layer's ``_extra_state``); stored as Megatron-Core stores it."""
+
+    key: str
+    value: object
+
+
+def sharded_object_key(key: str, offset: tuple[int, ...], shape: tuple[int, ...]) -> str:
+    """Megatron-Core's ShardedObject.unique_key."""
+    return f"{key}/shard_{'.'.join(map(str, offset))}_{'.'.join(map(str, shape))}"
+
+
+def _planner_classes():
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
+    from torch.distributed.checkpoint.planner import (
+        LoadPlan, SavePlan, TensorWriteData, WriteItem, WriteItemType,
+    )
+    from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+
+    class StreamingSavePlanner(DefaultSavePlanner):
+        """Plans the write items from piece descriptions; produces tensors only on write."""
+
+        def __init__(self, tensors: list[TensorPiece], objects: list[ObjectPiece], on_written=None):
+            super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
+            self._tensors = {(p.key, torch.Size(p.offset)): p for p in tensors}
+            self._objects = {p.key: p for p in objects}
+            self._on_written = on_written
+
+        def create_local_plan(self) -> SavePlan:
+            items = [WriteItem(index=MetadataIndex(key), type=WriteItemType.BYTE_IO) for key in self._objects]
+            for (key, offset), piece in self._tensors.items():
+                items.append(WriteItem(
+                    index=MetadataIndex(key, offset),
+                    type=WriteItemType.SHARD,
+                    tensor_data=TensorWriteData(
+                        chunk=ChunkStorageMetadata(offsets=offset, sizes=torch.Size(piece.shape)),
+                        properties=TensorProperties(dtype=piece.dtype),
+                        size=torch.Size(piece.global_shape),
+                    ),
+                ))
+            self.plan = SavePlan(items)
+            return self.plan
+
+        def resolve_data(self, write_item):
+            if write_item.type == WriteItemType.BYTE_IO:
+                buffer = io.BytesIO()
+                # Megatron-Core stores a list of the objects of one key (see torch.py strategy).
+                torch.save([self._objects[write_item.index.fqn].value], buffer)
+                return buffer
+            piece = self._tensors[(write_item.index.fqn, torch.Size(write_item.index.offset))]
+            tensor = piece.produce()
+            if tuple(tensor.shape) != tuple(piece.shape) or tensor.dtype != piece.dtype:
+                raise DistCheckpointError(
+                    f"{piece.key} at {list(piece.offset)}: produced {list(tensor.shape)} {tensor.dtype}, "
+                    f"planned {list(piece.shape)} {piece.dtype}"
+                )
+            if self._on_written is not None:
+                self._on_written(piece, tensor)
+            return tensor
+
+    class RegionLoadPlanner(DefaultLoadPlanner):
+        """Reads requested regions of stored tensors into caller-provided buffers."""
+
+        def __init__(self, regions: dict[str, tuple[tuple[int, ...], torch.Tensor]]):
+            super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
+            self._regions = regions
+
+        def create_local_plan(self) -> LoadPlan:
+            requests = []
+            for key, (offset, buffer) in self._regions.items():
+                md = self.metadata.state_dict_metadata[key]
+                chunk = ChunkStorageMetadata(offsets=torch.Size(offset), sizes=buffer.shape)
+                requests.extend(create_read_items_for_chunk_list(key, md, [chunk]))
+            self.plan = LoadPlan(requests)
+            return self.plan
+
+        def resolve_tensor(self, read_item):
+            _, buffer = self._regions[read_item.dest_index.fqn]
+            view = buffer
+            for dim, (start, length) in enumerate(zip(read_item.dest_offsets, read_item.lengths)):
+                view = view.narrow(dim, start, length)
+            return view
+
+        def commit_tensor(self, read_item, tensor) -> None:
+            pass
+
+    return StreamingSavePlanner, RegionLoadPlanner
+
+
+def _unwrapped(call):
+    """Run a DCP call; re-raise the first underlying error instead of DCP's CheckpointException
+    (a BaseException that would slip past ordinary error handling)."""
+    import warnings
+
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        with warnings.catch_warnings():
+            # Single-process use is the point here, not a mistake.
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            return call()
+    except CheckpointException as wrapped:
+        for failure in wrapped.failures.values():
+            error = failure[0] if isinstance(failure, tuple) else failure
+            if isinstance(error, Exception):
+                raise error from None
+        raise RuntimeError(str(wrapped)) from None
+
+
+def write_checkpoint(
+    directory: str | Path,
+    tensors: list[TensorPiece],
+    objects: list[ObjectPiece] = (),
+    on_written: Callable[[TensorPiece, torch.Tensor], None] | None = None,
+) -> None:
+    """Write a torch_dist checkpoint; pieces are produced one at a time, in list order."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemWriter
+
+    save_planner, _ = _planner_classes()
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    # One thread, one file: tensors are produced and written strictly one after another.
+    writer = FileSystemWriter(str(directory), single_file_per_rank=True, thread_count=1)
+    planner = save_planner(list(tensors), list(objects), on_written)
+    _unwrapped(lambda: dcp.save({}, storage_writer=writer, planner=planner, no_dist=True))
+    torch.save({}, directory / "common.pt")
+    (directory / "metadata.json").write_text(json.dumps(MCORE_METADATA), encoding="utf-8")
+
+
+class CheckpointReader:
+    """Random access to the tensors of a torch_dist checkpoint directory."""
+
+    def __init__(self, directory: str | Path):
+        from torch.distributed.checkpoint import FileSystemReader
+        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+        self.directory = Path(directory)
+        meta_json = self.directory / "metadata.json"
+        if not meta_json.is_file():
+            raise DistCheckpointError(f"{self.directory} is not a Megatron-Core distributed checkpoint: {meta_json} is missing")
+        backend = json.loads(meta_json.read_text(encoding="utf-8")).get("sharded_backend")
+        if backend != "torch_dist":
+            raise DistCheckpointError(f"{meta_json}: sharded_backend {backend!r} is not supported (need torch_dist)")
+        self._reader_cls = FileSystemReader
+        try:
+            metadata = FileSystemReader(str(self.directory)).read_metadata()
+        except (OSError, EOFError, RuntimeError) as err:
+            raise DistCheckpointError(f"{self.directory}/.metadata cannot be read: {err}") from None
+        self.tensors = {
+            key: md for key, md in metadata.state_dict_metadata.items() if isinstance(md, TensorStorageMetadata)
+        }
+        files = {info.relative_path for info in metadata.storage_data.values()}
+        missing = sorted(f for f in files if not (self.directory / f).is_file())
+        if missing:
+            raise DistCheckpointError(f"{self.directory}: checkpoint files missing: {', '.join(missing)}")
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._md(key).size)
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self._md(key).properties.dtype
+
+    def _md(self, key: str):
+        if key not in self.tensors:
+            raise DistCheckpointError(f"{self.directory}: no tensor {key!r} in the checkpoint")
+        return self.tensors[key]
+
+    def read(self, requests: dict[str, tuple[tuple[int, ...], tuple[int, ...]]]) -> dict[str, torch.Tensor]:
+        """Read regions: {key: (offset, shape)} -> {key: tensor}, in the stored dtype."""
+        import torch.distributed.checkpoint as dcp
+
+        _, load_planner = _planner_classes()
+        regions = {}
+        for key, (offset, shape) in requests.items():
+            size = self.shape(key)
+            if len(offset) != len(size) or any(o + s > d for o, s, d in zip(offset, shape, size)):
+                raise DistCheckpointError(f"{key}: region {list(offset)}+{list(shape)} is outside {list(size)}")
+            regions[key] = (tuple(offset), torch.empty(shape, dtype=self.dtype(key)))
+        reader = self._reader_cls(str(self.directory))
+        _unwrapped(lambda: dcp.load({}, storage_reader=reader, planner=load_planner(regions), no_dist=True))
+        return {key: buffer for key, (_, buffer) in regions.items()}

