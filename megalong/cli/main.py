@@ -16,6 +16,7 @@ import sys
 # name -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "info": ("megalong.cli.info", "show versions, devices and available model presets"),
+    "train": ("megalong.cli.train", "train a model from a YAML recipe (ProLong stages, SFT, CPU try-out)"),
 }
 
 

