@@ -173,11 +173,13 @@ def save_checkpoint(
             (tmp / sub).mkdir(parents=True)
     _barrier()
 
-    model_state = _model_sharded_state(model_chunks)
-    dist_checkpointing.save(model_state, str(tmp / weights.MODEL_SUBDIR))
+    # dist_checkpointing.save consumes the state dict it is given: the optimizer's sharded
+    # state (built from the model's) gets a model state dict of its own.
     optimizer_state = optimizer.sharded_state_dict(
-        model_state, is_loading=False, metadata=_optimizer_metadata(optimizer_format)
+        _model_sharded_state(model_chunks), is_loading=False,
+        metadata=_optimizer_metadata(optimizer_format),
     )
+    dist_checkpointing.save(_model_sharded_state(model_chunks), str(tmp / weights.MODEL_SUBDIR))
     dist_checkpointing.save(optimizer_state, str(tmp / OPTIMIZER_SUBDIR))
     torch.save(_rng_state(), tmp / RNG_SUBDIR / f"rank_{_rank():05d}.pt")
 
@@ -218,6 +220,80 @@ def prune_checkpoints(save_dir: str | Path, keep_last: int) -> list[str]:
     return removed
 
 
+def _materialize_optimizer_state(optimizer) -> None:
+    """Give a fresh optimizer real per-parameter state before a checkpoint is loaded into it.
+
+    Megatron-Core's distributed optimizer reads Adam's per-parameter ``step`` while building
+    the state dict to load into; without Apex or Transformer Engine (torch's Adam: the CPU
+    path) a never-stepped optimizer has none and it fails. One step with zero gradients and
+    a learning rate of zero creates the state without changing any weight; the load then
+    overwrites all of it.
+    """
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        torch_optimizer = getattr(inner, "optimizer", None)
+        if torch_optimizer is None or len(torch_optimizer.state) > 0:
+            continue
+        saved_lrs = []
+        for group in torch_optimizer.param_groups:
+            saved_lrs.append(group["lr"])
+            group["lr"] = 0.0
+            for param in group["params"]:
+                param.grad = torch.zeros_like(param)
+        torch_optimizer.step()
+        torch_optimizer.zero_grad(set_to_none=True)
+        for group, lr in zip(torch_optimizer.param_groups, saved_lrs):
+            group["lr"] = lr
+
+
+def _distributed_optimizers_on_torch_adam(optimizer) -> list:
+    """Megatron-Core distributed optimizers in ``optimizer`` that run torch's own Adam(W)."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    return [
+        inner for inner in getattr(optimizer, "chained_optimizers", [optimizer])
+        if isinstance(inner, DistributedOptimizer)
+        and isinstance(getattr(inner, "optimizer", None), (torch.optim.Adam, torch.optim.AdamW))
+    ]
+
+
+def _load_optimizer_state(optimizer, loaded: dict) -> None:
+    """``optimizer.load_state_dict(loaded)``, with two fixes for torch's Adam (no Apex/TE).
+
+    Megatron-Core's fully reshardable loader copies every per-parameter state entry of the
+    destination, but torch's Adam keeps its ``step`` there (Apex/TE keep it in the param
+    groups) and the loaded entries carry none: the copy fails with KeyError 'step'. And it
+    restores ``step`` as ONE tensor shared by all parameters, which torch's Adam then
+    increments once per parameter per step (wrong bias correction after a resume). On this
+    path each parameter's entry is completed with its own step, and the step tensors are
+    unshared after loading. GPU runs with Transformer Engine or Apex never take this path.
+    """
+    patched = []
+    for dist_opt in _distributed_optimizers_on_torch_adam(optimizer):
+        original = dist_opt._set_main_param_and_optimizer_states
+
+        def with_step(model_param, tensors, _opt=dist_opt, _original=original):
+            group_index, group_order = _opt.model_param_group_index_map[model_param]
+            main_param = _opt.optimizer.param_groups[group_index]["params"][group_order]
+            step = _opt.optimizer.state[main_param].get("step")
+            if step is not None and "step" not in tensors:
+                tensors = {**tensors, "step": step.detach().clone()}
+            return _original(model_param, tensors)
+
+        dist_opt._set_main_param_and_optimizer_states = with_step
+        patched.append(dist_opt)
+    try:
+        optimizer.load_state_dict(loaded)
+    finally:
+        for dist_opt in patched:
+            del dist_opt._set_main_param_and_optimizer_states
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        torch_optimizer = getattr(inner, "optimizer", None)
+        if isinstance(torch_optimizer, torch.optim.Optimizer):
+            for state in torch_optimizer.state.values():
+                if isinstance(state.get("step"), torch.Tensor):
+                    state["step"] = state["step"].detach().clone()
+
+
 def load_checkpoint(
     directory: str | Path,
     model_chunks: list,
@@ -238,19 +314,18 @@ def load_checkpoint(
     model_path = directory / weights.MODEL_SUBDIR
     if not model_path.is_dir():
         raise FileNotFoundError(f"no model weights at {model_path}")
-    model_state = _model_sharded_state(model_chunks)
     if optimizer is not None:
         optimizer_path = directory / OPTIMIZER_SUBDIR
         if not optimizer_path.is_dir():
             raise FileNotFoundError(f"no optimizer state at {optimizer_path}")
-        # Built before the model state is consumed by the load below (it references it).
+        _materialize_optimizer_state(optimizer)
         optimizer_state = optimizer.sharded_state_dict(
-            model_state, is_loading=True, metadata=_optimizer_metadata(optimizer_format)
+            _model_sharded_state(model_chunks), is_loading=True,
+            metadata=_optimizer_metadata(optimizer_format),
         )
         loaded = dist_checkpointing.load(optimizer_state, str(optimizer_path), strict=StrictHandling.RAISE_ALL)
-        optimizer.load_state_dict(loaded)
-        model_state = _model_sharded_state(model_chunks)
-    loaded = dist_checkpointing.load(model_state, str(model_path), strict=StrictHandling.RAISE_ALL)
+        _load_optimizer_state(optimizer, loaded)
+    loaded = dist_checkpointing.load(_model_sharded_state(model_chunks), str(model_path), strict=StrictHandling.RAISE_ALL)
     chunks = [unwrap(c) for c in model_chunks]
     if len(chunks) == 1:
         chunks[0].load_state_dict(loaded)
