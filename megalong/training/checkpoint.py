@@ -58,7 +58,9 @@ class TrainState:
     # "tp,pp,cp,dp,vp" of the job that saved (RNG states are only restored on the same layout).
     layout: str = ""
     saved_at: float = 0.0
+    # The stream's description and fingerprint (a resume onto different data is refused).
     data: str = ""
+    data_fingerprint: str = ""
 
 
 def iteration_dir(save_dir: str | Path, step: int) -> Path:

@@ -116,12 +116,11 @@ class Trainer:
             config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
         self.model_transformer_config = config
 
-        self._load_initial_state()
-
         if self.stream is None:
             self.stream = build_stream(run, self.dp_size)
         if self.is_logging_rank and hasattr(self.stream, "describe"):
             log.info("Training data: %s", self.stream.describe())
+        self._load_initial_state()
         self.batcher = MicroBatcher(
             run.schedule.micro_batch_size, ps.get_context_parallel_world_size(),
             ps.get_context_parallel_rank(), self.runtime.device,
@@ -152,6 +151,13 @@ class Trainer:
             if self.is_logging_rank:
                 log.info("Resuming from checkpoint %s at step %d (saved at layout %s, now %s)",
                          resume, saved.step, saved.layout, self.layout)
+            fingerprint = self._data_fingerprint()
+            if saved.data_fingerprint and fingerprint and saved.data_fingerprint != fingerprint:
+                raise RuntimeError(
+                    f"refusing to resume from {resume}: the data configuration differs from the one "
+                    f"it was trained on (data fingerprint {saved.data_fingerprint[:12]} vs {fingerprint[:12]}); "
+                    f"a new data mix is a new stage: start it with init.weights={resume}"
+                )
             self.state = ckpt.load_checkpoint(resume, self.model, self.optimizer, fmt,
                                               restore_rng_for_layout=self.layout)
             self.scheduler.load_state_dict(self.state.scheduler)
@@ -256,8 +262,13 @@ class Trainer:
         return (loss_sum / tokens if tokens else float("nan")), int(round(tokens)), int(cost)
 
     # ------------------------------------------------------------------ the loop
+    def _data_fingerprint(self) -> str:
+        fingerprint = getattr(self.stream, "fingerprint", None)
+        return str(fingerprint()) if callable(fingerprint) else ""
+
     def save(self) -> Path:
         run = self.run
+        self.state.data_fingerprint = self._data_fingerprint()
         self.state.scheduler = self.scheduler.state_dict()
         self.state.layout = self.layout
         if hasattr(self.stream, "describe"):

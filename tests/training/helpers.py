@@ -28,6 +28,23 @@ def tiny_run(tmp: Path, **sections) -> dict:
     return merge(run, sections)
 
 
+def uneven_run(workdir, name, **sections):
+    """Three steps on batches of very different loss-token counts."""
+    return tiny_run(
+        workdir / name, init={"weights": str(workdir / "initial-weights")},
+        data_factory="tests.training.text_stream:uneven_stream",
+        schedule={"train_steps": 3, "global_batch_size": 4}, **sections,
+    )
+
+
+def reference_run(workdir, name="reference", **sections):
+    """Twelve steps on stdlib text from the shared initial weights."""
+    return tiny_run(
+        workdir / name, init={"weights": str(workdir / "initial-weights")},
+        schedule={"train_steps": 12, "global_batch_size": 8, "lr_warmup_steps": 2}, **sections,
+    )
+
+
 def merge(base: dict, update: dict) -> dict:
     out = copy.deepcopy(base)
     for key, value in update.items():
@@ -72,3 +89,86 @@ def save_initial_weights(directory: str, model_overrides: dict | None = None) ->
     set_seed(99)
     model = preset_config("test-tiny", transformer_impl="local", **(model_overrides or {}))
     save_weights(build_model(model, parallel, on_gpu=False), directory, model)
+
+
+def in_sequence(calls: list) -> list:
+    """Entry point for run_processes: call several (function, args) pairs one after the
+    other in the same processes and return their results. Starting a process (imports,
+    process groups) costs far more than a tiny run, so the tests batch their runs."""
+    return [fn(*args) for fn, args in calls]
+
+
+def first_step_reference(run_dict: dict) -> dict:
+    """Entry point for run_processes (1 process): the first step's loss computed by hand.
+
+    Loads the run's initial weights into a plain (no DDP) model, takes the logits of each
+    sample of step 0 and averages torch's cross entropy over every loss token of the
+    global batch; also returns the mean of per-sample means (what the loss must NOT be).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from megalong.checkpoint.weights import load_weights
+    from megalong.config import from_dict
+    from megalong.model.llama import build_model
+    from megalong.runtime import init_distributed, set_seed
+    from megalong.training import RunConfig
+    from megalong.training.batches import MicroBatcher, load_factory
+    from megalong.training.trainer import resolve_model_config
+
+    run = from_dict(RunConfig, run_dict, "test recipe")
+    init_distributed(run.parallel, device="cpu")
+    set_seed(run.seed)
+    model_cfg = resolve_model_config(run)
+    chunks = build_model(model_cfg, run.parallel, on_gpu=False)
+    load_weights(chunks, run.init.weights)
+    stream = load_factory(run.data_factory)(run, 1)
+    # The trainer's own micro-batching, so that document masking (when built) is the same.
+    batcher = MicroBatcher(1, 1, 0, torch.device("cpu"))
+    sums, counts, means = 0.0, 0.0, []
+    with torch.no_grad():
+        for sample in stream.batch_for_step(0, 0):
+            mb = batcher.split([sample], 1)[0]
+            logits = chunks[0](mb.tokens, mb.position_ids, None, packed_seq_params=mb.packed_seq_params)
+            logits = logits[0, :, : model_cfg.vocab_size]
+            losses = F.cross_entropy(logits.double(), torch.from_numpy(sample.labels), reduction="none")
+            mask = torch.from_numpy(sample.loss_mask).double()
+            sums += float((losses * mask).sum())
+            counts += float(mask.sum())
+            means.append(float((losses * mask).sum() / mask.sum()))
+    return {"token_average": sums / counts, "mean_of_means": sum(means) / len(means)}
+
+
+def padded_vocab_check() -> dict:
+    """In one process: a 500-token model (padded to 512) vs torch's CE over the real 500."""
+    import torch
+    import torch.nn.functional as F
+
+    from megalong.config import ParallelConfig
+    from megalong.model import preset_config
+    from megalong.model.llama import build_model
+    from megalong.runtime import init_distributed, set_seed
+    from megalong.training.loss import exclude_padded_vocab
+
+    parallel = ParallelConfig()
+    init_distributed(parallel, device="cpu")
+    set_seed(3)
+    model_cfg = preset_config("test-tiny", transformer_impl="local", vocab_size=500)
+    model = build_model(model_cfg, parallel, on_gpu=False)[0]
+    tokens = torch.randint(0, 500, (2, 32))
+    labels = torch.randint(0, 500, (2, 32))
+    positions = torch.arange(32)[None].expand(2, -1)
+    with torch.no_grad():
+        # Make the padded rows of the output layer large, so any mass they took would show.
+        model.output_layer.weight[500:] = 0.5
+        logits = model(tokens, positions, None)
+        full_vocab_loss = model(tokens, positions, None, labels=labels)
+        installed = exclude_padded_vocab(model, 500, 1, 0)
+        ours = model(tokens, positions, None, labels=labels)
+    reference = F.cross_entropy(logits[..., :500].reshape(-1, 500), labels.reshape(-1), reduction="none")
+    return {
+        "padded": model.vocab_size,
+        "installed": installed,
+        "ours_vs_reference": float((ours.reshape(-1) - reference).abs().max()),
+        "full_vocab_vs_reference": float((full_vocab_loss.reshape(-1) - reference).abs().max()),
+    }

@@ -73,7 +73,7 @@ def pack(docs, seq_length: int, loss_masks=None) -> list[PackedSample]:
         mask.extend(m.tolist())
     tokens, doc_id, mask = np.array(tokens), np.array(doc_id), np.array(mask, dtype=np.float32)
     samples = []
-    for start in range(0, len(tokens) - seq_length - 1, seq_length):
+    for start in range(0, len(tokens) - seq_length, seq_length):
         t = tokens[start:start + seq_length + 1]
         d = doc_id[start:start + seq_length + 1]
         inputs, labels = t[:-1], t[1:]
@@ -110,3 +110,37 @@ def text_stream(run, data_parallel_size: int) -> ListStream:
     vocab = int(run.model.vocab_size or 512)
     samples = pack(stdlib_documents(vocab), seq_length)
     return ListStream(samples, run.schedule.global_batch_size, data_parallel_size)
+
+
+def uneven_samples(seq_length: int = 64, vocab_size: int = 512) -> list[PackedSample]:
+    """Four samples whose loss-token counts differ wildly (a mean of per-sequence means
+    and the token average disagree on them):
+
+    0. one document filling the sample (63 loss tokens);
+    1. many 2-to-5-token documents (about half the positions are document ends);
+    2. an SFT-like sample with loss on a 6-token "assistant" span only;
+    3. two documents with loss on the second one only.
+    """
+    docs = [d for d in stdlib_documents(vocab_size) if len(d) > seq_length + 1]
+    long_doc = docs[0][: seq_length + 1]
+    samples = [pack([long_doc], seq_length)[0]]
+    rng = np.random.default_rng(1)
+    shorts, total, source = [], 0, docs[1]
+    while total < seq_length + 1:
+        n = int(rng.integers(2, 6))
+        shorts.append(source[total:total + n])
+        total += n
+    samples.append(pack(shorts, seq_length)[0])
+    sft_mask = np.zeros(seq_length + 1, dtype=np.float32)
+    sft_mask[40:46] = 1
+    samples.append(pack([docs[2][: seq_length + 1]], seq_length, [sft_mask])[0])
+    first, second = docs[3][:20], docs[3][20: seq_length + 1]
+    samples.append(pack([first, second], seq_length,
+                        [np.zeros(len(first), np.float32), np.ones(len(second), np.float32)])[0])
+    return samples
+
+
+def uneven_stream(run, data_parallel_size: int) -> ListStream:
+    """data_factory serving uneven_samples() as every global batch (4 samples)."""
+    return ListStream(uneven_samples(int(run.data.get("seq_length", 64))), run.schedule.global_batch_size,
+                      data_parallel_size)
