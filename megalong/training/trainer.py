@@ -114,6 +114,12 @@ class Trainer:
         if run.runtime.overlap_grad_reduce and self.runtime.on_gpu:
             no_sync = [m.no_sync for m in self.model]
             config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
+        if run.parallel.virtual_pipeline and run.parallel.virtual_pipeline > 1:
+            # Megatron-LM's settings for the interleaved schedule. With batched p2p, PP=2 posts a
+            # backward and a forward tensor to the same peer in an order the peer does not receive
+            # them in (seen on gloo: wrong activations, wrong losses); overlapped p2p orders them.
+            config.overlap_p2p_comm = True
+            config.batch_p2p_comm = False
         self.model_transformer_config = config
 
         if self.stream is None:
