@@ -45,6 +45,49 @@ def reference_run(workdir, name="reference", **sections):
     )
 
 
+def short_run(workdir, name, **sections) -> dict:
+    """Four steps (or as set) on stdlib text from the shared initial weights."""
+    base = dict(init={"weights": str(workdir / "initial-weights")},
+                schedule={"train_steps": 4, "global_batch_size": 4, "lr_warmup_steps": 1})
+    return tiny_run(workdir / name, **merge(base, sections))
+
+
+def reshard_runs(workdir) -> tuple[dict, dict]:
+    """Save at TP=2 every 2 steps; then continue from step 2 at PP=2 with 2 virtual stages."""
+    save = {"save_dir": str(workdir / "reshard" / "checkpoints"), "save_interval": 2, "keep_last": 0}
+    tp2 = short_run(workdir, "reshard", parallel={"tensor_parallel": 2}, checkpoint=save)
+    pp2 = short_run(workdir, "reshard-pp2", parallel={"pipeline_parallel": 2, "virtual_pipeline": 2},
+                    checkpoint=save)
+    return tp2, pp2
+
+
+def stage_runs(workdir) -> tuple[dict, dict, dict]:
+    """Stage 1 (2 steps), then stage 2 from its final checkpoint with RoPE theta 1.28e8 and
+    twice the sequence length, carrying the optimizer state or not."""
+    stage1 = short_run(workdir, "stage1", checkpoint={"save_dir": str(workdir / "stage1" / "ckpt")},
+                       schedule={"train_steps": 2})
+    stage2 = [
+        short_run(
+            workdir, f"stage2-{carry}", model={"rope_theta": 1.28e8}, data={"seq_length": 128},
+            init={"weights": str(workdir / "stage1" / "ckpt" / "iter_0000002"), "load_optimizer": carry},
+            checkpoint={"save_dir": str(workdir / f"stage2-{carry}" / "ckpt")},
+            schedule={"train_steps": 2, "lr_warmup_steps": 0},
+        )
+        for carry in (True, False)
+    ]
+    return stage1, stage2[0], stage2[1]
+
+
+def point_latest(save_dir: str, name: str) -> None:
+    """Make ``latest`` point at an older checkpoint (rank 0; collective barrier)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        (Path(save_dir) / "latest").write_text(name + "\n")
+    if dist.is_initialized():
+        dist.barrier()
+
+
 def merge(base: dict, update: dict) -> dict:
     out = copy.deepcopy(base)
     for key, value in update.items():

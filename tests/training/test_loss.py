@@ -2,8 +2,7 @@
 
 import pytest
 
-from megalong.runtime.launch import run_processes
-from tests.training.helpers import read_losses, train_from_dict, uneven_run
+from tests.training.helpers import read_losses
 
 
 def test_padded_vocabulary_takes_no_probability_mass(single_process_results):
@@ -13,12 +12,12 @@ def test_padded_vocabulary_takes_no_probability_mass(single_process_results):
     assert result["ours_vs_reference"] < 1e-5  # ... ours is the softmax over the real 500
 
 
-def test_token_average_over_uneven_batches_matches_single_process_reference(workdir, single_process_results):
+def test_token_average_over_uneven_batches_matches_single_process_reference(
+        workdir, single_process_results, two_process_results):
     """Samples with 64, 47, 6 and 44 loss tokens: 1 process x 4 micro-batches vs DP=2 x 2."""
     reference = single_process_results["first_step"]
     assert single_process_results["uneven_code"] == 0
-    data_parallel = uneven_run(workdir, "uneven-dp2", parallel={"distributed_optimizer": True})
-    assert run_processes(train_from_dict, 2, (data_parallel,)) == [0, 0]
+    assert two_process_results["uneven_dp2_codes"] == [0, 0]
     one = read_losses(workdir / "uneven-single" / "metrics.jsonl")
     two = read_losses(workdir / "uneven-dp2" / "metrics.jsonl")
 
