@@ -11,6 +11,7 @@ unsharded boundaries: the attention knows the CP layout).
 from __future__ import annotations
 
 import importlib
+import inspect
 import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -125,4 +126,8 @@ def build_stream(run, data_parallel_size: int):
     from megalong.config.loader import from_dict
 
     data_config = from_dict(DataConfig, run.data, "recipe section data:")
-    return TrainStream(data_config, run.schedule.global_batch_size, data_parallel_size)
+    extra = {}
+    if "total_steps" in inspect.signature(TrainStream).parameters:
+        # Lets the stream refuse, before training, a domain too small for the planned steps.
+        extra["total_steps"] = run.schedule.train_steps
+    return TrainStream(data_config, run.schedule.global_batch_size, data_parallel_size, **extra)

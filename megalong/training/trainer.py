@@ -332,6 +332,8 @@ class Trainer:
                 self.save()
             if self.is_logging_rank:
                 log.info("Training finished: %d steps, %d tokens.", step, self.state.consumed_tokens)
+                if hasattr(self.stream, "report"):
+                    log.info("Data drawn per domain: %s", self.stream.report())
             return 0
         finally:
             stop.uninstall()
