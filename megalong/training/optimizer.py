@@ -22,7 +22,7 @@ def wrap_with_ddp(model_chunks: list, run: RunConfig, on_gpu: bool) -> list:
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=run.runtime.overlap_grad_reduce and on_gpu,
-        overlap_param_gather=run.runtime.overlap_param_gather and on_gpu,
+        overlap_param_gather=run.runtime.overlap_param_gather and on_gpu and run.parallel.distributed_optimizer,
         use_distributed_optimizer=run.parallel.distributed_optimizer,
         # Per-token loss: gradients are summed, then divided by the global token count.
         average_in_collective=False,
@@ -57,7 +57,8 @@ def build_optimizer(model_chunks: list, run: RunConfig):
         bf16=params_dtype == torch.bfloat16,
         params_dtype=params_dtype,
         use_distributed_optimizer=run.parallel.distributed_optimizer,
-        overlap_param_gather=run.runtime.overlap_param_gather,
+        overlap_param_gather=(run.runtime.overlap_param_gather and torch.cuda.is_available()
+                              and run.parallel.distributed_optimizer),
         decoupled_weight_decay=True,
     )
     return get_megatron_optimizer(config, model_chunks)

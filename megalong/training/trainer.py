@@ -279,10 +279,25 @@ class Trainer:
         self.state.layout = self.layout
         if hasattr(self.stream, "describe"):
             self.state.data = str(self.stream.describe())
-        return ckpt.save_checkpoint(
-            run.checkpoint.save_dir, self.state, self.model, self.optimizer, self.model_config, run,
-            optimizer_format=run.checkpoint.optimizer_format, keep_last=run.checkpoint.keep_last,
-        )
+        # With overlapped parameter all-gather the last update reaches the model only in the
+        # next forward pass: gather it now, so the saved weights are the updated ones.
+        deferred_gather = self._overlaps_param_gather()
+        if deferred_gather:
+            for chunk in self.model:
+                chunk.disable_forward_pre_hook(param_sync=True)
+        try:
+            return ckpt.save_checkpoint(
+                run.checkpoint.save_dir, self.state, self.model, self.optimizer, self.model_config, run,
+                optimizer_format=run.checkpoint.optimizer_format, keep_last=run.checkpoint.keep_last,
+            )
+        finally:
+            if deferred_gather:
+                for chunk in self.model:
+                    chunk.enable_forward_pre_hook()
+
+    def _overlaps_param_gather(self) -> bool:
+        return (self.run.runtime.overlap_param_gather and self.runtime.on_gpu
+                and self.run.parallel.distributed_optimizer)
 
     def _metrics_writer(self) -> MetricsWriter:
         lc, save_dir = self.run.logging, self.run.checkpoint.save_dir
