@@ -149,7 +149,7 @@ class MetricsWriter:
             skipped = " | update SKIPPED (non-finite gradients)" if m.skipped else ""
             log.info(
                 "step %d/%d | loss %.4f | lr %.3g | grad norm %.3f | %.2f s/step | %s tokens/s | "
-                "%.2f TFLOP/s per device%s | peak memory %.2f GiB | ETA %s%s",
+                "%.3g TFLOP/s per device%s | peak memory %.2f GiB | ETA %s%s",
                 m.step, self.train_steps, m.loss, m.lr, m.grad_norm, m.step_time,
                 f"{m.tokens_per_second:,.0f}", m.tflops_per_device, mfu, values["memory_gib"],
                 _duration(eta), skipped,

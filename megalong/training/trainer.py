@@ -94,11 +94,13 @@ class Trainer:
 
         from megalong.model.llama import build_model
 
-        run, ps = self.run, self.ps
+        ps = self.ps
+        self.model_config = resolve_model_config(self.run)
+        # From here on the run carries its resolved model (printed now, saved with checkpoints).
+        self.run = run = dataclasses.replace(self.run, model=self.model_config)
         if self.is_logging_rank:
             log.info("Run configuration (resolved):\n%s", dump_yaml(run))
         set_seed(run.seed)
-        self.model_config = resolve_model_config(run)
         chunks = build_model(self.model_config, run.parallel, on_gpu=self.runtime.on_gpu)
         tp_size, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
         for chunk in chunks:
@@ -318,9 +320,10 @@ class Trainer:
         metrics = self._metrics_writer()
         try:
             if self.is_logging_rank:
-                log.info("Training steps %d to %d: %d sequences of %s per step (%d micro-batches on each "
+                seq = run.data.get("seq_length")
+                log.info("Training steps %d to %d: %d packed sequences%s per step (%d micro-batches on each "
                          "of %d data-parallel ranks)", step + 1, total, run.schedule.global_batch_size,
-                         "packed tokens", self.num_microbatches, self.dp_size)
+                         f" of {seq:,} tokens" if isinstance(seq, int) else "", self.num_microbatches, self.dp_size)
             while step < total:
                 for chunk in self.model:
                     chunk.train()
