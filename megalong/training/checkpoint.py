@@ -160,20 +160,36 @@ def save_checkpoint(
     run_config,
     optimizer_format: str = "fully_reshardable",
     keep_last: int = 0,
+    async_queue=None,
 ) -> Path:
-    """Save a complete training checkpoint (collective: every rank calls it)."""
+    """Save a complete training checkpoint (collective: every rank calls it).
+
+    With ``async_queue`` (Megatron-Core's ``AsyncCallsQueue``) the model and optimizer
+    tensors are written in the background; the checkpoint is renamed into place and
+    ``latest`` updated when the queue finalizes the write (``maybe_finalize_async_calls``).
+    """
     from megatron.core import dist_checkpointing
 
     started = time.monotonic()
-    final = iteration_dir(save_dir, state.step)
+    step = state.step  # the state object moves on while a background write runs
+    final = iteration_dir(save_dir, step)
     tmp = weights.staging_dir(final)
     if _rank() == 0:
-        log.info("Saving checkpoint of step %d to %s ...", state.step, final)
+        log.info("Saving checkpoint of step %d to %s%s ...", step, final,
+                 " in the background" if async_queue is not None else "")
         if tmp.exists():
             shutil.rmtree(tmp)  # a leftover of a job killed while saving
         for sub in (weights.MODEL_SUBDIR, OPTIMIZER_SUBDIR, RNG_SUBDIR):
             (tmp / sub).mkdir(parents=True)
     _barrier()
+
+    # Small files first, synchronously (their content is fixed now).
+    torch.save(_rng_state(), tmp / RNG_SUBDIR / f"rank_{_rank():05d}.pt")
+    if _rank() == 0:
+        weights.write_model_config(tmp, model_config)
+        (tmp / RUN_CONFIG_FILE).write_text(dump_yaml(run_config), encoding="utf-8")
+        state.saved_at = time.time()
+        (tmp / TRAIN_STATE_FILE).write_text(json.dumps(asdict(state), indent=1), encoding="utf-8")
 
     # dist_checkpointing.save consumes the state dict it is given: the optimizer's sharded
     # state (built from the model's) gets a model state dict of its own.
@@ -181,27 +197,35 @@ def save_checkpoint(
         _model_sharded_state(model_chunks), is_loading=False,
         metadata=_optimizer_metadata(optimizer_format),
     )
-    dist_checkpointing.save(_model_sharded_state(model_chunks), str(tmp / weights.MODEL_SUBDIR))
-    dist_checkpointing.save(optimizer_state, str(tmp / OPTIMIZER_SUBDIR))
-    torch.save(_rng_state(), tmp / RNG_SUBDIR / f"rank_{_rank():05d}.pt")
+    background = async_queue is not None
+    model_request = dist_checkpointing.save(
+        _model_sharded_state(model_chunks), str(tmp / weights.MODEL_SUBDIR), async_sharded_save=background)
+    optimizer_request = dist_checkpointing.save(
+        optimizer_state, str(tmp / OPTIMIZER_SUBDIR), async_sharded_save=background)
 
-    if _rank() == 0:
-        weights.write_model_config(tmp, model_config)
-        (tmp / RUN_CONFIG_FILE).write_text(dump_yaml(run_config), encoding="utf-8")
-        state.saved_at = time.time()
-        (tmp / TRAIN_STATE_FILE).write_text(json.dumps(asdict(state), indent=1), encoding="utf-8")
-    _barrier()
-    if _rank() == 0:
-        if final.exists():  # a checkpoint of this step from an earlier, interrupted attempt
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _write_atomic(Path(save_dir) / LATEST_FILE, final.name + "\n")
-        removed = prune_checkpoints(save_dir, keep_last)
-        log.info(
-            "Saved checkpoint of step %d in %.1f s%s", state.step, time.monotonic() - started,
-            f" (removed old checkpoints: {', '.join(removed)})" if removed else "",
-        )
-    _barrier()
+    def publish() -> None:
+        _barrier()
+        if _rank() == 0:
+            if final.exists():  # a checkpoint of this step from an earlier, interrupted attempt
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _write_atomic(Path(save_dir) / LATEST_FILE, final.name + "\n")
+            removed = prune_checkpoints(save_dir, keep_last)
+            log.info(
+                "Saved checkpoint of step %d (%.1f s after it started)%s", step,
+                time.monotonic() - started,
+                f"; removed old checkpoints: {', '.join(removed)}" if removed else "",
+            )
+        _barrier()
+
+    if background:
+        # The queue finalizes requests in order: publishing after the optimizer's write
+        # means after both writes (and their metadata) are complete on every rank.
+        optimizer_request.add_finalize_fn(publish)
+        async_queue.schedule_async_request(model_request)
+        async_queue.schedule_async_request(optimizer_request)
+    else:
+        publish()
     return final
 
 

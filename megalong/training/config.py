@@ -63,6 +63,9 @@ class CheckpointConfig:
     # Megatron-Core distributed-optimizer checkpoint format. "fully_reshardable" loads at any
     # TP/PP/DP layout; "dp_reshardable" is faster to write but only reshards across DP.
     optimizer_format: Literal["fully_reshardable", "dp_reshardable"] = "fully_reshardable"
+    # Write the tensors in a background process while training continues (Megatron-Core's
+    # async dist_checkpointing); the checkpoint appears (rename, `latest`) once complete.
+    async_save: bool = False
 
 
 @dataclass

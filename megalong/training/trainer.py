@@ -86,6 +86,11 @@ class Trainer:
         self.stream = stream
         self.state = ckpt.TrainState(layout=self.layout)
         self.model_config: Optional[ModelConfig] = None
+        self.async_queue = None
+        if run.checkpoint.async_save:
+            from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+            self.async_queue = AsyncCallsQueue()
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> "Trainer":
@@ -284,6 +289,7 @@ class Trainer:
         # With overlapped parameter all-gather the last update reaches the model only in the
         # next forward pass: gather it now, so the saved weights are the updated ones.
         deferred_gather = self._overlaps_param_gather()
+        self.finish_pending_saves()  # one checkpoint in flight at a time
         if deferred_gather:
             for chunk in self.model:
                 chunk.disable_forward_pre_hook(param_sync=True)
@@ -291,11 +297,17 @@ class Trainer:
             return ckpt.save_checkpoint(
                 run.checkpoint.save_dir, self.state, self.model, self.optimizer, self.model_config, run,
                 optimizer_format=run.checkpoint.optimizer_format, keep_last=run.checkpoint.keep_last,
+                async_queue=self.async_queue,
             )
         finally:
             if deferred_gather:
                 for chunk in self.model:
                     chunk.enable_forward_pre_hook()
+
+    def finish_pending_saves(self, blocking: bool = True) -> None:
+        """Publish background checkpoint writes that are complete (all of them if blocking)."""
+        if self.async_queue is not None:
+            self.async_queue.maybe_finalize_async_calls(blocking=blocking)
 
     def _overlaps_param_gather(self) -> bool:
         return (self.run.runtime.overlap_param_gather and self.runtime.on_gpu
@@ -329,6 +341,7 @@ class Trainer:
                     chunk.train()
                 metrics.record(self.train_step(step))
                 step += 1
+                self.finish_pending_saves(blocking=False)
                 interval = run.checkpoint.save_interval
                 if run.checkpoint.save_dir and interval and step % interval == 0:
                     self.save()
@@ -342,17 +355,21 @@ class Trainer:
                         return 1
                     if saved_step != step:
                         self.save()
+                    self.finish_pending_saves()
                     if self.is_logging_rank:
                         log.info("Checkpoint saved; exiting with code %d so the job is requeued.",
                                  REQUEUE_EXIT_CODE)
                     return REQUEUE_EXIT_CODE
             if run.checkpoint.save_dir and saved_step != step:
                 self.save()
+            self.finish_pending_saves()
             if self.is_logging_rank:
                 log.info("Training finished: %d steps, %d tokens.", step, self.state.consumed_tokens)
                 if hasattr(self.stream, "report"):
                     log.info("Data drawn per domain: %s", self.stream.report())
             return 0
         finally:
+            if self.async_queue is not None:
+                self.async_queue.close()
             stop.uninstall()
             metrics.close()
