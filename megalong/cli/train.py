@@ -1,0 +1,52 @@
+"""``megalong train RECIPE [key.sub=value ...]``: run a training recipe.
+
+Launch one process per device with torchrun or srun (the environment tells each process
+its rank); a single process runs without a launcher. Exit code 0 = finished,
+3 = stopped by a signal or the time limit after saving a checkpoint (requeue me).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("recipe", help="YAML recipe (see examples/prolong/*.yaml, examples/tiny_cpu.yaml)")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value",
+                        help="override recipe values, e.g. optimizer.lr=5e-6 parallel.tensor_parallel=2")
+    parser.add_argument("--exit-duration-minutes", type=float, default=None,
+                        help="save and exit with code 3 after this many minutes (runtime.exit_duration_minutes)")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved configuration and exit without training")
+
+
+def run(args: argparse.Namespace) -> int:
+    from megalong.config import ConfigError, LayoutError, dump_yaml, load
+    from megalong.runtime.distributed import shutdown
+    from megalong.training import RunConfig, train
+
+    # Megatron-Core logs its internals (bucket layouts, full configs) at INFO: keep the
+    # console to megalong's own account unless debugging.
+    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+        logging.getLogger("megatron").setLevel(logging.WARNING)
+    overrides = list(args.overrides)
+    if args.exit_duration_minutes is not None:
+        overrides.append(f"runtime.exit_duration_minutes={args.exit_duration_minutes}")
+    try:
+        config = load(RunConfig, args.recipe, overrides)
+    except ConfigError as err:
+        log.error("%s", err)
+        return 2
+    if args.print_config:
+        print(dump_yaml(config), end="")
+        return 0
+    try:
+        return train(config)
+    except (ConfigError, LayoutError) as err:
+        log.error("%s", err)
+        return 2
+    finally:
+        shutdown()

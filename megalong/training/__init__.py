@@ -1,0 +1,22 @@
+"""Training: configuration, loop, loss, optimizer and schedule, checkpoints, signals, metrics."""
+
+from megalong.training.config import RunConfig
+from megalong.training.signals import REQUEUE_EXIT_CODE
+
+
+def train(run: RunConfig, stream=None) -> int:
+    """Start the distributed runtime for ``run``, train, and return the exit code.
+
+    ``stream`` (optional) replaces the one built from ``run.data``: anything with
+    ``batch_for_step(step, dp_rank) -> list[PackedSample]``.
+    """
+    from megalong.runtime.distributed import init_distributed
+    from megalong.training.trainer import Trainer
+
+    runtime = init_distributed(
+        run.parallel, device=run.runtime.device, timeout_minutes=run.runtime.distributed_timeout_minutes
+    )
+    return Trainer(run, runtime, stream=stream).setup().fit()
+
+
+__all__ = ["REQUEUE_EXIT_CODE", "RunConfig", "train"]

@@ -1,0 +1,133 @@
+"""From the training stream to what one rank's model chunks eat, micro-batch by micro-batch.
+
+Every step asks the stream for this data-parallel rank's packed samples
+(``batch_for_step(step, dp_rank)``: deterministic in the step, so a resumed run sees
+exactly the batches an uninterrupted run would), groups them into micro-batches, and for
+context parallelism keeps this CP rank's share of the sequence (Megatron's load-balanced
+layout). Document boundaries go to the attention as ``packed_seq_params`` (full,
+unsharded boundaries: the attention knows the CP layout).
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+
+from megalong.data.sample import PackedSample, collate
+
+log = logging.getLogger(__name__)
+
+
+def _optional(module: str, name: str) -> Optional[Callable]:
+    """A function of a part that may not be installed in this build (None when absent)."""
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        return None
+
+
+@dataclass
+class MicroBatch:
+    tokens: torch.Tensor        # [B, S/CP]
+    labels: torch.Tensor        # [B, S/CP]
+    loss_mask: torch.Tensor     # [B, S/CP]
+    position_ids: torch.Tensor  # [B, S/CP]
+    packed_seq_params: Any      # PackedSeqParams or None (no document masking)
+    attention_cost: int         # sum over samples of squared document lengths (for FLOPs)
+    num_tokens: int             # input tokens of the full (unsharded) micro-batch
+
+
+class MicroBatcher:
+    """Turns one step's samples of this rank into :class:`MicroBatch` objects."""
+
+    def __init__(self, micro_batch_size: int, cp_size: int, cp_rank: int, device: torch.device,
+                 document_masking: bool = True):
+        self.micro_batch_size = micro_batch_size
+        self.cp_size = cp_size
+        self.cp_rank = cp_rank
+        self.device = device
+        self._shard_for_cp = _optional("megalong.data.cp_shard", "shard_for_cp")
+        self._packed_seq_params_for = (
+            _optional("megalong.model.attention", "packed_seq_params_for") if document_masking else None
+        )
+        if cp_size > 1 and self._shard_for_cp is None:
+            raise RuntimeError(
+                "context_parallel > 1 needs megalong.data.cp_shard.shard_for_cp, which this build lacks"
+            )
+        if document_masking and self._packed_seq_params_for is None:
+            log.warning(
+                "Document masking is not available in this build (megalong.model.attention is missing): "
+                "attention will cross document boundaries inside packed sequences."
+            )
+
+    @property
+    def document_masking(self) -> bool:
+        return self._packed_seq_params_for is not None
+
+    def split(self, samples: list[PackedSample], expected: int) -> list[MicroBatch]:
+        if len(samples) != expected * self.micro_batch_size:
+            raise RuntimeError(
+                f"the data stream gave {len(samples)} samples for this rank, expected "
+                f"{expected} micro-batches x {self.micro_batch_size}"
+            )
+        size = self.micro_batch_size
+        return [self._micro_batch(samples[i:i + size]) for i in range(0, len(samples), size)]
+
+    def _micro_batch(self, samples: list[PackedSample]) -> MicroBatch:
+        batch = collate(samples)
+        seq_length = batch["tokens"].shape[1]
+        psp = None
+        if self._packed_seq_params_for is not None:
+            psp = self._packed_seq_params_for(batch["cu_seqlens"], seq_length)
+        if self.cp_size > 1:
+            batch = self._shard_for_cp(batch, self.cp_size, self.cp_rank)
+        dev = self.device
+        return MicroBatch(
+            tokens=batch["tokens"].to(dev, non_blocking=True),
+            labels=batch["labels"].to(dev, non_blocking=True),
+            loss_mask=batch["loss_mask"].to(dev, non_blocking=True),
+            position_ids=batch["position_ids"].to(dev, non_blocking=True),
+            packed_seq_params=psp,
+            attention_cost=sum(s.attention_cost for s in samples),
+            num_tokens=seq_length * len(samples),
+        )
+
+
+def load_factory(path: str) -> Callable:
+    """Import ``"package.module:function"``; the error names the path."""
+    module_name, sep, attr = path.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"data_factory {path!r} must look like 'package.module:function'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ValueError(f"data_factory {path!r}: cannot import {module_name}: {err}") from None
+    try:
+        return getattr(module, attr)
+    except AttributeError:
+        raise ValueError(f"data_factory {path!r}: {module_name} has no {attr}") from None
+
+
+def build_stream(run, data_parallel_size: int):
+    """The run's training stream: its data_factory, or megalong's TrainStream over `data:`."""
+    if run.data_factory:
+        return load_factory(run.data_factory)(run, data_parallel_size)
+    try:
+        from megalong.data.stream import DataConfig, TrainStream
+    except ImportError as err:
+        raise RuntimeError(
+            f"the data: section needs megalong.data.stream, which this build lacks ({err})"
+        ) from None
+    from megalong.config.loader import from_dict
+
+    data_config = from_dict(DataConfig, run.data, "recipe section data:")
+    extra = {}
+    if "total_steps" in inspect.signature(TrainStream).parameters:
+        # Lets the stream refuse, before training, a domain too small for the planned steps.
+        extra["total_steps"] = run.schedule.train_steps
+    return TrainStream(data_config, run.schedule.global_batch_size, data_parallel_size, **extra)

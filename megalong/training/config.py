@@ -1,0 +1,153 @@
+"""The training run configuration: one dataclass per recipe section.
+
+A recipe is the YAML form of :class:`RunConfig`; ``megalong train RECIPE key.sub=value``
+applies overrides on top (see :func:`megalong.config.load`). The resolved configuration
+is printed at start and saved with every checkpoint.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+from megalong.config.parallel import ParallelConfig
+from megalong.model.config import ModelConfig
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW with gradient clipping (ProLong: b1 0.9, b2 0.95, wd 0.1, clip 1.0)."""
+
+    lr: float = 1e-5
+    # Cosine decay ends here (ProLong: 0.1 x lr).
+    min_lr: float = 1e-6
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    # Global gradient-norm clipping; 0 turns it off.
+    clip_grad: float = 1.0
+
+
+@dataclass
+class ScheduleConfig:
+    """How long to train and how the learning rate moves."""
+
+    train_steps: int = 100
+    # Packed sequences per optimizer step, over all data-parallel ranks.
+    global_batch_size: int = 8
+    # Packed sequences per forward pass on one rank (gradient accumulation covers the rest).
+    micro_batch_size: int = 1
+    # Warmup as a share of train_steps (ProLong: 0.1 for stages 1-2, 0.05 for SFT) ...
+    lr_warmup_fraction: float = 0.1
+    # ... or as an explicit number of steps (wins when set).
+    lr_warmup_steps: Optional[int] = None
+    lr_decay_style: Literal["cosine", "linear", "constant"] = "cosine"
+
+    def warmup_steps(self) -> int:
+        if self.lr_warmup_steps is not None:
+            return self.lr_warmup_steps
+        return int(round(self.lr_warmup_fraction * self.train_steps))
+
+
+@dataclass
+class CheckpointConfig:
+    # Where iter_%07d/ checkpoints and the `latest` marker live; None = never save.
+    save_dir: Optional[str] = None
+    # Save every N steps (0 = only at the end and on a stop signal).
+    save_interval: int = 0
+    # Keep the newest K checkpoints (0 = keep all).
+    keep_last: int = 2
+    # Resume from <save_dir>/latest when it exists ("auto"), never ("never"), or from a path.
+    resume: str = "auto"
+    # Megatron-Core distributed-optimizer checkpoint format. "fully_reshardable" loads at any
+    # TP/PP/DP layout; "dp_reshardable" is faster to write but only reshards across DP.
+    optimizer_format: Literal["fully_reshardable", "dp_reshardable"] = "fully_reshardable"
+    # Write the tensors in a background process while training continues (Megatron-Core's
+    # async dist_checkpointing); the checkpoint appears (rename, `latest`) once complete.
+    async_save: bool = False
+
+
+@dataclass
+class InitConfig:
+    """Where the first weights of a new run come from (ignored when resuming a run)."""
+
+    # A weights directory (converted Hugging Face model) or a training checkpoint
+    # (e.g. stage 1's last iter dir). The recipe's model.rope_theta etc. override its model.yaml.
+    weights: Optional[str] = None
+    # Carry the optimizer state (Adam moments) of a training checkpoint given as init.weights:
+    # true = required, false = start fresh, null = carry it when the directory has one.
+    load_optimizer: Optional[bool] = None
+
+
+@dataclass
+class LoggingConfig:
+    # Print a metrics line every N steps.
+    log_interval: int = 1
+    # TensorBoard event dir; None = <save_dir>/tensorboard when saving, else off.
+    tensorboard_dir: Optional[str] = None
+    # One JSON line of metrics per step; None = <save_dir>/metrics.jsonl when saving, else off.
+    metrics_file: Optional[str] = None
+    # Weights & Biases project (needs `pip install megalong[wandb]`); None = off.
+    wandb_project: Optional[str] = None
+    wandb_run_name: Optional[str] = None
+    # Peak dense TFLOP/s of one device for MFU (H100 SXM BF16: 989); None = auto on GPU, off on CPU.
+    peak_tflops: Optional[float] = None
+
+
+@dataclass
+class RuntimeConfig:
+    # "auto" = GPU when visible, else the CPU path (gloo, fp32).
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    # Save and exit with the requeue code after this many minutes (0 = no limit).
+    exit_duration_minutes: float = 0.0
+    # Overlap the data-parallel gradient reduce-scatter with the backward pass (GPU).
+    overlap_grad_reduce: bool = False
+    # Overlap the distributed optimizer's parameter all-gather with the next forward (GPU).
+    overlap_param_gather: bool = False
+    distributed_timeout_minutes: int = 30
+
+
+@dataclass
+class RunConfig:
+    """One training run (a ProLong stage, an SFT run, or a quick CPU try-out)."""
+
+    name: str = "megalong"
+    seed: int = 1234
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    # The training stream's DataConfig (megalong.data.stream), validated when the stream is built.
+    data: dict[str, Any] = field(default_factory=dict)
+    # Alternative data source: "package.module:function" returning an object with
+    # batch_for_step(step, dp_rank) -> list[PackedSample] (called as fn(run_config, dp_size)).
+    data_factory: Optional[str] = None
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    init: InitConfig = field(default_factory=InitConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    def validate(self, world_size: int) -> None:
+        from megalong.config.loader import ConfigError
+
+        dp = self.parallel.data_parallel_size(world_size)
+        per_step = self.schedule.micro_batch_size * dp
+        if self.schedule.global_batch_size % per_step:
+            raise ConfigError(
+                f"schedule.global_batch_size={self.schedule.global_batch_size} is not divisible by "
+                f"micro_batch_size x data-parallel size = {self.schedule.micro_batch_size} x {dp}"
+            )
+        if self.schedule.train_steps < 1:
+            raise ConfigError(f"schedule.train_steps must be >= 1, got {self.schedule.train_steps}")
+        if not 0 <= self.optimizer.min_lr <= self.optimizer.lr:
+            raise ConfigError(
+                f"optimizer.min_lr={self.optimizer.min_lr} must lie between 0 and optimizer.lr={self.optimizer.lr}"
+            )
+        if self.checkpoint.save_interval and not self.checkpoint.save_dir:
+            raise ConfigError("checkpoint.save_interval is set but checkpoint.save_dir is not")
+        if not self.data and not self.data_factory:
+            raise ConfigError("no training data: set the data: section (or data_factory)")
+
+    def num_microbatches(self, data_parallel_size: int) -> int:
+        return self.schedule.global_batch_size // (self.schedule.micro_batch_size * data_parallel_size)

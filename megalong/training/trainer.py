@@ -1,0 +1,375 @@
+"""The training loop: Megatron-Core's pipeline schedules, DDP and optimizer, megalong's data.
+
+Read top to bottom: :meth:`Trainer.setup` builds the model chunks, wraps them in DDP,
+builds the optimizer and LR schedule and loads a checkpoint (resume) or initial weights
+(a new stage); :meth:`Trainer.train_step` runs one global batch through
+``get_forward_backward_func()`` (no pipelining, 1F1B or interleaved 1F1B) and steps the
+optimizer; :meth:`Trainer.fit` loops, logs, saves, and stops cleanly on a signal.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from functools import partial
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from megalong.config.loader import ConfigError, dump_yaml
+from megalong.model import presets
+from megalong.model.config import SHAPE_FIELDS, ModelConfig
+from megalong.runtime.distributed import Runtime, set_seed
+from megalong.training import checkpoint as ckpt
+from megalong.training.batches import MicroBatcher, build_stream
+from megalong.training.config import RunConfig
+from megalong.training.loss import exclude_padded_vocab, masked_loss_sum
+from megalong.training.metrics import MetricsWriter, StepMetrics, training_flops
+from megalong.training.optimizer import build_optimizer, build_scheduler, current_lr, wrap_with_ddp
+from megalong.training.signals import REQUEUE_EXIT_CODE, StopWatch
+
+log = logging.getLogger(__name__)
+
+# Fields a new stage may change relative to its initial weights (the ProLong stage knobs).
+STAGE_CHANGEABLE_FIELDS = ("rope_theta", "rope_scaling", "max_position_embeddings")
+
+
+def resolve_model_config(run: RunConfig) -> ModelConfig:
+    """The run's model: the recipe's, completed from init.weights' model.yaml when given.
+
+    Shape fields the recipe leaves unset come from the initial weights; a shape field the
+    recipe sets differently is an error, except RoPE theta/scaling and the maximum length,
+    which a long-context stage changes on purpose. Runtime fields (layer implementation,
+    dtype, FP8, recomputation) always come from the recipe.
+    """
+    recipe = presets.resolve(run.model)
+    if not run.init.weights:
+        return recipe
+    from megalong.checkpoint.weights import read_model_config
+
+    saved = presets.resolve(read_model_config(run.init.weights))
+    merged = {}
+    for name in (*SHAPE_FIELDS, "rope_scaling"):
+        ours, theirs = getattr(recipe, name), getattr(saved, name)
+        if ours is None:
+            merged[name] = theirs
+        elif name in STAGE_CHANGEABLE_FIELDS or ours == theirs:
+            merged[name] = ours
+        else:
+            raise ConfigError(
+                f"model.{name}={ours!r} in the recipe, but the initial weights {run.init.weights} "
+                f"have {name}={theirs!r}; leave it unset to take the checkpoint's value"
+            )
+    return dataclasses.replace(recipe, **merged)
+
+
+def _layout_tag(parallel, world_size: int) -> str:
+    return (f"tp{parallel.tensor_parallel},pp{parallel.pipeline_parallel},cp{parallel.context_parallel},"
+            f"dp{parallel.data_parallel_size(world_size)},vp{parallel.virtual_pipeline or 1}")
+
+
+class Trainer:
+    def __init__(self, run: RunConfig, runtime: Runtime, stream=None):
+        from megatron.core import parallel_state as ps
+
+        self.run = run
+        self.runtime = runtime
+        self.ps = ps
+        run.validate(runtime.world_size)
+        self.dp_size = ps.get_data_parallel_world_size()
+        self.dp_rank = ps.get_data_parallel_rank()
+        self.num_microbatches = run.num_microbatches(self.dp_size)
+        self.is_logging_rank = runtime.rank == 0
+        self.layout = _layout_tag(run.parallel, runtime.world_size)
+        self.stream = stream
+        self.state = ckpt.TrainState(layout=self.layout)
+        self.model_config: Optional[ModelConfig] = None
+        self.async_queue = None
+        if run.checkpoint.async_save:
+            from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+            self.async_queue = AsyncCallsQueue()
+
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> "Trainer":
+        from megatron.core.distributed import finalize_model_grads
+        from megatron.core.utils import get_model_config
+
+        from megalong.model.llama import build_model
+
+        ps = self.ps
+        self.model_config = resolve_model_config(self.run)
+        # From here on the run carries its resolved model (printed now, saved with checkpoints).
+        self.run = run = dataclasses.replace(self.run, model=self.model_config)
+        if self.is_logging_rank:
+            log.info("Run configuration (resolved):\n%s", dump_yaml(run))
+        set_seed(run.seed)
+        chunks = build_model(self.model_config, run.parallel, on_gpu=self.runtime.on_gpu)
+        tp_size, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+        for chunk in chunks:
+            exclude_padded_vocab(chunk, self.model_config.vocab_size, tp_size, tp_rank)
+        self.padded_vocab = chunks[0].vocab_size
+        self.model = wrap_with_ddp(chunks, run, self.runtime.on_gpu)
+        self.optimizer = build_optimizer(self.model, run)
+        self.scheduler = build_scheduler(self.optimizer, run)
+
+        config = get_model_config(self.model[0])
+        config.grad_scale_func = self.optimizer.scale_loss
+        config.finalize_model_grads_func = finalize_model_grads
+        if run.runtime.overlap_grad_reduce and self.runtime.on_gpu:
+            no_sync = [m.no_sync for m in self.model]
+            config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
+        if run.parallel.virtual_pipeline and run.parallel.virtual_pipeline > 1:
+            # Megatron-LM's settings for the interleaved schedule. With batched p2p, PP=2 posts a
+            # backward and a forward tensor to the same peer in an order the peer does not receive
+            # them in (seen on gloo: wrong activations, wrong losses); overlapped p2p orders them.
+            config.overlap_p2p_comm = True
+            config.batch_p2p_comm = False
+        self.model_transformer_config = config
+
+        if self.stream is None:
+            self.stream = build_stream(run, self.dp_size)
+        if self.is_logging_rank and hasattr(self.stream, "describe"):
+            log.info("Training data: %s", self.stream.describe())
+        self._load_initial_state()
+        self.batcher = MicroBatcher(
+            run.schedule.micro_batch_size, ps.get_context_parallel_world_size(),
+            ps.get_context_parallel_rank(), self.runtime.device,
+        )
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        self.forward_backward = get_forward_backward_func()
+        return self
+
+    def _resume_dir(self) -> Optional[Path]:
+        choice = self.run.checkpoint.resume
+        if choice == "never":
+            return None
+        if choice == "auto":
+            save_dir = self.run.checkpoint.save_dir
+            return ckpt.read_latest(save_dir) if save_dir and Path(save_dir).is_dir() else None
+        path = Path(choice)
+        if not ckpt.is_training_checkpoint(path):
+            raise FileNotFoundError(f"checkpoint.resume={choice}: not a training checkpoint (no train_state.json)")
+        return path
+
+    def _load_initial_state(self) -> None:
+        run = self.run
+        fmt = run.checkpoint.optimizer_format
+        resume = self._resume_dir()
+        if resume is not None:
+            saved = ckpt.read_train_state(resume)
+            if self.is_logging_rank:
+                log.info("Resuming from checkpoint %s at step %d (saved at layout %s, now %s)",
+                         resume, saved.step, saved.layout, self.layout)
+            fingerprint = self._data_fingerprint()
+            if saved.data_fingerprint and fingerprint and saved.data_fingerprint != fingerprint:
+                raise RuntimeError(
+                    f"refusing to resume from {resume}: the data configuration differs from the one "
+                    f"it was trained on (data fingerprint {saved.data_fingerprint[:12]} vs {fingerprint[:12]}); "
+                    f"a new data mix is a new stage: start it with init.weights={resume}"
+                )
+            self.state = ckpt.load_checkpoint(resume, self.model, self.optimizer, fmt,
+                                              restore_rng_for_layout=self.layout)
+            self.scheduler.load_state_dict(self.state.scheduler)
+            self.state.layout = self.layout
+            if self.is_logging_rank:
+                log.info("Resumed: model, optimizer, LR schedule (lr now %.3g) and data position "
+                         "(step %d, %d samples / %d tokens already consumed)",
+                         current_lr(self.optimizer), self.state.step, self.state.consumed_samples,
+                         self.state.consumed_tokens)
+            return
+        if run.init.weights:
+            source = Path(run.init.weights)
+            has_opt = ckpt.has_optimizer_state(source)
+            carry = run.init.load_optimizer
+            if carry and not has_opt:
+                raise FileNotFoundError(
+                    f"init.load_optimizer=true but {source} has no optimizer state ({source / 'optimizer'} missing)"
+                )
+            carry = has_opt if carry is None else carry
+            if self.is_logging_rank:
+                log.info("New run from initial weights %s (RoPE theta %g)%s; fresh LR schedule from step 0",
+                         source, self.model_config.rope_theta,
+                         ", carrying its optimizer state" if carry else ", fresh optimizer state")
+            ckpt.load_checkpoint(source, self.model, self.optimizer if carry else None, run.checkpoint.optimizer_format)
+            # The loaded optimizer state brings the old run's learning rates: set this schedule's.
+            self.scheduler.step(0)
+            return
+        if self.is_logging_rank:
+            log.info("New run from randomly initialized weights (seed %d)", run.seed)
+
+    # ------------------------------------------------------------------ one step
+    def _forward_step(self, data_iterator, model):
+        mb = next(data_iterator)
+        per_token_loss = model(
+            mb.tokens, mb.position_ids, None, labels=mb.labels, packed_seq_params=mb.packed_seq_params
+        )
+        return per_token_loss, partial(masked_loss_sum, mb.loss_mask)
+
+    def train_step(self, step: int) -> StepMetrics:
+        ps = self.ps
+        started = time.perf_counter()
+        samples = self.stream.batch_for_step(step, self.dp_rank)
+        micro_batches = self.batcher.split(samples, self.num_microbatches)
+        seq_length = int(samples[0].seq_length)
+
+        for chunk in self.model:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        iterators = [iter(micro_batches) for _ in self.model]
+        reports = self.forward_backward(
+            forward_step_func=self._forward_step,
+            data_iterator=iterators if len(iterators) > 1 else iterators[0],
+            model=self.model,
+            num_microbatches=self.num_microbatches,
+            seq_length=seq_length,
+            micro_batch_size=self.run.schedule.micro_batch_size,
+            forward_only=False,
+        )
+        lr = current_lr(self.optimizer)  # the learning rate this update uses
+        update_successful, grad_norm, _ = self.optimizer.step()
+        if update_successful:
+            self.scheduler.step(increment=1)
+
+        loss, loss_tokens, attention_cost = self._reduce_step_figures(reports, micro_batches, seq_length)
+        step_time = time.perf_counter() - started
+        tokens = self.run.schedule.global_batch_size * seq_length
+        self.state.step = step + 1
+        self.state.consumed_samples += self.run.schedule.global_batch_size
+        self.state.consumed_tokens += tokens
+        return StepMetrics(
+            step=step + 1, loss=loss, loss_tokens=loss_tokens, lr=lr,
+            grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
+            step_time=step_time, tokens=tokens,
+            flops=training_flops(self.model_config, tokens, attention_cost, self.padded_vocab),
+            world_size=self.runtime.world_size, skipped=not update_successful,
+        )
+
+    def _reduce_step_figures(self, reports, micro_batches, seq_length) -> tuple[float, int, int]:
+        """Token-averaged loss over the global batch, its token count, and its attention cost.
+
+        The loss exists on the last pipeline stage: summed over DP x CP there, then sent
+        along the pipeline so that every rank (and the logging rank) knows it.
+        """
+        ps = self.ps
+        if self.batcher.document_masking:
+            local_cost = sum(mb.attention_cost for mb in micro_batches)
+        else:
+            local_cost = len(micro_batches) * self.run.schedule.micro_batch_size * seq_length ** 2
+        figures = torch.zeros(3, dtype=torch.float64, device=self.runtime.device)
+        if ps.is_pipeline_last_stage(ignore_virtual=True):
+            for report in reports:
+                figures[:2] += report["lm loss"].to(figures)
+        # Every CP rank holds the same samples: count their attention cost once.
+        if ps.get_context_parallel_rank() == 0:
+            figures[2] = local_cost
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(figures, group=ps.get_data_parallel_group(with_context_parallel=True))
+            if ps.get_pipeline_model_parallel_world_size() > 1:
+                torch.distributed.broadcast(figures, src=ps.get_pipeline_model_parallel_last_rank(),
+                                            group=ps.get_pipeline_model_parallel_group())
+        loss_sum, tokens, cost = figures.tolist()
+        return (loss_sum / tokens if tokens else float("nan")), int(round(tokens)), int(cost)
+
+    # ------------------------------------------------------------------ the loop
+    def _data_fingerprint(self) -> str:
+        fingerprint = getattr(self.stream, "fingerprint", None)
+        return str(fingerprint()) if callable(fingerprint) else ""
+
+    def save(self) -> Path:
+        run = self.run
+        self.state.data_fingerprint = self._data_fingerprint()
+        self.state.scheduler = self.scheduler.state_dict()
+        self.state.layout = self.layout
+        if hasattr(self.stream, "describe"):
+            self.state.data = str(self.stream.describe())
+        # With overlapped parameter all-gather the last update reaches the model only in the
+        # next forward pass: gather it now, so the saved weights are the updated ones.
+        deferred_gather = self._overlaps_param_gather()
+        self.finish_pending_saves()  # one checkpoint in flight at a time
+        if deferred_gather:
+            for chunk in self.model:
+                chunk.disable_forward_pre_hook(param_sync=True)
+        try:
+            return ckpt.save_checkpoint(
+                run.checkpoint.save_dir, self.state, self.model, self.optimizer, self.model_config, run,
+                optimizer_format=run.checkpoint.optimizer_format, keep_last=run.checkpoint.keep_last,
+                async_queue=self.async_queue,
+            )
+        finally:
+            if deferred_gather:
+                for chunk in self.model:
+                    chunk.enable_forward_pre_hook()
+
+    def finish_pending_saves(self, blocking: bool = True) -> None:
+        """Publish background checkpoint writes that are complete (all of them if blocking)."""
+        if self.async_queue is not None:
+            self.async_queue.maybe_finalize_async_calls(blocking=blocking)
+
+    def _overlaps_param_gather(self) -> bool:
+        return (self.run.runtime.overlap_param_gather and self.runtime.on_gpu
+                and self.run.parallel.distributed_optimizer)
+
+    def _metrics_writer(self) -> MetricsWriter:
+        lc, save_dir = self.run.logging, self.run.checkpoint.save_dir
+        tb = lc.tensorboard_dir or (str(Path(save_dir) / "tensorboard") if save_dir else None)
+        mf = lc.metrics_file or (str(Path(save_dir) / "metrics.jsonl") if save_dir else None)
+        return MetricsWriter(
+            self.is_logging_rank, self.run.schedule.train_steps, lc.log_interval, tb, mf,
+            lc.wandb_project, lc.wandb_run_name, lc.peak_tflops, run_config=dataclasses.asdict(self.run),
+        )
+
+    def fit(self) -> int:
+        """Train to schedule.train_steps; 0 when done, REQUEUE_EXIT_CODE after a stop signal."""
+        run = self.run
+        total = run.schedule.train_steps
+        step = self.state.step
+        saved_step = step if step > 0 else None
+        stop = StopWatch(run.runtime.exit_duration_minutes, self.runtime.device).install()
+        metrics = self._metrics_writer()
+        try:
+            if self.is_logging_rank:
+                seq = run.data.get("seq_length")
+                log.info("Training steps %d to %d: %d packed sequences%s per step (%d micro-batches on each "
+                         "of %d data-parallel ranks)", step + 1, total, run.schedule.global_batch_size,
+                         f" of {seq:,} tokens" if isinstance(seq, int) else "", self.num_microbatches, self.dp_size)
+            while step < total:
+                for chunk in self.model:
+                    chunk.train()
+                metrics.record(self.train_step(step))
+                step += 1
+                self.finish_pending_saves(blocking=False)
+                interval = run.checkpoint.save_interval
+                if run.checkpoint.save_dir and interval and step % interval == 0:
+                    self.save()
+                    saved_step = step
+                reason = stop.should_stop()
+                if reason is not None:
+                    if self.is_logging_rank:
+                        log.info("Stopping after step %d: %s.", step, reason)
+                    if not run.checkpoint.save_dir:
+                        log.error("No checkpoint.save_dir: nothing saved, the work of this job is lost.")
+                        return 1
+                    if saved_step != step:
+                        self.save()
+                    self.finish_pending_saves()
+                    if self.is_logging_rank:
+                        log.info("Checkpoint saved; exiting with code %d so the job is requeued.",
+                                 REQUEUE_EXIT_CODE)
+                    return REQUEUE_EXIT_CODE
+            if run.checkpoint.save_dir and saved_step != step:
+                self.save()
+            self.finish_pending_saves()
+            if self.is_logging_rank:
+                log.info("Training finished: %d steps, %d tokens.", step, self.state.consumed_tokens)
+                if hasattr(self.stream, "report"):
+                    log.info("Data drawn per domain: %s", self.stream.report())
+            return 0
+        finally:
+            if self.async_queue is not None:
+                self.async_queue.close()
+            stop.uninstall()
+            metrics.close()

@@ -1,0 +1,57 @@
+"""Checkpoints: resume at another layout (optimizer included), new stages, atomic layout.
+
+The runs themselves happen in the session fixtures (tests/training/conftest.py).
+"""
+
+import json
+
+import pytest
+import yaml
+
+from megalong.training.checkpoint import prune_checkpoints, read_latest
+from tests.training.helpers import read_losses
+
+
+def test_resume_at_a_different_tensor_and_pipeline_layout(workdir, two_process_results):
+    """Saved at TP=2 (step 2), resumed at PP=2 x 2 virtual stages: the losses of steps 3-4
+    equal the uninterrupted TP=2 run's (optimizer state resharded, not restarted)."""
+    assert two_process_results["tp2_codes"] == [0, 0] and two_process_results["pp2_codes"] == [0, 0]
+    uninterrupted = read_losses(workdir / "reshard" / "metrics.jsonl")
+    resumed = read_losses(workdir / "reshard-pp2" / "metrics.jsonl")
+    assert sorted(resumed) == [3, 4]  # it did not redo steps 1-2
+    for step in (3, 4):
+        assert resumed[step] == pytest.approx(uninterrupted[step], rel=1e-5)
+
+    save_dir = workdir / "reshard" / "checkpoints"
+    final = save_dir / "iter_0000004"
+    state = json.loads((final / "train_state.json").read_text())
+    assert state["step"] == 4 and state["consumed_samples"] == 16 and state["layout"].startswith("tp1,pp2")
+    assert {p.name for p in final.iterdir()} >= {"model", "model.yaml", "optimizer", "rng", "run.yaml"}
+    assert read_latest(save_dir) == final
+    assert not list(save_dir.glob("*.tmp*"))
+
+
+def test_stage_two_starts_from_stage_one_with_new_theta_and_length(workdir, single_process_results):
+    """Stage 2 = stage 1's final checkpoint, RoPE theta 1.28e8, longer sequences, a new
+    schedule; carrying the optimizer state changes the result (it is loaded, not ignored)."""
+    assert single_process_results["stage_codes"] == [0, 0, 0]
+    carried = read_losses(workdir / "stage2-True" / "metrics.jsonl")
+    fresh = read_losses(workdir / "stage2-False" / "metrics.jsonl")
+    assert sorted(carried) == [1, 2]  # a new schedule from step 0
+    assert carried[1] == pytest.approx(fresh[1], rel=1e-9)  # same weights before the first update
+    assert abs(carried[2] - fresh[2]) > 1e-4  # Adam moments carried over vs started fresh
+    saved = yaml.safe_load((workdir / "stage2-True" / "ckpt" / "iter_0000002" / "model.yaml").read_text())
+    assert saved["rope_theta"] == 1.28e8 and saved["num_layers"] == 4
+
+
+def test_prune_keeps_the_newest_and_latest_marker(tmp_path):
+    for step in (2, 4, 6):
+        (tmp_path / f"iter_{step:07d}").mkdir()
+        (tmp_path / f"iter_{step:07d}" / "train_state.json").write_text("{}")
+    (tmp_path / "iter_0000008.tmp").mkdir()  # an interrupted save is not a checkpoint
+    (tmp_path / "latest").write_text("iter_0000006\n")
+    assert prune_checkpoints(tmp_path, keep_last=2) == ["iter_0000002"]
+    assert read_latest(tmp_path) == tmp_path / "iter_0000006"
+    (tmp_path / "latest").write_text("iter_0000009\n")
+    with pytest.raises(FileNotFoundError, match="iter_0000009"):
+        read_latest(tmp_path)

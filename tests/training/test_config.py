@@ -1,0 +1,91 @@
+"""Recipes, the run configuration, stage merging, LR schedule, FLOPs and the stop watch."""
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from megalong.checkpoint.weights import write_model_config
+from megalong.config import ConfigError, LayoutError, load
+from megalong.model import preset_config
+from megalong.training import REQUEUE_EXIT_CODE, RunConfig
+from megalong.training.metrics import training_flops
+from megalong.training.signals import StopWatch
+from megalong.training.trainer import resolve_model_config
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+def test_prolong_recipes_carry_the_published_numbers():
+    s1 = load(RunConfig, EXAMPLES / "prolong" / "stage1_64k.yaml")
+    s2 = load(RunConfig, EXAMPLES / "prolong" / "stage2_512k.yaml")
+    sft = load(RunConfig, EXAMPLES / "prolong" / "sft.yaml")
+    assert (s1.model.rope_theta, s2.model.rope_theta, sft.model.rope_theta) == (8e6, 1.28e8, 1.28e8)
+    assert (s1.schedule.train_steps, s2.schedule.train_steps, sft.schedule.train_steps) == (5000, 2500, 250)
+    assert s1.schedule.global_batch_size * s1.data["seq_length"] == 64 * 65536
+    assert s2.schedule.global_batch_size * s2.data["seq_length"] == 128 * 524288 // 8
+    assert (s1.optimizer.lr, s2.optimizer.lr, sft.optimizer.lr) == (1e-5, 5e-6, 2e-5)
+    for run in (s1, s2, sft):
+        assert run.optimizer.min_lr == pytest.approx(0.1 * run.optimizer.lr)
+        assert (run.optimizer.adam_beta1, run.optimizer.adam_beta2, run.optimizer.weight_decay,
+                run.optimizer.clip_grad) == (0.9, 0.95, 0.1, 1.0)
+        assert run.schedule.lr_decay_style == "cosine"
+    assert (s1.schedule.lr_warmup_fraction, sft.schedule.lr_warmup_fraction) == (0.1, 0.05)
+    assert s2.init.load_optimizer is True and s1.init.load_optimizer is False
+    assert s2.init.weights.endswith("iter_0005000")
+
+
+def test_tiny_cpu_recipe_is_valid_for_two_processes():
+    run = load(RunConfig, EXAMPLES / "tiny_cpu.yaml")
+    run.validate(world_size=2)
+    assert run.runtime.device == "cpu"
+
+
+def test_overrides_and_errors_name_the_key():
+    run = load(RunConfig, EXAMPLES / "tiny_cpu.yaml", ["optimizer.lr=5e-4", "parallel.tensor_parallel=2"])
+    assert run.optimizer.lr == 5e-4 and run.parallel.tensor_parallel == 2
+    with pytest.raises(ConfigError, match="optimizer: unknown key.*lrr"):
+        load(RunConfig, EXAMPLES / "tiny_cpu.yaml", ["optimizer.lrr=1"])
+    bad = load(RunConfig, EXAMPLES / "tiny_cpu.yaml", ["schedule.global_batch_size=3"])
+    with pytest.raises(ConfigError, match="global_batch_size=3"):
+        bad.validate(world_size=2)
+    with pytest.raises(LayoutError):
+        load(RunConfig, EXAMPLES / "tiny_cpu.yaml", ["parallel.tensor_parallel=3"]).validate(world_size=2)
+
+
+def test_stage_model_takes_shape_from_weights_and_theta_from_recipe(tmp_path):
+    write_model_config(tmp_path, preset_config("test-tiny"))
+    run = load(RunConfig, None, [f"init.weights={tmp_path}", "model.rope_theta=8e6", "data.seq_length=64"])
+    model = resolve_model_config(run)
+    assert model.rope_theta == 8e6 and isinstance(model.rope_theta, float)
+    assert model.num_layers == 4 and model.vocab_size == 512
+    clash = load(RunConfig, None, [f"init.weights={tmp_path}", "model.num_layers=8"])
+    with pytest.raises(ConfigError, match="num_layers=8"):
+        resolve_model_config(clash)
+
+
+def test_warmup_steps_and_flops():
+    run = load(RunConfig, None, ["schedule.train_steps=250", "schedule.lr_warmup_fraction=0.05"])
+    assert run.schedule.warmup_steps() == 12
+    model = preset_config("llama3-8b")
+    tokens = 65536
+    dense = training_flops(model, tokens, attention_cost=0, padded_vocab=128256)
+    n_matmul = 32 * (4096 * 4096 * 2 + 2 * 4096 * 1024 + 3 * 4096 * 14336) + 4096 * 128256
+    assert dense == pytest.approx(6 * n_matmul * tokens)
+    # One 64K document costs more attention than 64 documents of 1K.
+    one = training_flops(model, tokens, attention_cost=65536**2, padded_vocab=128256)
+    many = training_flops(model, tokens, attention_cost=64 * 1024**2, padded_vocab=128256)
+    assert one > many > dense
+
+
+def test_stop_watch_reports_signals_and_time_limit():
+    watch = StopWatch().install()
+    try:
+        assert watch.should_stop() is None
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert "SIGUSR1" in watch.should_stop()
+    finally:
+        watch.uninstall()
+    assert "time limit" in StopWatch(exit_duration_minutes=1e-9).should_stop()
+    assert REQUEUE_EXIT_CODE == 3
