@@ -1,0 +1,1 @@
+"""Choose a parallel layout: memory and step-time estimates, layout enumeration."""
