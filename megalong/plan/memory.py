@@ -447,9 +447,15 @@ def _stage_memory(model: ModelConfig, parallel: ParallelConfig, data_parallel: i
         # Megatron-Core's DotProductAttention keeps a [b a/t, s, s] baddbmm input buffer in
         # its global memory buffer for the whole run.
         buffers += e * x.b * x.a * x.s * x.s / tp
+
+    optimizer_step_extra = 0.0
     if not profile.fused_optimizer:
-        # torch's single-tensor AdamW: sqrt(v) and its scaled copy, per parameter.
-        buffers += 2 * 4 * largest_parameter(model, tp) / shard
+        # torch's single-tensor AdamW makes sqrt(v) and its scaled copy, one parameter at a
+        # time; this happens after the backward pass, when the activations are gone.
+        optimizer_step_extra = 2 * 4 * largest_parameter(model, tp) / shard
+    if optimizer_step_extra > activations + logits_and_loss:
+        notes.append("peak in the optimizer step")
+        activations, logits_and_loss = optimizer_step_extra, 0.0
 
     estimate = MemoryEstimate(
         weights=weights, gradients=gradients, optimizer_states=optimizer_states,
