@@ -16,6 +16,7 @@ import sys
 # name -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "info": ("megalong.cli.info", "show versions, devices and available model presets"),
+    "plan": ("megalong.cli.plan", "choose TP/PP/CP/DP and recomputation that fit a context length"),
 }
 
 
