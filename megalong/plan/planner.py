@@ -219,3 +219,32 @@ def plan(request: PlanRequest) -> PlanResult:
             candidate.memory,
         ))
     return PlanResult(request=request, candidates=candidates, rejections=rejections)
+
+
+@dataclass
+class FitCheck:
+    fits: bool
+    memory: MemoryEstimate
+    usable_bytes: float
+    message: str
+
+
+def check_fits(model: ModelConfig, parallel: ParallelConfig, shape: TrainingShape, *, world_size: int,
+               gpu: GpuSpec, precision: str = "bf16", profile: KernelProfile = GPU_TE,
+               headroom: float = 0.05) -> FitCheck:
+    """Will this exact layout fit? For ``megalong train`` to warn before it starts.
+
+    ``model`` must be resolved; ``shape.num_microbatches`` is per DP rank and step.
+    """
+    memory = estimate(model, parallel, shape, world_size=world_size, precision=_precision(precision),
+                      profile=profile, framework_overhead_bytes=gpu.framework_overhead_gb * GB,
+                      fragmentation=gpu.fragmentation)
+    usable = gpu.memory_gb * GB * (1 - headroom)
+    fits = memory.total <= usable
+    verdict = "fits in" if fits else "does NOT fit in"
+    message = (f"{parallel.describe(world_size)} at {shape.seq_length:,} tokens: predicted peak "
+               f"{memory.describe()} per GPU {verdict} {usable / GB:.1f} GB usable of {gpu.memory_gb:g} GB "
+               f"({gpu.name})")
+    if not fits:
+        message += "; run `megalong plan` for layouts that fit"
+    return FitCheck(fits=fits, memory=memory, usable_bytes=usable, message=message)

@@ -111,3 +111,14 @@ def test_korthikanti_selective_formula_for_a_gpt_layer():
     parts = layer_activations(dims, replace(GPU_TE, fused_rope=True), BF16, recompute_attention=True)
     per_sbh = sum(parts.values()) / (s * b * h / t)
     assert 30 <= per_sbh <= 48, per_sbh
+
+
+def test_check_fits_names_the_layout_and_the_verdict():
+    from megalong.plan import check_fits
+
+    shape = TrainingShape(seq_length=524288, num_microbatches=16, recompute="full", loss_chunk_tokens=8192)
+    too_big = check_fits(LLAMA3_8B, ParallelConfig(), shape, world_size=8, gpu=gpu_spec("h100"))
+    assert not too_big.fits and "does NOT fit" in too_big.message and "megalong plan" in too_big.message
+    ok = check_fits(LLAMA3_8B, ParallelConfig(tensor_parallel=4, context_parallel=2, sequence_parallel=True),
+                    shape, world_size=8, gpu=gpu_spec("h100"))
+    assert ok.fits, ok.message
