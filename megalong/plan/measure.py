@@ -75,6 +75,22 @@ class TensorMemoryTracker(TorchDispatchMode):
         return out
 
 
+class _CudaAllocatorStats:
+    """The GPU's own counters, with the tracker's interface."""
+
+    @property
+    def allocated(self) -> int:
+        return torch.cuda.memory_allocated()
+
+    @property
+    def peak(self) -> int:
+        return torch.cuda.max_memory_allocated()
+
+    def reset_peak(self) -> None:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+
+
 @dataclass
 class MeasuredStep:
     """What one rank saw during one steady-state training step."""
@@ -95,6 +111,10 @@ class StepSetup:
     micro_batch: int = 1
     num_microbatches: int = 1
     seed: int = 1234
+    # "cpu": fp32, storages counted by TensorMemoryTracker. "cuda": bf16 weights, the
+    # CUDA caching allocator's own max_memory_allocated (written for GPU validation
+    # runs; not exercised by the CPU test suite).
+    device: str = "cpu"
 
 
 def _forward_step(data_iterator, model):
@@ -122,12 +142,20 @@ def measure_rank(setup: StepSetup) -> MeasuredStep:
     from megalong.model.llama import build_model
     from megalong.runtime import init_distributed, set_seed
 
-    runtime = init_distributed(setup.parallel, device="cpu")
+    import contextlib
+    import dataclasses
+
+    on_gpu = setup.device == "cuda"
+    runtime = init_distributed(setup.parallel, device=setup.device)
     set_seed(setup.seed)
     model_cfg = presets.resolve(setup.model)
-    tracker = TensorMemoryTracker()
-    with tracker:
-        chunks = build_model(model_cfg, setup.parallel, on_gpu=False)
+    if on_gpu:
+        model_cfg = dataclasses.replace(model_cfg, params_dtype="bf16")
+        tracker = _CudaAllocatorStats()
+    else:
+        tracker = TensorMemoryTracker()
+    with tracker if not on_gpu else contextlib.nullcontext():
+        chunks = build_model(model_cfg, setup.parallel, on_gpu=on_gpu)
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True,
             overlap_grad_reduce=False,
@@ -141,7 +169,7 @@ def measure_rank(setup: StepSetup) -> MeasuredStep:
         optimizer = get_megatron_optimizer(
             OptimizerConfig(
                 optimizer="adam", lr=1e-4, weight_decay=0.1, adam_beta1=0.9, adam_beta2=0.95,
-                clip_grad=1.0, bf16=False, params_dtype=torch.float32,
+                clip_grad=1.0, bf16=on_gpu, params_dtype=torch.bfloat16 if on_gpu else torch.float32,
                 use_distributed_optimizer=setup.parallel.distributed_optimizer,
             ),
             chunks,
@@ -152,11 +180,11 @@ def measure_rank(setup: StepSetup) -> MeasuredStep:
 
         def batches():
             while True:
-                tokens = torch.randint(0, vocab, (b, s + 1), generator=generator)
+                tokens = torch.randint(0, vocab, (b, s + 1), generator=generator).to(runtime.device)
                 yield {
                     "tokens": tokens[:, :-1].contiguous(),
                     "labels": tokens[:, 1:].contiguous(),
-                    "position_ids": torch.arange(s).unsqueeze(0).expand(b, s).contiguous(),
+                    "position_ids": torch.arange(s, device=runtime.device).unsqueeze(0).expand(b, s).contiguous(),
                 }
 
         forward_backward = get_forward_backward_func()

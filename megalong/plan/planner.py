@@ -7,7 +7,8 @@ distributed optimizer and precision. Validity rules (each rejection names the ru
   heads, the KV heads and the FFN width (``ModelConfig.validate``);
 * PP x virtual stages divides the layers; interleaving needs PP > 1 and a number of
   micro-batches divisible by PP (Megatron-Core's interleaved schedule);
-* CP > 1 needs the sequence length divisible by 2 x CP (the load-balanced chunking);
+* CP > 1 needs the sequence length divisible by 2 x CP (the load-balanced chunking), and
+  sequence parallelism the share of each CP rank divisible by TP;
 * TP x PP x CP divides the world; the global batch is divisible by DP x micro-batch;
 * FP8 needs a GPU with FP8 tensor cores. Sequence parallelism is on whenever TP > 1.
 """
@@ -142,8 +143,9 @@ def check_layout(layout: Layout, request: PlanRequest) -> Optional[str]:
                     f"{pp} x {layout.virtual_pipeline}")
     if cp > 1 and request.seq_length % (2 * cp):
         return f"sequence length {request.seq_length} is not divisible by 2 x CP = {2 * cp}"
-    if request.seq_length % tp and tp > 1:
-        return f"sequence length {request.seq_length} is not divisible by TP={tp} (sequence parallelism)"
+    if tp > 1 and (request.seq_length // cp) % tp:
+        return (f"the {request.seq_length // cp}-token sequence share of a CP rank is not divisible by "
+                f"TP={tp} (sequence parallelism splits it)")
     per_step = layout.data_parallel * layout.micro_batch
     if request.global_batch % per_step:
         return (f"global batch {request.global_batch} is not divisible by DP x micro-batch = "
@@ -154,7 +156,7 @@ def check_layout(layout: Layout, request: PlanRequest) -> Optional[str]:
     if layout.precision == "fp8" and not request.gpu.fp8_tflops:
         return f"{request.gpu.name} has no FP8 tensor cores"
     if not layout.distributed_optimizer and layout.data_parallel * cp == 1:
-        return "same as the distributed optimizer with DP x CP = 1"
+        return "duplicate: without DP or CP ranks the distributed optimizer shards nothing"
     return None
 
 

@@ -52,7 +52,7 @@ def test_no_proposed_layout_breaks_a_rule_and_all_fit(seq_length, global_batch, 
     for rejection in result.rejections:
         assert rejection.reason
         if rejection.reason.startswith("invalid"):
-            assert _independently_valid(rejection.layout, request) or "distributed optimizer" in rejection.reason \
+            assert _independently_valid(rejection.layout, request) or "duplicate" in rejection.reason \
                 or "FP8" in rejection.reason or "interleaved" in rejection.reason, rejection.reason
 
 
