@@ -102,6 +102,7 @@ def run(args: argparse.Namespace) -> int:
 
     from megalong.config import ConfigError
     from megalong.plan.hardware import UnknownGpuError
+    from megalong.plan.memory import GB
     from megalong.plan.planner import plan
 
     try:
@@ -141,17 +142,26 @@ def run(args: argparse.Namespace) -> int:
     by_family: dict[str, list] = {}
     for rejection in rejected:
         by_family.setdefault(_family(rejection.layout), []).append(rejection)
-    print(f"Other layouts ({len(rejected)}, one line per TP/PP/CP/DP family; --show-rejected lists all):")
-    for family, items in sorted(by_family.items()):
+    print(f"Other layouts ({len(rejected)}, one line per TP/PP/CP/DP family, slower first, then too large, "
+          f"then invalid; --show-rejected lists all):")
+    lines = []  # (order, sort key, text)
+    for family, items in by_family.items():
         slower = [r for r in items if r.reason.startswith("slower")]
         too_big = [r for r in items if r.memory is not None and not r.reason.startswith("slower")]
         if slower:
-            print(f"  {family}: fits, but {slower[0].reason.split(': ', 1)[1]} at best")
+            best = slower[0]  # candidates are sorted fastest first
+            lines.append((0, best.step_time_s,
+                          f"  {family}: fits, but slower: {best.step_time_s:.2f} s/step at best "
+                          f"(mb={best.layout.micro_batch}, recompute={best.layout.recompute or 'none'}, "
+                          f"{best.memory.total / GB:.1f} GB)"))
         elif too_big:
             smallest = min(too_big, key=lambda r: r.memory.total)
-            print(f"  {family}: {smallest.reason} even with {smallest.layout.recompute or 'no'} recomputation, "
-                  f"mb={smallest.layout.micro_batch} ({smallest.memory.describe()})")
+            lines.append((1, smallest.memory.total,
+                          f"  {family}: {smallest.reason} even with {smallest.layout.recompute or 'no'} "
+                          f"recomputation, mb={smallest.layout.micro_batch} ({smallest.memory.describe()})"))
         else:
             reasons = Counter(r.reason for r in items)
-            print(f"  {family}: {reasons.most_common(1)[0][0]}")
+            lines.append((2, family, f"  {family}: {reasons.most_common(1)[0][0]}"))
+    for _, _, text in sorted(lines, key=lambda line: (line[0], line[1] if line[0] != 2 else 0, line[2])):
+        print(text)
     return 0 if result.candidates else 1

@@ -80,6 +80,7 @@ class Rejection:
     layout: Layout
     reason: str
     memory: Optional[MemoryEstimate] = None
+    step_time_s: Optional[float] = None  # for layouts that fit but are slower
 
 
 @dataclass
@@ -218,7 +219,7 @@ def plan(request: PlanRequest) -> PlanResult:
         rejections.append(Rejection(
             candidate.layout,
             f"slower: {candidate.time.total_s:.2f} s/step vs {best_time:.2f} s/step for the best",
-            candidate.memory,
+            candidate.memory, candidate.time.total_s,
         ))
     return PlanResult(request=request, candidates=candidates, rejections=rejections)
 
