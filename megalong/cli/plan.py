@@ -55,6 +55,7 @@ def _request(args):
         model = resolve(ModelConfig(preset=args.model))
     else:
         raise ConfigError("give a RECIPE or --model PRESET")
+    model.validate()  # a shape error names the field before any layout is tried
     if not seq_length or not global_batch:
         raise ConfigError("the sequence length and global batch are needed: set them in the recipe "
                           "(data.seq_length, schedule.global_batch_size) or pass --seq-length/--global-batch")

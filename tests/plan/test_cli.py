@@ -40,3 +40,17 @@ def test_plan_errors_name_the_problem(tmp_path, capsys):
     assert main(["plan", "--model", "llama3-8b", "--seq-length", "8192", "--global-batch", "8", "--nodes", "1",
                  "--gpus-per-node", "8", "--gpu", "v100"]) == 2
     assert "unknown GPU" in capsys.readouterr().err
+
+
+def test_recipe_overrides_and_incomplete_models(tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model:\n  preset: llama3-8b\ndata:\n  seq_length: 65536\ntraining:\n  global_batch_size: 64\n")
+    code = main(["plan", str(recipe), "data.seq_length=131072", "--nodes", "1", "--gpus-per-node", "8",
+                 "--gpu", "h200", "--top", "1"])
+    out = capsys.readouterr().out
+    assert code == 0 and "131,072 tokens x 64 sequences" in out
+    shapeless = tmp_path / "s.yaml"
+    shapeless.write_text("model:\n  num_layers: 2\n")
+    assert main(["plan", str(shapeless), "--nodes", "1", "--gpus-per-node", "8", "--seq-length", "8192",
+                 "--global-batch", "8"]) == 2
+    assert "model fields not set" in capsys.readouterr().err
