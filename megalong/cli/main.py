@@ -20,6 +20,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "sft-data": ("megalong.cli.sft_data", "render chat JSONL into an SFT chat dataset (Llama-3 format)"),
     "convert": ("megalong.cli.convert", "convert checkpoints between Hugging Face and Megatron-Core"),
     "train": ("megalong.cli.train", "train a model from a YAML recipe (ProLong stages, SFT, CPU try-out)"),
+    "plan": ("megalong.cli.plan", "choose TP/PP/CP/DP and recomputation that fit a context length"),
 }
 
 

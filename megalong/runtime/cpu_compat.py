@@ -47,6 +47,11 @@ class _CudaToCpuMode(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = dict(kwargs or {})
+        if func is torch.autograd.backward or func is torch.Tensor.backward:
+            # A mode is switched off while its own handler runs, so calling func here would
+            # run the whole backward pass without the redirection, and activation
+            # recomputation re-runs forward code that asks for CUDA. Run it with the mode on.
+            return _backward_with_mode(self, *args, **kwargs)
         if func is torch.Tensor.cuda:
             return args[0]
         if func is torch.Tensor.type and len(args) == 1 and not kwargs:
@@ -60,6 +65,24 @@ class _CudaToCpuMode(TorchFunctionMode):
         if func in (torch.Tensor.to, torch.Tensor.new_empty) and len(args) > 1:
             args = (args[0], _to_cpu_device(args[1]), *args[2:])
         return func(*args, **kwargs)
+
+
+def _backward_with_mode(mode, tensors, grad_tensors=None, retain_graph=None, create_graph=False,
+                        inputs=None, grad_variables=None):
+    """``torch.autograd.backward`` (or ``Tensor.backward``) with ``mode`` active inside."""
+    from torch.autograd import _make_grads, _tensor_or_tensors_to_tuple
+    from torch.autograd.graph import _engine_run_backward
+
+    tensors = (tensors,) if isinstance(tensors, torch.Tensor) else tuple(tensors)
+    grad_tensors = grad_tensors if grad_tensors is not None else grad_variables
+    grads = _make_grads(tensors, _tensor_or_tensors_to_tuple(grad_tensors, len(tensors)), is_grads_batched=False)
+    if retain_graph is None:
+        retain_graph = create_graph
+    if isinstance(inputs, torch.Tensor):
+        inputs = (inputs,)
+    with mode:
+        _engine_run_backward(tensors, grads, retain_graph, create_graph, tuple(inputs or ()),
+                             allow_unreachable=True, accumulate_grad=True)
 
 
 def _cpu_get_rng_state(device=None, clone=False, graph_safe=False):
