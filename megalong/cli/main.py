@@ -16,6 +16,7 @@ import sys
 # name -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "info": ("megalong.cli.info", "show versions, devices and available model presets"),
+    "eval": ("megalong.cli.eval", "long-context recall tasks and perplexity by position"),
 }
 
 

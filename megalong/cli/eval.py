@@ -1,0 +1,73 @@
+"""``megalong eval``: long-context recall (lengths x depths) and perplexity by position.
+
+    megalong eval MODEL_DIR --out results/ --tokenizer llama3 --lengths 1024,2048
+    megalong eval HF_DIR --out results/ --ppl-data data/heldout_text_document --ppl-length 65536
+    megalong eval --config eval.yaml recall.samples=8 perplexity.num_documents=16
+
+Flags fill the most used fields of :class:`megalong.eval.config.EvalConfig`; any field can
+be set in a YAML file (``--config``) or as a ``key.sub=value`` override (overrides win).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", nargs="?", help="megalong weights/checkpoint directory or Hugging Face model directory")
+    parser.add_argument("overrides", nargs="*", help="config overrides key.sub=value (e.g. recall.samples=8)")
+    parser.add_argument("--out", help="output directory (results.json, plots, progress.jsonl)")
+    parser.add_argument("--config", help="YAML file of an EvalConfig")
+    parser.add_argument("--tokenizer", help="tokenizer spec: tokenizer.model / tokenizer.json / directory / 'llama3'")
+    parser.add_argument("--kind", choices=["auto", "hf", "megalong"], help="model directory kind (default: detected)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--prompt-format", choices=["auto", "base", "chat"],
+                        help="chat = Llama-3 chat format for instruct models (auto: chat if the HF export has a chat template)")
+    parser.add_argument("--tasks", help="comma-separated recall tasks (niah_single,niah_multikey,niah_multivalue,json_kv); "
+                        "'none' skips recall")
+    parser.add_argument("--lengths", help="comma-separated prompt lengths in tokens, e.g. 4096,8192 or 4K,128K")
+    parser.add_argument("--depths", help="comma-separated needle depths in [0, 1]")
+    parser.add_argument("--samples", type=int, help="prompts per task, length and depth")
+    parser.add_argument("--ppl-data", help="indexed dataset prefix of held-out long documents (enables perplexity)")
+    parser.add_argument("--ppl-length", type=int, help="tokens per document for perplexity")
+    parser.add_argument("--ppl-documents", type=int, help="number of documents for perplexity")
+    parser.add_argument("--ppl-bucket", type=int, help="position bucket width in tokens")
+
+
+def parse_length(text: str) -> int:
+    text = text.strip().upper()
+    scale = 1024 if text.endswith("K") else 1024 * 1024 if text.endswith("M") else 1
+    return int(float(text.rstrip("KM")) * scale)
+
+
+def _flag_overrides(args: argparse.Namespace) -> list[str]:
+    pairs = [
+        ("model", args.model), ("out", args.out), ("tokenizer", args.tokenizer), ("model_kind", args.kind),
+        ("device", args.device), ("prompt_format", args.prompt_format), ("recall.samples", args.samples),
+        ("perplexity.data", args.ppl_data), ("perplexity.seq_length", args.ppl_length),
+        ("perplexity.num_documents", args.ppl_documents), ("perplexity.bucket_tokens", args.ppl_bucket),
+    ]
+    overrides = [f"{key}={value}" for key, value in pairs if value is not None]
+    if args.tasks is not None:
+        names = [] if args.tasks.strip().lower() == "none" else [t.strip() for t in args.tasks.split(",") if t.strip()]
+        overrides.append(f"recall.tasks=[{','.join(names)}]")
+    if args.lengths is not None:
+        overrides.append(f"recall.lengths=[{','.join(str(parse_length(n)) for n in args.lengths.split(','))}]")
+    if args.depths is not None:
+        overrides.append(f"recall.depths=[{args.depths}]")
+    return overrides
+
+
+def run(args: argparse.Namespace) -> int:
+    from megalong.config import load
+    from megalong.eval.config import EvalConfig
+    from megalong.eval.evaluate import evaluate
+
+    # A positional that looks like key=value is an override, not a model directory.
+    overrides = list(args.overrides)
+    if args.model and "=" in args.model:
+        overrides.insert(0, args.model)
+        args.model = None
+    cfg = load(EvalConfig, args.config, _flag_overrides(args) + overrides)
+    evaluate(cfg)
+    return 0
