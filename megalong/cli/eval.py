@@ -2,10 +2,11 @@
 
     megalong eval MODEL_DIR --out results/ --tokenizer llama3 --lengths 1024,2048
     megalong eval HF_DIR --out results/ --ppl-data data/heldout_text_document --ppl-length 65536
-    megalong eval --config eval.yaml recall.samples=8 perplexity.num_documents=16
+    megalong eval MODEL_DIR recall.samples=8 perplexity.num_documents=16 --config eval.yaml
 
 Flags fill the most used fields of :class:`megalong.eval.config.EvalConfig`; any field can
-be set in a YAML file (``--config``) or as a ``key.sub=value`` override (overrides win).
+be set in a YAML file (``--config``) or as a ``key.sub=value`` override written right after
+MODEL_DIR (overrides win over flags, flags over the YAML file).
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import argparse
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", nargs="?", help="megalong weights/checkpoint directory or Hugging Face model directory")
-    parser.add_argument("overrides", nargs="*", help="config overrides key.sub=value (e.g. recall.samples=8)")
+    parser.add_argument("overrides", nargs="*",
+                        help="config overrides key.sub=value right after MODEL (e.g. recall.samples=8)")
     parser.add_argument("--out", help="output directory (results.json, plots, progress.jsonl)")
     parser.add_argument("--config", help="YAML file of an EvalConfig")
     parser.add_argument("--tokenizer", help="tokenizer spec: tokenizer.model / tokenizer.json / directory / 'llama3'")

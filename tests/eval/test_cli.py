@@ -1,0 +1,61 @@
+"""``megalong eval`` end to end on a megalong weights directory, in a fresh process."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.eval.datasets import random_documents, write_indexed_dataset
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _megalong(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "megalong", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_eval_of_megalong_weights_writes_json_and_plots_and_resumes(tiny_weights, tmp_path):
+    prefix = write_indexed_dataset(str(tmp_path / "heldout"), random_documents([300, 260], 128256, seed=5))
+    out = tmp_path / "eval"
+    args = [
+        "eval", tiny_weights, "recall.max_new_tokens=2", "--out", str(out), "--tokenizer", "llama3", "--device", "cpu",
+        "--tasks", "niah_single,niah_multivalue", "--lengths", "256,320", "--depths", "0,0.5,1",
+        "--samples", "1", "--ppl-data", prefix, "--ppl-length", "256", "--ppl-documents", "2",
+        "--ppl-bucket", "64",
+    ]
+    first = _megalong(*args)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "recall 12/12" in first.stderr and "perplexity 2/2" in first.stderr
+    results = json.loads((out / "results.json").read_text())
+    assert results["settings"]["kind"] == "megalong" and results["model"]["kind"] == "megalong"
+    assert len(results["recall"]["samples"]) == 2 * 2 * 3
+    for sample in results["recall"]["samples"]:
+        assert sample["num_tokens"] == sample["length"] and 0.0 <= sample["score"] <= 1.0
+    assert set(results["recall"]["summary"]["by_length_and_depth"]["niah_multivalue"]["320"]) == {"0", "0.5", "1"}
+    ppl = results["perplexity"]
+    assert ppl["tokens"] == 2 * 255 and len(ppl["buckets"]) == 4
+    # A random model over the 128,256-token vocabulary: loss near ln(128256) = 11.76.
+    assert 9.0 < ppl["mean_loss"] < 15.0
+    for name in ("recall_heatmap.png", "loss_by_position.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # Run again: everything is in the progress file, nothing is redone, results are the same.
+    progress_before = (out / "progress.jsonl").read_text()
+    second = _megalong(*args)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "12 already done" in second.stderr and "2 already done" in second.stderr
+    assert (out / "progress.jsonl").read_text() == progress_before
+    again = json.loads((out / "results.json").read_text())
+    assert again["recall"] == results["recall"] and again["perplexity"] == results["perplexity"]
+
+    # Other settings into the same directory are refused, not mixed in.
+    third = _megalong(*[a.replace("max_new_tokens=2", "max_new_tokens=3") for a in args])
+    assert third.returncode != 0 and "different settings" in third.stderr
+
+
+def test_eval_needs_a_tokenizer_for_megalong_weights(tiny_weights, tmp_path):
+    result = _megalong("eval", tiny_weights, "--out", str(tmp_path / "o"), "--lengths", "256")
+    assert result.returncode != 0 and "holds no tokenizer" in result.stderr
