@@ -33,6 +33,9 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from megalong.runtime.warnings_filter import quiet_known_warnings
+
+    quiet_known_warnings()
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = _build_parser()
     # Parse only up to the subcommand; the subcommand's own parser takes the rest.

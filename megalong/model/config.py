@@ -80,7 +80,7 @@ class ModelConfig:
         multiple = self.make_vocab_size_divisible_by * tensor_parallel
         return int(math.ceil(self.vocab_size / multiple) * multiple)
 
-    def validate(self, tensor_parallel: int = 1, pipeline_parallel: int = 1) -> None:
+    def validate(self, tensor_parallel: int = 1, pipeline_stages: int = 1) -> None:
         """Check the shape against itself and the parallel layout; names the values."""
         from megalong.config.parallel import LayoutError
 
@@ -114,10 +114,10 @@ class ModelConfig:
                 f"model.ffn_hidden_size={self.ffn_hidden_size} is not divisible by "
                 f"tensor_parallel={tensor_parallel}"
             )
-        if self.num_layers % pipeline_parallel:
+        if self.num_layers % pipeline_stages:
             raise LayoutError(
-                f"model.num_layers={self.num_layers} is not divisible by "
-                f"pipeline_parallel={pipeline_parallel}"
+                f"model.num_layers={self.num_layers} is not divisible by the number of pipeline "
+                f"stages (pipeline_parallel x virtual_pipeline) = {pipeline_stages}"
             )
         if self.rope_theta <= 0:
             raise LayoutError(f"model.rope_theta must be positive, got {self.rope_theta}")

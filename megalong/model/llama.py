@@ -139,6 +139,15 @@ def _core_attention_module(choice: ModelChoice, model: ModelConfig):
     return attention.core_attention_for(choice, model)
 
 
+def validate_layout(model: ModelConfig, parallel: ParallelConfig, world_size: int) -> ModelConfig:
+    """Check a model and a layout against each other and the world size, before any
+    process group exists; returns the resolved model config. Errors name the values."""
+    parallel.validate(world_size)
+    model = presets.resolve(model)
+    model.validate(parallel.tensor_parallel, parallel.pipeline_parallel * (parallel.virtual_pipeline or 1))
+    return model
+
+
 def build_model(model: ModelConfig, parallel: ParallelConfig, *, on_gpu: bool | None = None) -> list:
     """Build this rank's model chunks (one per virtual pipeline stage).
 
@@ -147,8 +156,7 @@ def build_model(model: ModelConfig, parallel: ParallelConfig, *, on_gpu: bool | 
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 
-    model = presets.resolve(model)
-    model.validate(parallel.tensor_parallel, parallel.pipeline_parallel)
+    model = validate_layout(model, parallel, torch.distributed.get_world_size())
     if on_gpu is None:
         on_gpu = torch.cuda.is_available()
     choice = choose_implementation(model, on_gpu)

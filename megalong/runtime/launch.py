@@ -31,6 +31,9 @@ def _entry(local_rank: int, fn, world_size: int, port: int, args, env, result_di
         OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
     )
     os.environ.update(env or {})
+    from megalong.runtime.warnings_filter import quiet_known_warnings
+
+    quiet_known_warnings()
     import torch
 
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))

@@ -1,0 +1,164 @@
+"""Functions run inside real spawned processes by the layout-parity tests.
+
+They use Megatron-Core's own pipeline schedules, DDP and (distributed) optimizer, so
+the parity being tested is the parity of the real code paths on gloo.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from megalong.config import ParallelConfig
+from megalong.model import preset_config
+from megalong.model.llama import build_model
+
+SEQ = 32
+BATCH = 4
+LR = 1e-2
+
+
+def model_config():
+    return preset_config("test-tiny")
+
+
+def fixed_batch():
+    gen = torch.Generator().manual_seed(1234)
+    tokens = torch.randint(0, 512, (BATCH, SEQ + 1), generator=gen)
+    return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+
+
+def _setup(parallel: ParallelConfig, weights_dir: str):
+    from megalong.checkpoint.weights import load_weights
+    from megalong.runtime import init_distributed, set_seed
+
+    init_distributed(parallel)
+    set_seed(0)
+    chunks = build_model(model_config(), parallel)
+    load_weights(chunks, weights_dir)
+    return chunks
+
+
+def save_reference_weights(weights_dir: str) -> None:
+    from megalong.checkpoint.weights import save_weights
+    from megalong.runtime import init_distributed, set_seed
+
+    parallel = ParallelConfig()
+    init_distributed(parallel)
+    set_seed(0)
+    chunks = build_model(model_config(), parallel)
+    save_weights(chunks, weights_dir, model_config())
+
+
+def _forward_backward(chunks, tokens, labels, forward_only: bool):
+    """Run Megatron-Core's schedule over this DP rank's samples, one per micro-batch.
+
+    Returns per-token losses [n, SEQ] and full-vocab logits [n, SEQ, V] on the last
+    pipeline stage (None elsewhere).
+    """
+    from megatron.core import parallel_state, tensor_parallel
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    position_ids = torch.arange(SEQ).unsqueeze(0)
+    micro_batches = iter([(tokens[i : i + 1], labels[i : i + 1]) for i in range(tokens.shape[0])])
+    gathered: list = []
+
+    def forward_step(data_iterator, model):
+        mb_tokens, mb_labels = next(data_iterator)
+        logits = model(mb_tokens, position_ids, attention_mask=None)
+
+        def loss_func(output):
+            losses = tensor_parallel.vocab_parallel_cross_entropy(output.float(), mb_labels)
+            full_logits = tensor_parallel.gather_from_tensor_model_parallel_region(output.detach())
+            gathered.append((losses.detach(), full_logits))
+            num_tokens = torch.tensor(losses.numel(), dtype=torch.int)
+            return losses.sum(), num_tokens, {"loss_sum": losses.sum().detach()}
+
+        return logits, loss_func
+
+    get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=micro_batches,
+        model=chunks,
+        num_microbatches=tokens.shape[0],
+        seq_length=SEQ,
+        micro_batch_size=1,
+        forward_only=forward_only,
+    )
+    if not parallel_state.is_pipeline_last_stage():
+        return None, None
+    losses = torch.cat([g[0] for g in gathered])
+    logits = torch.cat([g[1] for g in gathered])
+    return losses, logits
+
+
+def logits_and_losses(parallel: ParallelConfig, weights_dir: str):
+    """Forward the fixed batch; each DP rank takes its contiguous share of samples."""
+    from megatron.core import parallel_state
+
+    chunks = _setup(parallel, weights_dir)
+    tokens, labels = fixed_batch()
+    dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
+    share = BATCH // dp
+    rows = slice(dp_rank * share, (dp_rank + 1) * share)
+    with torch.no_grad():
+        losses, logits = _forward_backward(chunks, tokens[rows], labels[rows], forward_only=True)
+    if losses is None or parallel_state.get_tensor_model_parallel_rank() != 0:
+        return None
+    return {"rows": (rows.start, rows.stop), "losses": losses, "logits": logits[..., :512]}
+
+
+def one_optimizer_step(parallel: ParallelConfig, weights_dir: str, out_dir: str) -> None:
+    """One AdamW step on the fixed batch with Megatron DDP + (distributed) optimizer, then save."""
+    from megatron.core import parallel_state
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    from megalong.checkpoint.weights import save_weights
+
+    chunks = _setup(parallel, weights_dir)
+    config = chunks[0].config
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+        use_distributed_optimizer=parallel.distributed_optimizer,
+    )
+    ddp_chunks = [
+        DistributedDataParallel(config=config, ddp_config=ddp_config, module=chunk) for chunk in chunks
+    ]
+    config.finalize_model_grads_func = finalize_model_grads
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(
+            optimizer="adam", lr=LR, weight_decay=0.1, adam_beta1=0.9, adam_beta2=0.95,
+            # Adam's first step is ~lr*sign(g): with the default eps=1e-8 a gradient element near
+            # zero flips the update on rounding noise from a different reduction order. A larger
+            # eps keeps the step a smooth function of the gradient, so the comparison is strict.
+            adam_eps=1e-4,
+            clip_grad=1.0, use_distributed_optimizer=parallel.distributed_optimizer,
+            params_dtype=torch.float32,
+        ),
+        ddp_chunks,
+    )
+    for chunk in ddp_chunks:
+        chunk.zero_grad_buffer()
+    optimizer.zero_grad()
+    tokens, labels = fixed_batch()
+    dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
+    share = BATCH // dp
+    rows = slice(dp_rank * share, (dp_rank + 1) * share)
+    _forward_backward(ddp_chunks, tokens[rows], labels[rows], forward_only=False)
+    update_ok, grad_norm, _ = optimizer.step()
+    assert update_ok
+    save_weights(chunks, out_dir, model_config())
+    return float(grad_norm)
+
+
+def load_states(weights_dirs: list[str]):
+    """The full (TP=1, PP=1) state dict of each weights directory."""
+    from megalong.checkpoint.weights import load_weights
+
+    chunks = _setup(ParallelConfig(), weights_dirs[0])
+    states = []
+    for weights_dir in weights_dirs:
+        load_weights(chunks, weights_dir)
+        states.append({k: v.clone() for k, v in chunks[0].state_dict().items() if not k.endswith("_extra_state")})
+    return states
