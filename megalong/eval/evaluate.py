@@ -18,7 +18,7 @@ from megalong.eval.config import EvalConfig
 from megalong.eval.models import detect_kind, open_model
 from megalong.eval.progress import ProgressLog
 from megalong.eval.prompts import PromptFormatter
-from megalong.eval.tokenizer import load_tokenizer
+from megalong.data.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 

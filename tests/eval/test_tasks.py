@@ -4,7 +4,7 @@ import pytest
 
 from megalong.eval import tasks
 from megalong.eval.prompts import PromptFormatter
-from megalong.eval.tokenizer import load_tokenizer
+from megalong.data.tokenizer import load_tokenizer
 
 
 @pytest.fixture(scope="module")
