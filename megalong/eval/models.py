@@ -100,7 +100,7 @@ class HuggingFaceModel:
     @torch.inference_mode()
     def token_losses(self, ids: list[int]) -> np.ndarray:
         tokens = torch.tensor([ids], device=self.device)
-        hidden = self.model.get_decoder()(input_ids=tokens).last_hidden_state[0]
+        hidden = self.model.get_decoder()(input_ids=tokens, use_cache=False).last_hidden_state[0]
         head = self.model.get_output_embeddings()
         targets = tokens[0, 1:]
         losses = []

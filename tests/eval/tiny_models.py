@@ -44,3 +44,32 @@ def megalong_generate(directory: str, prompt: list[int], max_new_tokens: int) ->
     from megalong.eval.models import MegalongModel
 
     return MegalongModel(directory, "cpu").greedy_generate(prompt, max_new_tokens, [])
+
+
+def save_and_check_random_model(directory: str) -> dict:
+    """Save a random model, then load it back through the megalong runner (rank fn).
+
+    One spawned process does both because starting one costs more than either job.
+    """
+    save_random_model(directory)
+    return megalong_runner_checks(directory)
+
+
+def megalong_runner_checks(directory: str) -> dict:
+    """Causality and decoding of the megalong runner: what the parity test cannot yet show."""
+    import numpy as np
+    import torch
+
+    from megalong.eval.models import MegalongModel
+
+    model = MegalongModel(directory, "cpu")
+    ids = [int(t) for t in np.random.default_rng(2).integers(0, model.vocab_size, size=120)]
+    full = model.token_losses(ids)
+    prefix = model.token_losses(ids[:40])
+    generated = model.greedy_generate(ids, 3, stop_ids=[])
+    tokens, positions = model._inputs(ids)
+    with torch.no_grad():
+        first = int(model.model(tokens, positions, attention_mask=None)[0, -1, : model.vocab_size].argmax())
+    stopped = model.greedy_generate(ids, 3, stop_ids=[generated[0]])
+    return {"full": full.tolist(), "prefix": prefix.tolist(), "generated": generated,
+            "first": first, "stopped": stopped}
