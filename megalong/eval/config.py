@@ -74,3 +74,5 @@ class EvalConfig:
         if not self.out:
             raise ValueError("no output directory given (--out)")
         self.recall.validate()
+        if not (self.recall.tasks and self.recall.lengths and self.recall.depths) and not self.perplexity.data:
+            raise ValueError("nothing to evaluate: no recall tasks/lengths/depths and no perplexity.data")
