@@ -33,9 +33,10 @@ def recall_heatmaps(summary: dict, lengths: list[int], depths: list[float], path
 
     plt = _pyplot()
     tasks = list(summary)
-    fig, axes = plt.subplots(1, len(tasks), figsize=(1.2 + 0.9 * len(lengths) * len(tasks) + 1.5 * len(tasks), 0.5 * len(depths) + 2.2), squeeze=False)
+    width = 1.5 + len(tasks) * (1.0 + 0.8 * len(lengths))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(width, 0.45 * len(depths) + 2.4), squeeze=False)
     image = None
-    for ax, task in zip(axes[0], tasks):
+    for k, (ax, task) in enumerate(zip(axes[0], tasks)):
         grid = np.full((len(depths), len(lengths)), np.nan)
         for j, length in enumerate(lengths):
             for i, depth in enumerate(depths):
@@ -50,8 +51,9 @@ def recall_heatmaps(summary: dict, lengths: list[int], depths: list[float], path
         ax.set_xticks(range(len(lengths)), [_length_label(n) for n in lengths])
         ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths])
         ax.set_xlabel("context length (tokens)")
-        ax.set_ylabel("needle depth")
-        ax.set_title(task)
+        if k == 0:
+            ax.set_ylabel("needle depth")
+        ax.set_title(f"{task} (mean {np.nanmean(grid):.2f})" if not np.isnan(grid).all() else task)
     fig.colorbar(image, ax=axes[0].tolist(), label="accuracy")
     path = _save(fig, Path(path))
     plt.close(fig)
