@@ -37,9 +37,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def parse_length(text: str) -> int:
-    text = text.strip().upper()
-    scale = 1024 if text.endswith("K") else 1024 * 1024 if text.endswith("M") else 1
-    return int(float(text.rstrip("KM")) * scale)
+    """``4096``, ``4K`` (= 4096) or ``1M`` (= 1048576) tokens."""
+    clean = text.strip().upper()
+    scale = 1024 if clean.endswith("K") else 1024 * 1024 if clean.endswith("M") else 1
+    try:
+        return int(float(clean.rstrip("KM")) * scale)
+    except ValueError:
+        raise ValueError(f"--lengths: {text!r} is not a length in tokens (e.g. 4096, 4K, 128K)") from None
 
 
 def _flag_overrides(args: argparse.Namespace) -> list[str]:
@@ -61,6 +65,9 @@ def _flag_overrides(args: argparse.Namespace) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    import logging
+    import sys
+
     from megalong.config import load
     from megalong.eval.config import EvalConfig
     from megalong.eval.evaluate import evaluate
@@ -70,6 +77,12 @@ def run(args: argparse.Namespace) -> int:
     if args.model and "=" in args.model:
         overrides.insert(0, args.model)
         args.model = None
-    cfg = load(EvalConfig, args.config, _flag_overrides(args) + overrides)
-    evaluate(cfg)
+    try:
+        cfg = load(EvalConfig, args.config, _flag_overrides(args) + overrides)
+        evaluate(cfg)
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
+        # Bad input (config, paths, settings that clash with a previous run): say what, no traceback.
+        logging.getLogger(__name__).debug("evaluation failed", exc_info=True)
+        print(f"megalong eval: error: {err}", file=sys.stderr)
+        return 2
     return 0

@@ -152,7 +152,6 @@ def evaluate(cfg: EvalConfig) -> dict:
     """Run everything ``cfg`` asks for; returns the results (also written to ``cfg.out``)."""
     cfg.validate()
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     kind = detect_kind(cfg.model) if cfg.model_kind == "auto" else cfg.model_kind
     tokenizer_spec = cfg.tokenizer or (cfg.model if kind == "hf" else None)
     if tokenizer_spec is None:
@@ -171,7 +170,7 @@ def evaluate(cfg: EvalConfig) -> dict:
         "prompt_format": prompt_format, "recall": dataclasses.asdict(cfg.recall),
         "perplexity": dataclasses.asdict(cfg.perplexity) if cfg.perplexity.data else None,
     }
-    progress = ProgressLog(out, settings)
+    progress = ProgressLog(out, settings)  # creates the output directory
     model = _LazyModel(cfg, kind, tokenizer)
     results: dict = {"settings": settings, "plots": {}}
     if cfg.recall.tasks and cfg.recall.lengths and cfg.recall.depths:

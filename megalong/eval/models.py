@@ -62,8 +62,13 @@ class HuggingFaceModel:
 
         self.path = Path(path)
         self.device = torch.device(device)
-        # dtype="auto" keeps the dtype the export was saved in (bf16 for real models).
-        self.model = AutoModelForCausalLM.from_pretrained(str(path), dtype="auto").to(self.device).eval()
+        # "auto" keeps the dtype the export was saved in (bf16 for real models). The keyword
+        # is `dtype` since transformers 4.56 and `torch_dtype` before.
+        import transformers
+
+        major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+        dtype_kw = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
+        self.model = AutoModelForCausalLM.from_pretrained(str(path), **{dtype_kw: "auto"}).to(self.device).eval()
         self.vocab_size = int(self.model.config.vocab_size)
         self.max_length = getattr(self.model.config, "max_position_embeddings", None)
         log.info("Loaded Hugging Face model %s (%s, %s) on %s", self.path,
