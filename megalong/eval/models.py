@@ -9,10 +9,10 @@ Both expose the same two operations on token ids:
 The Hugging Face runner uses transformers with its KV cache and computes only the logits
 it needs (the last position while generating, chunks of positions for losses), so it is
 the one for long contexts. The megalong runner builds the model with Megatron-Core in this
-one process (TP = PP = CP = 1) and decodes *without* a KV cache, recomputing the whole
-sequence for every new token and materializing logits for every position: fine for tiny
-models and short prompts (tests, quickstart), not for 128K+ evaluations of real models,
-where the HF export should be used.
+one process (TP = PP = CP = 1) and decodes with Megatron-Core's static KV cache; its
+losses materialize the logits of every position and its attention is whatever the model's
+layer spec gives (the local spec computes full [S, S] scores). Fine for small models and
+short prompts (tests, quickstart); for 128K+ evaluations of real models use the HF export.
 """
 
 from __future__ import annotations
@@ -125,6 +125,11 @@ class MegalongModel:
         from megalong.model.llama import build_model
         from megalong.runtime import init_distributed, set_seed
 
+        if device == "cpu" and torch.cuda.is_available():
+            raise ValueError(
+                "the megalong runner uses the GPU when one is visible; use --device auto/cuda, "
+                "or hide the GPUs (CUDA_VISIBLE_DEVICES=) to run on the CPU"
+            )
         self.path = Path(path)
         self.config = read_model_config(self.path)
         # One process, no model parallelism: the evaluation holds the whole model.
@@ -137,7 +142,7 @@ class MegalongModel:
         self.device = self.runtime.device
         self.vocab_size = int(self.config.vocab_size)
         self.max_length = int(self.config.max_position_embeddings)
-        log.info("Loaded megalong weights %s on %s (greedy decoding without KV cache)", self.path, self.device)
+        log.info("Loaded megalong weights %s on %s", self.path, self.device)
 
     def describe(self) -> dict:
         return {"kind": self.kind, "path": str(self.path), "preset": self.config.preset,
@@ -153,6 +158,27 @@ class MegalongModel:
 
     @torch.inference_mode()
     def greedy_generate(self, prompt_ids: list[int], max_new_tokens: int, stop_ids: list[int]) -> list[int]:
+        """Greedy decoding with Megatron-Core's static KV cache (last-position logits only)."""
+        from megatron.core.inference.contexts import StaticInferenceContext
+
+        context = StaticInferenceContext(max_batch_size=1, max_sequence_length=len(prompt_ids) + max_new_tokens)
+        tokens, positions = self._inputs(prompt_ids)
+        generated: list[int] = []
+        for _ in range(max_new_tokens):
+            # Inference mode needs the full-vocabulary logits gathered (a no-op without TP).
+            logits = self.model(tokens, positions, None, inference_context=context, runtime_gather_output=True)
+            next_id = int(logits[0, -1, : self.vocab_size].argmax())
+            if next_id in stop_ids:
+                break
+            generated.append(next_id)
+            context.sequence_len_offset += tokens.size(1)
+            tokens = torch.tensor([[next_id]], dtype=torch.long, device=self.device)
+            positions = torch.tensor([[context.sequence_len_offset]], dtype=torch.long, device=self.device)
+        return generated
+
+    @torch.inference_mode()
+    def greedy_generate_recompute(self, prompt_ids: list[int], max_new_tokens: int, stop_ids: list[int]) -> list[int]:
+        """Reference decoding without a cache: the whole sequence again for every token."""
         ids = list(prompt_ids)
         generated: list[int] = []
         for _ in range(max_new_tokens):

@@ -5,7 +5,9 @@ from __future__ import annotations
 # Small enough that a forward over a few hundred tokens takes milliseconds on one core,
 # with the real vocabulary so that prompts from the real Llama-3 tokenizer fit.
 TINY_SHAPE = dict(num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,
-                  num_query_groups=2, max_position_embeddings=2048)
+                  num_query_groups=2, max_position_embeddings=2048,
+                  # Untied: a random model with tied embeddings just repeats its last input token.
+                  tie_word_embeddings=False)
 
 
 def save_random_model(directory: str, seed: int = 1234) -> str:
@@ -66,10 +68,11 @@ def megalong_runner_checks(directory: str) -> dict:
     ids = [int(t) for t in np.random.default_rng(2).integers(0, model.vocab_size, size=120)]
     full = model.token_losses(ids)
     prefix = model.token_losses(ids[:40])
-    generated = model.greedy_generate(ids, 3, stop_ids=[])
+    generated = model.greedy_generate(ids, 6, stop_ids=[])
+    recomputed = model.greedy_generate_recompute(ids, 6, stop_ids=[])
     tokens, positions = model._inputs(ids)
     with torch.no_grad():
         first = int(model.model(tokens, positions, attention_mask=None)[0, -1, : model.vocab_size].argmax())
-    stopped = model.greedy_generate(ids, 3, stop_ids=[generated[0]])
+    stopped = model.greedy_generate(ids, 6, stop_ids=[generated[0]])
     return {"full": full.tolist(), "prefix": prefix.tolist(), "generated": generated,
-            "first": first, "stopped": stopped}
+            "recomputed": recomputed, "first": first, "stopped": stopped}
