@@ -56,12 +56,11 @@ class _LazyModel:
         return self._model
 
 
-def _eta(done: int, total: int, started: float, done_before: int) -> str:
-    elapsed = time.time() - started
-    new = done - done_before
-    if new <= 0:
+def _eta(done: int, total: int, started: float) -> str:
+    """Time left for ``total - done`` units at the pace of the ``done`` finished since ``started``."""
+    if done <= 0:
         return "?"
-    seconds = elapsed / new * (total - done)
+    seconds = (time.time() - started) / done * (total - done)
     return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
 
 
@@ -76,11 +75,12 @@ def run_recall(cfg: EvalConfig, tokenizer, formatter: PromptFormatter, model: _L
     todo = [key for key in grid if key not in done]
     log.info("Recall: %d prompts (%d tasks x %d lengths x %d depths x %d samples), %d already done",
              len(grid), len(rc.tasks), len(rc.lengths), len(rc.depths), rc.samples, len(grid) - len(todo))
-    started, tokens_seen, stop_ids = time.time(), 0, formatter.stop_ids()
+    started, tokens_seen, stop_ids, warned = time.time(), 0, formatter.stop_ids(), set()
     for k, (task, length, depth, index) in enumerate(todo, 1):
         sample = tasks.generate(task, tokenizer, formatter, length, depth, index, rc.seed, rc.options)
         lm = model.get()
-        if lm.max_length and sample.num_tokens > lm.max_length:
+        if lm.max_length and sample.num_tokens > lm.max_length and length not in warned:
+            warned.add(length)
             log.warning("%s prompt of %d tokens is longer than the model's max_position_embeddings=%d",
                         task, sample.num_tokens, lm.max_length)
         budget = min(sample.max_new_tokens, rc.max_new_tokens or sample.max_new_tokens)
@@ -99,7 +99,7 @@ def run_recall(cfg: EvalConfig, tokenizer, formatter: PromptFormatter, model: _L
         elapsed = max(time.time() - started, 1e-9)
         log.info("recall %d/%d  %s length=%d depth=%s  score=%.2f  (%.0f prompt tokens/s, ETA %s)",
                  len(grid) - len(todo) + k, len(grid), task, length, _depth_key(depth), record["score"],
-                 tokens_seen / elapsed, _eta(k, len(todo), started, 0))
+                 tokens_seen / elapsed, _eta(k, len(todo), started))
     return [done[key] for key in grid]
 
 
@@ -127,7 +127,11 @@ def run_perplexity(cfg: EvalConfig, tokenizer, model: _LazyModel, progress: Prog
     started = time.time()
     for k, document in enumerate(todo, 1):
         ids = ppl.document_window(dataset, document, pc.seq_length, tokenizer.bos_id, pc.add_bos)
-        losses = model.get().token_losses(ids)
+        lm = model.get()
+        if k == 1 and lm.max_length and pc.seq_length > lm.max_length:
+            log.warning("perplexity.seq_length=%d is longer than the model's max_position_embeddings=%d",
+                        pc.seq_length, lm.max_length)
+        losses = lm.token_losses(ids)
         doc = buckets.split(document, losses)
         record = {"type": "perplexity", **dataclasses.asdict(doc)}
         progress.append(record)
@@ -135,7 +139,7 @@ def run_perplexity(cfg: EvalConfig, tokenizer, model: _LazyModel, progress: Prog
         elapsed = max(time.time() - started, 1e-9)
         log.info("perplexity %d/%d  document %d  mean loss %.3f  (%.0f tokens/s, ETA %s)",
                  len(documents) - len(todo) + k, len(documents), document, float(losses.mean()),
-                 k * pc.seq_length / elapsed, _eta(k, len(todo), started, 0))
+                 k * pc.seq_length / elapsed, _eta(k, len(todo), started))
     for document in documents:
         r = done[document]
         buckets.add(ppl.DocumentLosses(r["document"], r["sums"], r["counts"]))
