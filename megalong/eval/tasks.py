@@ -173,10 +173,11 @@ def _haystack_with_needles(tokenizer, budget: int, needles: list[tuple[list[int]
 
 
 def _niah(
-    name: str, tokenizer, formatter: PromptFormatter, length: int, depth: float, index: int, seed: int,
-    keys: list[str], values: list[str], queried_key: str, question: str, answer_prefix: str,
+    name: str, tokenizer, formatter: PromptFormatter, length: int, depth: float, index: int,
+    keys: list[str], values: list[str], question: str, answer_prefix: str,
     answers: list[str], needle_depths: list[float], max_new_tokens: int,
 ) -> RecallSample:
+    """A noise haystack with needles (key_i, value_i) at needle_depths; the first is queried."""
     preamble = tokenizer.encode(
         "Some special magic numbers are hidden within the following text. Make sure to memorize it. "
         "I will quiz you about the numbers afterwards.\n"
@@ -203,7 +204,7 @@ def niah_single(tokenizer, formatter, length, depth, index, seed, options: TaskO
     rng = _rng(seed, "niah_single", length, index)
     key, value = _key(rng), _number(rng)
     return _niah(
-        "niah_single", tokenizer, formatter, length, depth, index, seed, [key], [value], key,
+        "niah_single", tokenizer, formatter, length, depth, index, [key], [value],
         f"\nWhat is the special magic number for {key} mentioned in the provided text?",
         f" The special magic number for {key} mentioned in the provided text is",
         [value], [depth], max_new_tokens=24,
@@ -216,7 +217,7 @@ def niah_multikey(tokenizer, formatter, length, depth, index, seed, options: Tas
     keys, values = _distinct(rng, count, _key), _distinct(rng, count, _number)
     depths = [depth] + [rng.random() for _ in range(options.num_distractors)]
     return _niah(
-        "niah_multikey", tokenizer, formatter, length, depth, index, seed, keys, values, keys[0],
+        "niah_multikey", tokenizer, formatter, length, depth, index, keys, values,
         f"\nWhat is the special magic number for {keys[0]} mentioned in the provided text?",
         f" The special magic number for {keys[0]} mentioned in the provided text is",
         [values[0]], depths, max_new_tokens=24,
@@ -229,8 +230,8 @@ def niah_multivalue(tokenizer, formatter, length, depth, index, seed, options: T
     values = _distinct(rng, options.num_values, _number)
     depths = [depth] + [rng.random() for _ in range(options.num_values - 1)]
     return _niah(
-        "niah_multivalue", tokenizer, formatter, length, depth, index, seed,
-        [key] * options.num_values, values, key,
+        "niah_multivalue", tokenizer, formatter, length, depth, index,
+        [key] * options.num_values, values,
         f"\nWhat are all the special magic numbers for {key} mentioned in the provided text?",
         f" The special magic numbers for {key} mentioned in the provided text are",
         values, depths, max_new_tokens=12 * options.num_values,
@@ -253,18 +254,23 @@ def json_kv(tokenizer, formatter, length, depth, index, seed, options: TaskOptio
         return tokenizer.encode(("" if first else ", ") + f'"{key}": "{value}"')
 
     # Fill with distractor pairs (each drawn once) while they fit beside the gold pair.
+    # Every pair is encoded once, with its leading ", "; the first one loses it at the end.
     pairs: list[tuple[str, str]] = []
-    used = len(unit(gold_key, gold_value, False))
+    units: list[list[int]] = []
+    gold_unit = unit(gold_key, gold_value, False)
+    used = len(gold_unit)
     while True:
         key, value = _uuid(rng), _uuid(rng)
-        size = len(unit(key, value, False))
-        if used + size > budget:
+        ids = unit(key, value, False)
+        if used + len(ids) > budget:
             break
         pairs.append((key, value))
-        used += size
+        units.append(ids)
+        used += len(ids)
     gold_index = round(depth * len(pairs))
     pairs.insert(gold_index, (gold_key, gold_value))
-    units = [unit(k, v, i == 0) for i, (k, v) in enumerate(pairs)]
+    units.insert(gold_index, gold_unit)
+    units[0] = unit(*pairs[0], True)
     body = [t for u in units for t in u]
     if len(head) + len(body) + len(frame.suffix) > length:
         raise TaskTooLongError(f"task json_kv does not fit in {length} tokens (needs {len(head) + len(body) + len(frame.suffix)})")
