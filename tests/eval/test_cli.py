@@ -66,3 +66,25 @@ def test_eval_needs_a_tokenizer_for_megalong_weights(tiny_weights, tmp_path):
 
 def test_lengths_accept_k_suffixes():
     assert [parse_length(n) for n in ("4K", "128k", "1M", "300")] == [4096, 131072, 1048576, 300]
+
+
+def test_flags_yaml_and_overrides_make_one_config(tmp_path):
+    import argparse
+
+    from megalong.cli import eval as eval_cli
+    from megalong.config import load
+
+    recipe = tmp_path / "eval.yaml"
+    recipe.write_text("recall:\n  samples: 9\n  depths: [0.2]\nperplexity:\n  num_documents: 3\n")
+    parser = argparse.ArgumentParser()
+    eval_cli.add_arguments(parser)
+    args = parser.parse_args(["weights", "recall.seed=5", "perplexity.num_documents=4", "--out", "o",
+                              "--config", str(recipe), "--lengths", "4K,6000", "--tasks", "json_kv",
+                              "--ppl-data", "data/x", "--samples", "2"])
+    cfg = load(EvalConfig, args.config, eval_cli._flag_overrides(args) + args.overrides)
+    assert (cfg.model, cfg.out, cfg.perplexity.data) == ("weights", "o", "data/x")
+    assert cfg.recall.lengths == [4096, 6000] and cfg.recall.tasks == ["json_kv"]
+    assert cfg.recall.samples == 2 and cfg.recall.depths == [0.2] and cfg.recall.seed == 5  # flag > YAML
+    assert cfg.perplexity.num_documents == 4  # override > YAML
+    args = parser.parse_args(["weights", "--out", "o", "--tasks", "none"])
+    assert load(EvalConfig, None, eval_cli._flag_overrides(args)).recall.tasks == []
