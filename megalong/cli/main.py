@@ -21,6 +21,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("megalong.cli.convert", "convert checkpoints between Hugging Face and Megatron-Core"),
     "train": ("megalong.cli.train", "train a model from a YAML recipe (ProLong stages, SFT, CPU try-out)"),
     "plan": ("megalong.cli.plan", "choose TP/PP/CP/DP and recomputation that fit a context length"),
+    "eval": ("megalong.cli.eval", "long-context recall tasks and perplexity by position"),
 }
 
 

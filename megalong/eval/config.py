@@ -1,0 +1,78 @@
+"""Configuration of ``megalong eval`` (YAML + ``key.sub=value`` overrides, like the other tools)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Literal, Optional
+
+from megalong.eval.tasks import TASKS, TaskOptions
+
+
+@dataclass
+class RecallConfig:
+    """Synthetic recall: every task at every length and depth, ``samples`` prompts each."""
+
+    tasks: List[str] = field(default_factory=lambda: list(TASKS))
+    # Prompt lengths in tokens of the real tokenizer (framing included).
+    lengths: List[int] = field(default_factory=lambda: [4096, 8192, 16384, 32768, 65536, 131072])
+    depths: List[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    samples: int = 4
+    seed: int = 0
+    # Cap on generated tokens per answer; None = each task's own budget (enough for its answer).
+    max_new_tokens: Optional[int] = None
+    options: TaskOptions = field(default_factory=TaskOptions)
+
+    def validate(self) -> None:
+        unknown = [t for t in self.tasks if t not in TASKS]
+        if unknown:
+            raise ValueError(f"recall.tasks: unknown task(s) {unknown}; known: {list(TASKS)}")
+        if any(n < 1 for n in self.lengths):
+            raise ValueError(f"recall.lengths must be positive, got {self.lengths}")
+        if any(not 0.0 <= d <= 1.0 for d in self.depths):
+            raise ValueError(f"recall.depths must lie in [0, 1], got {self.depths}")
+        if self.samples < 1:
+            raise ValueError(f"recall.samples must be at least 1, got {self.samples}")
+
+
+@dataclass
+class PerplexityConfig:
+    """Loss by position on long documents of an indexed dataset (off unless ``data`` is set)."""
+
+    # Prefix of a Megatron indexed dataset (<prefix>.bin / <prefix>.idx) of held-out text.
+    data: Optional[str] = None
+    seq_length: int = 32768
+    num_documents: int = 8
+    # Width of a position bucket in tokens; None = seq_length / 16.
+    bucket_tokens: Optional[int] = None
+    # Put a BOS in front of documents that do not start with one.
+    add_bos: bool = True
+
+    @property
+    def bucket_width(self) -> int:
+        return self.bucket_tokens or max(1, self.seq_length // 16)
+
+
+@dataclass
+class EvalConfig:
+    # A megalong weights (or training checkpoint) directory, or a Hugging Face model directory.
+    model: Optional[str] = None
+    model_kind: Literal["auto", "hf", "megalong"] = "auto"
+    # Tokenizer spec (see megalong.data.tokenizer); default: the Hugging Face model directory.
+    tokenizer: Optional[str] = None
+    # Output directory: results.json, plots, and progress.jsonl (resumes a killed run).
+    out: Optional[str] = None
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # "chat" = Llama-3 chat format (instruct models); "auto" = chat when the HF export has a
+    # chat template, base otherwise.
+    prompt_format: Literal["auto", "base", "chat"] = "auto"
+    recall: RecallConfig = field(default_factory=RecallConfig)
+    perplexity: PerplexityConfig = field(default_factory=PerplexityConfig)
+
+    def validate(self) -> None:
+        if not self.model:
+            raise ValueError("no model given: pass a weights directory or a Hugging Face model directory")
+        if not self.out:
+            raise ValueError("no output directory given (--out)")
+        self.recall.validate()
+        if not (self.recall.tasks and self.recall.lengths and self.recall.depths) and not self.perplexity.data:
+            raise ValueError("nothing to evaluate: no recall tasks/lengths/depths and no perplexity.data")
