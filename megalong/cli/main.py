@@ -16,6 +16,7 @@ import sys
 # name -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "info": ("megalong.cli.info", "show versions, devices and available model presets"),
+    "submit": ("megalong.cli.submit", "render, check and submit SLURM jobs for recipes (chained stages, requeue)"),
 }
 
 
