@@ -22,6 +22,10 @@ MUNGE_SOCKET="$MUNGE_DIR/munge.socket.2"
 # the node's memory and jobs would run one at a time.
 MEM_PER_CPU_MB="${MEGALONG_SLURM_MEM_PER_CPU_MB:-2048}"
 START_TIMEOUT_S="${MEGALONG_SLURM_START_TIMEOUT_S:-60}"
+# CPU slots the node offers. At least 4 even on a 2-core machine, so that two 2-process test
+# jobs (e.g. a reference run and a preempted run) share the cores instead of queueing
+# one behind the other; slurmd is told to trust this number (config_overrides).
+CPU_SLOTS="${MEGALONG_SLURM_CPUS:-$(( $(nproc) > 4 ? $(nproc) : 4 ))}"
 
 say() { echo "[local_cluster] $*" >&2; }
 die() { say "error: $*"; exit 1; }
@@ -69,7 +73,7 @@ node_state() { SLURM_CONF="$CONF" sinfo -h -N -o '%T' 2>/dev/null | head -n1; }
 write_conf() {
     local host cpus mem
     host="$(hostname -s)"
-    cpus="$(nproc)"
+    cpus="$CPU_SLOTS"
     mem=$(( cpus * MEM_PER_CPU_MB ))
     cat > "$CONF" <<EOF
 # Written by slurm/local_cluster.sh: a one-node test cluster, all state in $STATE_DIR.
@@ -100,6 +104,7 @@ JobCompLoc=$STATE_DIR/log/jobcomp.txt
 MailProg=/bin/true
 SchedulerParameters=sched_interval=2,bf_interval=2
 ReturnToService=2
+SlurmdParameters=config_overrides
 SlurmdTimeout=60
 InactiveLimit=0
 KillWait=10
