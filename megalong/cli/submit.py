@@ -132,7 +132,10 @@ def run(args: argparse.Namespace) -> int:
 
     if args.dry_run:
         for index, stage in enumerate(stages):
-            after = f"afterok on job {index}" if index else (f"afterok on job {args.after}" if args.after else "no dependency")
+            if index:
+                after = f"starts after job {index} of this chain succeeds"
+            else:
+                after = f"starts after existing job {args.after} succeeds" if args.after else "no dependency"
             print(f"##### job {index + 1} of {len(stages)}: {stage.name} ({after}) #####")
             print(stage.script)
         return 0

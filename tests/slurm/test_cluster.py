@@ -42,3 +42,15 @@ def test_invalid_layout_is_refused_before_submission(slurm_env, tmp_path):
     assert "refused, nothing was submitted" in out.stderr
     assert "1 node x 2 CPU processes per node = 2 processes" in out.stderr and "4 x 2 x 1 = 8" in out.stderr
     assert all_job_ids(slurm_env) == before
+
+
+def test_second_cluster_refuses_busy_ports_and_starts_nothing(slurm_env, tmp_path):
+    env = dict(slurm_env, MEGALONG_SLURM_DIR=str(tmp_path / "other"))
+    out = subprocess.run([str(REPO / "slurm" / "local_cluster.sh"), "start"], capture_output=True, text=True, env=env)
+    assert out.returncode != 0 and "port 6817 is already in use" in out.stderr
+    assert not (tmp_path / "other" / "started.pids").exists()
+    # And `stop` there touches nothing: the running cluster stays up.
+    subprocess.run([str(REPO / "slurm" / "local_cluster.sh"), "stop"], capture_output=True, env=env, check=True)
+    status = subprocess.run([str(REPO / "slurm" / "local_cluster.sh"), "status"], capture_output=True, text=True,
+                            env=slurm_env)
+    assert status.returncode == 0, status.stderr

@@ -117,12 +117,12 @@ def test_dry_run_prints_the_chain_in_order(tmp_path, capsys, monkeypatch):
     out = capsys.readouterr().out
     headers = [line for line in out.splitlines() if line.startswith("##### job")]
     assert headers == [
-        "##### job 1 of 6: preprocess-array (afterok on job 77) #####",
-        "##### job 2 of 6: preprocess-merge (afterok on job 1) #####",
-        "##### job 3 of 6: stage1 (afterok on job 2) #####",
-        "##### job 4 of 6: stage2 (afterok on job 3) #####",
-        "##### job 5 of 6: sft (afterok on job 4) #####",
-        "##### job 6 of 6: convert (afterok on job 5) #####",
+        "##### job 1 of 6: preprocess-array (starts after existing job 77 succeeds) #####",
+        "##### job 2 of 6: preprocess-merge (starts after job 1 of this chain succeeds) #####",
+        "##### job 3 of 6: stage1 (starts after job 2 of this chain succeeds) #####",
+        "##### job 4 of 6: stage2 (starts after job 3 of this chain succeeds) #####",
+        "##### job 5 of 6: sft (starts after job 4 of this chain succeeds) #####",
+        "##### job 6 of 6: convert (starts after job 5 of this chain succeeds) #####",
     ]
     assert "CONVERT_ARGS=(megatron-to-hf --input runs/sft --output export)" in out
     assert not (tmp_path / "logs").exists()
