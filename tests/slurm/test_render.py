@@ -1,0 +1,142 @@
+"""megalong submit --dry-run: rendered scripts, layout refusals, stage chains (no cluster needed)."""
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from megalong.cli.main import main
+from megalong.config import LayoutError
+from megalong.slurm import JobOptions, JobShape, check_recipe_layout, render_preprocess, render_train
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _recipe(tmp_path, name="stage1", tp=2, pp=1, cp=4, gbs=64, mbs=1) -> Path:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(textwrap.dedent(f"""\
+        name: {name}
+        parallel: {{tensor_parallel: {tp}, pipeline_parallel: {pp}, context_parallel: {cp}}}
+        schedule: {{global_batch_size: {gbs}, micro_batch_size: {mbs}}}
+        """))
+    return path
+
+
+def _bash_syntax_ok(script: str, tmp_path: Path) -> None:
+    path = tmp_path / "rendered.sbatch"
+    path.write_text(script)
+    out = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+
+
+def test_layout_fits_and_refusals_name_the_numbers(tmp_path):
+    recipe = _recipe(tmp_path, tp=2, cp=4, pp=2)
+    assert "DP=2" in check_recipe_layout(recipe, JobShape(nodes=4, procs_per_node=8, gpus_per_node=8))
+    with pytest.raises(LayoutError) as err:
+        check_recipe_layout(recipe, JobShape(nodes=1, procs_per_node=12, gpus_per_node=12))
+    message = str(err.value)
+    assert str(recipe) in message and "1 node x 12 GPUs per node = 12 processes" in message
+    assert "2 x 4 x 2 = 16" in message
+    # The batch must split over data-parallel ranks: 64 / (DP 16 x micro 8) does not.
+    recipe = _recipe(tmp_path, name="b", tp=1, cp=1, gbs=64, mbs=8)
+    with pytest.raises(LayoutError, match=r"global_batch_size=64 .* 16 x 8 = 128"):
+        check_recipe_layout(recipe, JobShape(nodes=2, procs_per_node=8, gpus_per_node=8))
+    # Overrides are applied before the check.
+    assert "DP=16" in check_recipe_layout(recipe, JobShape(2, 8, 8), ["schedule.micro_batch_size=4"])
+
+
+def test_bad_parallel_key_names_file_and_key(tmp_path):
+    path = tmp_path / "typo.yaml"
+    path.write_text("parallel: {tensor_paralel: 2}\n")
+    with pytest.raises(LayoutError, match=r"typo.yaml: parallel.*tensor_paralel"):
+        check_recipe_layout(path, JobShape(1, 8, 8))
+
+
+def test_submit_refuses_invalid_layout_before_sbatch(tmp_path, capsys, monkeypatch):
+    recipe = _recipe(tmp_path, tp=4, cp=1)
+    monkeypatch.chdir(tmp_path)
+    # Not a dry run: the refusal must come before any sbatch call or file is written.
+    rc = main(["submit", str(recipe), "--nodes", "1", "--gpus-per-node", "2", "--log-dir", "logs"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "refused, nothing was submitted" in err
+    assert "1 node x 2 GPUs per node = 2 processes" in err and "4 x 1 x 1 = 4" in err
+    assert not (tmp_path / "logs").exists()
+
+
+def test_rendered_srun_training_script(tmp_path):
+    options = JobOptions(job_name="stage1", nodes=4, gpus_per_node=8, procs_per_node=8, cpus_per_task=12,
+                         partition="gpu", account="proj", time="24:00:00", qos="high", log_dir="logs/x",
+                         signal_seconds=240, extra_sbatch=["--exclusive"], python="/opt/py/bin/python")
+    script = render_train("recipes/a b.yaml", ["optimizer.lr=1e-5", "name=it's"], options)
+    for line in ("--job-name=stage1", "--nodes=4", "--ntasks-per-node=8", "--gpus-per-node=8",
+                 "--cpus-per-task=12", "--partition=gpu", "--account=proj", "--time=24:00:00",
+                 "--qos=high", "--output=logs/x/%x-%j.out", "--open-mode=append", "--requeue",
+                 "--signal=B:USR1@240", "--exclusive"):
+        assert f"#SBATCH {line}\n" in script
+    assert "RECIPE='recipes/a b.yaml'" in script
+    assert "TRAIN_OVERRIDES=(optimizer.lr=1e-5 'name=it'\"'\"'s')" in script
+    assert "PYTHON=/opt/py/bin/python" in script
+    assert 'MASTER_PORT="$(( 20000 + SLURM_JOB_ID % 20000 ))"' in script
+    assert 'scontrol requeue "$SLURM_JOB_ID"' in script
+    # Only the rendered settings: the template's example #SBATCH lines are gone.
+    assert script.count("#SBATCH --nodes=") == 1 and "${RECIPE:?" not in script
+    _bash_syntax_ok(script, tmp_path)
+
+
+def test_rendered_torchrun_script_has_one_launcher_per_node(tmp_path):
+    options = JobOptions(job_name="s", nodes=2, gpus_per_node=8, procs_per_node=8, cpus_per_task=8)
+    script = render_train("r.yaml", [], options, launcher="torchrun")
+    assert "#SBATCH --ntasks-per-node=1\n" in script and "#SBATCH --cpus-per-task=64\n" in script
+    assert "PROCS_PER_NODE=8" in script and "--rdzv-endpoint=" in script
+    _bash_syntax_ok(script, tmp_path)
+
+
+def test_rendered_preprocess_array_and_merge(tmp_path):
+    options = JobOptions(job_name="pre", gpus_per_node=0, procs_per_node=1, cpus_per_task=4)
+    array = render_preprocess(["--input", "corpus dir/", "--output-prefix", "data/web"], options, array_tasks=6)
+    assert "#SBATCH --array=0-5\n" in array and "#SBATCH --output=logs/slurm/%x-%A_%a.out\n" in array
+    assert "PREPROCESS_ARGS=(--input 'corpus dir/' --output-prefix data/web)" in array
+    assert "STAGE=tokenize" in array and "--gpus-per-node" not in array
+    merge = render_preprocess(["--output-prefix", "data/web"], options, stage="merge")
+    assert "#SBATCH --array" not in merge and "STAGE=merge" in merge
+    _bash_syntax_ok(array, tmp_path)
+    _bash_syntax_ok(merge, tmp_path)
+
+
+def test_dry_run_prints_the_chain_in_order(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    stage1, stage2 = _recipe(tmp_path, "stage1"), _recipe(tmp_path, "stage2")
+    sft = _recipe(tmp_path, "sft", gbs=8)
+    rc = main(["submit", str(stage1), str(stage2), str(sft), "--nodes", "1", "--gpus-per-node", "8",
+               "--preprocess", "--input c --output-prefix d", "--array-tasks", "4",
+               "--convert", "megatron-to-hf --input runs/sft --output export", "--after", "77", "--dry-run"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    headers = [line for line in out.splitlines() if line.startswith("##### job")]
+    assert headers == [
+        "##### job 1 of 6: preprocess-array (starts after existing job 77 succeeds) #####",
+        "##### job 2 of 6: preprocess-merge (starts after job 1 of this chain succeeds) #####",
+        "##### job 3 of 6: stage1 (starts after job 2 of this chain succeeds) #####",
+        "##### job 4 of 6: stage2 (starts after job 3 of this chain succeeds) #####",
+        "##### job 5 of 6: sft (starts after job 4 of this chain succeeds) #####",
+        "##### job 6 of 6: convert (starts after job 5 of this chain succeeds) #####",
+    ]
+    assert "CONVERT_ARGS=(megatron-to-hf --input runs/sft --output export)" in out
+    assert not (tmp_path / "logs").exists()
+
+
+def test_cpu_job_needs_procs_per_node(tmp_path, capsys):
+    recipe = _recipe(tmp_path, tp=1, cp=1)
+    assert main(["submit", str(recipe), "--gpus-per-node", "0", "--dry-run"]) == 2
+    assert "--procs-per-node" in capsys.readouterr().err
+
+
+def test_shipped_templates_are_valid_bash():
+    for template in sorted((REPO / "slurm").glob("*.sbatch")):
+        out = subprocess.run(["bash", "-n", str(template)], capture_output=True, text=True)
+        assert out.returncode == 0, f"{template}: {out.stderr}"
+    out = subprocess.run(["bash", "-n", str(REPO / "slurm" / "local_cluster.sh")], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
