@@ -51,6 +51,9 @@ class _CudaToCpuMode(TorchFunctionMode):
             # A mode is switched off while its own handler runs, so calling func here would
             # run the whole backward pass without the redirection, and activation
             # recomputation re-runs forward code that asks for CUDA. Run it with the mode on.
+            if func is torch.Tensor.backward and "gradient" in kwargs:
+                # Tensor.backward(gradient=...) is autograd.backward(grad_tensors=...).
+                kwargs["grad_tensors"] = kwargs.pop("gradient")
             return _backward_with_mode(self, *args, **kwargs)
         if func is torch.Tensor.cuda:
             return args[0]

@@ -32,6 +32,9 @@ def cp_chunk_ids(cp_size: int, cp_rank: int) -> tuple[int, int]:
 
 def local_positions(seq_length: int, cp_size: int, cp_rank: int) -> torch.Tensor:
     """Global positions (int64 [seq_length / cp_size]) of the tokens CP rank ``cp_rank`` holds."""
+    if cp_size == 1:
+        # Without context parallelism the tokens are in order and any length works.
+        return torch.arange(seq_length)
     check_divisible(seq_length, cp_size)
     chunk = seq_length // (2 * cp_size)
     first, second = cp_chunk_ids(cp_size, cp_rank)
