@@ -105,6 +105,11 @@ class DocumentAttention(MegatronModule):
         if attention_bias is not None:
             raise ValueError("attention_bias is not supported by megalong's document attention")
         s_local, batch = query.shape[0], query.shape[1]
+        if key.shape[0] != s_local:
+            # Megatron-Core's KV-cache inference: new queries against every cached key.
+            if self.cp_size > 1 or packed_seq_params is not None:
+                raise ValueError("KV-cache inference runs without context parallelism and without packing")
+            return local.cached_decode_attention(query, key, value, self.softmax_scale)
         layout = layout_from_packed_seq_params(packed_seq_params, batch, s_local * self.cp_size)
         if self.cp_size == 1:
             return self._whole_sequence_attention(query, key, value, layout)

@@ -69,6 +69,23 @@ def sdpa_attention(query, key, value, layout: DocumentLayout, softmax_scale: flo
     return out.permute(2, 0, 1, 3).reshape(s, b, hq * d)
 
 
+def cached_decode_attention(query, key, value, softmax_scale: float) -> torch.Tensor:
+    """Inference with a KV cache: q [Sq, b, hq, d] are the last Sq of the Sk cached positions.
+
+    One document per sample (generation prompts are not packed); query ``i`` sees keys up to
+    position ``Sk - Sq + i``.
+    """
+    sq, b, hq, d = query.shape
+    sk = key.shape[0]
+    q_positions = torch.arange(sk - sq, sk, device=query.device)
+    allowed = q_positions[:, None] >= torch.arange(sk, device=query.device)[None, :]
+    out = F.scaled_dot_product_attention(
+        query.permute(1, 2, 0, 3), key.permute(1, 2, 0, 3), value.permute(1, 2, 0, 3),
+        attn_mask=allowed, scale=softmax_scale, enable_gqa=hq != key.shape[2],
+    )
+    return out.permute(2, 0, 1, 3).reshape(sq, b, hq * d)
+
+
 def flash_attn_available() -> bool:
     return importlib.util.find_spec("flash_attn") is not None
 
