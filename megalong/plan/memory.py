@@ -22,10 +22,11 @@ Notation used in every formula below (all per GPU):
 A tensor "of k sbh" has k * s * b * h elements.
 
 What differs between a GPU with Transformer Engine and the CPU test path is not a
-different formula but a :class:`KernelProfile` (fused RMSNorm/SwiGLU or not, flash or
-materialised attention, fused optimizer or not) and a :class:`Precision` (bf16 + fp32
-master weights, or fp32 everywhere). The CPU profile is what the acceptance test checks
-against measured steps, so the formulas are exercised by real runs.
+different formula but a :class:`KernelProfile` (fused RMSNorm/SwiGLU or not, flash
+attention or megalong's tiled PyTorch-SDPA attention, fused optimizer or not) and a
+:class:`Precision` (bf16 + fp32 master weights, or fp32 everywhere). The CPU profile is
+what the acceptance test checks against measured steps, so the formulas are exercised by
+real runs.
 """
 
 from __future__ import annotations
@@ -69,24 +70,37 @@ class KernelProfile:
     # Fused RMSNorm (TE/Apex) saves only the input and 1/rms; the unfused torch one also
     # keeps the normalised tensor x * rsqrt(mean(x^2)).
     fused_norm: bool
-    # Megatron's fused SwiGLU saves only its input [s, b, 2f]; the unfused silu(x1) * x2
-    # also keeps silu(x1) and the product.
+    # Megatron's fused SwiGLU saves only its input [s, b, 2f]; the unfused
+    # silu(x1) * (x2 + glu_linear_offset) also keeps silu(x1), the shifted x2 and the product.
     fused_swiglu: bool
     # "flash": flash/fused attention, O(s) memory (saves q, k, v, output, log-sum-exp).
-    # "unfused": Megatron-Core's local DotProductAttention, which materialises the
-    # [b, a, s, s] scores and probabilities (the 5as/h term of Korthikanti et al.).
-    attention: Literal["flash", "unfused"]
+    # "tiled": megalong's CPU path (megalong.model.attention.local.sdpa_attention): one
+    # PyTorch SDPA call per tile of ``attention_tile`` queries over the keys that tile can
+    # see. Each call runs PyTorch's fused CPU flash kernel, which keeps O(s) statistics
+    # like flash attention, but SDPA first turns the boolean document mask of the tile
+    # into an additive float mask [b, 1, tile, keys] that the kernel saves for backward,
+    # so the masks add up to O(s^2 / 2) elements per sample (not per head).
+    attention: Literal["flash", "tiled"]
     # Fused optimizers (TE/Apex FusedAdam) update in place; torch's single-tensor AdamW
     # makes two temporaries the size of the largest parameter.
     fused_optimizer: bool
     # Megatron's unfused RoPE (apply_rope_fusion=False, as megalong.model.llama sets it)
-    # keeps cos/sin tables of [s, d] per application and the pre-RoPE query copy.
+    # keeps cos/sin tables of [s, d] per application.
     fused_rope: bool = False
+    # A saved copy of the pre-RoPE query, [s, b, h/t]. Measured absent on the CPU path:
+    # in Megatron-Core 0.16 the query is a split view of the QKV output whose reshape to
+    # [s, b, a/t, d] is again a view, and RoPE's products save cos/sin, not their input.
+    # GPU_TE keeps the term until a GPU run validates it (it also stands in for the
+    # contiguous THD copies megalong's TE kernel makes of q, k, v when b > 1).
+    rope_query_copy: bool = True
+    # Queries per SDPA call of the "tiled" attention (megalong.model.attention.blocks.DEFAULT_TILE).
+    attention_tile: int = 256
 
 
 GPU_TE = KernelProfile("gpu-te", fused_norm=True, fused_swiglu=True, attention="flash", fused_optimizer=True)
-CPU_LOCAL = KernelProfile("cpu-local", fused_norm=False, fused_swiglu=False, attention="unfused",
-                          fused_optimizer=False)
+# The CPU path: torch RMSNorm and SwiGLU, megalong's tiled SDPA attention, torch AdamW.
+CPU_LOCAL = KernelProfile("cpu-local", fused_norm=False, fused_swiglu=False, attention="tiled",
+                          fused_optimizer=False, rope_query_copy=False)
 
 
 @dataclass(frozen=True)

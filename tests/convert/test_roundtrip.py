@@ -184,3 +184,17 @@ def test_megatron_weights_that_do_not_match_model_yaml(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a megalong weights"):
         convert_megatron_to_hf(tmp_path / "hf", tmp_path / "out")
     assert not (tmp_path / "out").exists() and _leftovers(tmp_path) == []
+
+
+def test_release_tokenizer_fits_the_model(tmp_path):
+    from transformers import AutoTokenizer
+
+    save_hf_model(tmp_path / "hf", **CASES["gqa1-tied"])
+    convert_hf_to_megatron(tmp_path / "hf", tmp_path / "mcore")
+    # The bundled tokenizer's Llama-3.2-Vision <|image|> (id 128256) is left out.
+    convert_megatron_to_hf(tmp_path / "mcore", tmp_path / "out", tokenizer="llama3")
+    assert len(AutoTokenizer.from_pretrained(tmp_path / "out")) == 128_256
+    # Someone else's tokenizer with ids beyond the vocabulary is refused, naming the file.
+    with pytest.raises(StateDictMismatchError, match=r"tokenizer\.json: token .* has id"):
+        convert_megatron_to_hf(tmp_path / "mcore", tmp_path / "out2", tokenizer=str(tmp_path / "out"))
+    assert not (tmp_path / "out2").exists() and _leftovers(tmp_path) == []

@@ -1,0 +1,239 @@
+"""The quickstart pipeline: every megalong tool, end to end, on one small machine.
+
+Each step is the command a user would type (printed before it runs), so the quickstart is
+also a worked example: corpus -> ``megalong preprocess`` -> ``megalong sft-data`` ->
+``megalong train`` stage 1 (short context) -> stage 2 (longer context, larger RoPE theta,
+initialized from stage 1) -> SFT -> ``megalong convert megatron-to-hf`` -> ``megalong eval``.
+Training runs under torchrun with context parallelism across the processes.
+
+A step whose outputs exist is skipped, and training resumes from its last checkpoint, so a
+killed quickstart started again with the same command continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import yaml
+
+from megalong.quickstart.corpus import build_corpus
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class QuickstartSize:
+    """How big each part of the quickstart is; ``smoke`` is the one the test suite runs."""
+
+    stage1_seq_length: int
+    stage1_steps: int
+    stage2_seq_length: int
+    stage2_steps: int
+    sft_steps: int
+    global_batch_size: int
+    # Docstrings kept as short "web" documents.
+    max_short_documents: int
+    eval_lengths: str
+    eval_samples: int
+
+
+SIZES: dict[str, QuickstartSize] = {
+    "smoke": QuickstartSize(
+        stage1_seq_length=128, stage1_steps=12, stage2_seq_length=256, stage2_steps=4, sft_steps=3,
+        global_batch_size=4, max_short_documents=400, eval_lengths="128,256", eval_samples=1,
+    ),
+    "small": QuickstartSize(
+        stage1_seq_length=256, stage1_steps=120, stage2_seq_length=1024, stage2_steps=30, sft_steps=20,
+        global_batch_size=8, max_short_documents=3000, eval_lengths="256,512,1024", eval_samples=2,
+    ),
+}
+
+
+@dataclass
+class QuickstartConfig:
+    out_dir: str = "runs/quickstart"
+    size: str = "small"
+    # Training processes; context parallelism spans all of them.
+    nproc: int = 2
+    # Preprocessing worker processes (default: one per CPU).
+    workers: Optional[int] = None
+    # RoPE theta of stage 1 (Llama-3's own) and stage 2 (ProLong's 64K value): a longer
+    # context gets a larger theta, as in the paper.
+    stage1_rope_theta: float = 5.0e5
+    stage2_rope_theta: float = 8.0e6
+    model_preset: str = "llama3-tiny"
+    tokenizer: str = "llama3"
+    extra_env: dict = field(default_factory=dict)
+
+
+class StepFailed(RuntimeError):
+    pass
+
+
+def _megalong(*args: str) -> list[str]:
+    return [sys.executable, "-m", "megalong", *args]
+
+
+def _torchrun(nproc: int, *args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+            "-m", "megalong", *args]
+
+
+class Quickstart:
+    def __init__(self, config: QuickstartConfig):
+        if config.size not in SIZES:
+            raise ValueError(f"unknown quickstart size {config.size!r}; choose one of {sorted(SIZES)}")
+        self.config = config
+        self.size = SIZES[config.size]
+        self.out = Path(config.out_dir).resolve()
+        self.data = self.out / "data"
+        self.timings: dict[str, float] = {}
+
+    # ---- paths -----------------------------------------------------------------------------
+    def run_dir(self, stage: str) -> Path:
+        return self.out / "runs" / stage
+
+    def final_checkpoint(self, stage: str, steps: int) -> Path:
+        return self.run_dir(stage) / f"iter_{steps:07d}"
+
+    @property
+    def export_dir(self) -> Path:
+        return self.out / "hf_export"
+
+    @property
+    def eval_dir(self) -> Path:
+        return self.out / "eval"
+
+    # ---- running steps -----------------------------------------------------------------------
+    def _run(self, title: str, command: list[str], done_when: Path) -> None:
+        if done_when.exists():
+            log.info("%s: already done (%s exists), skipping", title, done_when)
+            return
+        log.info("%s\n  $ %s", title, shlex.join(command))
+        env = {**os.environ, "OMP_NUM_THREADS": "1", **self.config.extra_env}
+        start = time.monotonic()
+        result = subprocess.run(command, cwd=self.out, env=env)
+        self.timings[title] = time.monotonic() - start
+        if result.returncode != 0:
+            raise StepFailed(f"{title} failed (exit code {result.returncode}); command: {shlex.join(command)}")
+        if not done_when.exists():
+            raise StepFailed(f"{title} finished but did not produce {done_when}")
+        log.info("%s: done in %.0f s", title, self.timings[title])
+
+    def _write_recipe(self, name: str, recipe: dict) -> Path:
+        path = self.out / "recipes" / f"{name}.yaml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(yaml.safe_dump(recipe, sort_keys=False))
+        os.replace(tmp, path)
+        return path
+
+    # ---- recipes -------------------------------------------------------------------------------
+    def _recipe(self, stage: str, seq_length: int, steps: int, theta: float, domains: list[dict],
+                lr: float, init: Optional[Path] = None, load_optimizer: Optional[bool] = None) -> dict:
+        s, c = self.size, self.config
+        recipe = {
+            "name": f"quickstart-{stage}",
+            "seed": 1234,
+            "model": {"preset": c.model_preset, "rope_theta": theta,
+                      "max_position_embeddings": max(seq_length, s.stage2_seq_length)},
+            "parallel": {"tensor_parallel": 1, "pipeline_parallel": 1, "context_parallel": c.nproc},
+            "data": {"data_root": str(self.data), "seq_length": seq_length, "seed": 1234, "domains": domains},
+            "optimizer": {"lr": lr, "min_lr": lr / 10, "weight_decay": 0.1, "clip_grad": 1.0},
+            "schedule": {"train_steps": steps, "global_batch_size": s.global_batch_size, "micro_batch_size": 1,
+                         "lr_warmup_fraction": 0.1, "lr_decay_style": "cosine"},
+            "checkpoint": {"save_dir": str(self.run_dir(stage)), "save_interval": max(steps // 2, 1),
+                           "keep_last": 1},
+            "logging": {"log_interval": max(steps // 10, 1)},
+            "runtime": {"device": "cpu"},
+        }
+        if init is not None:
+            recipe["init"] = {"weights": str(init), "load_optimizer": load_optimizer}
+        return recipe
+
+    def _pretraining_domains(self, seq_length: int) -> list[dict]:
+        # ProLong's shape: long code repositories and books cut to single-document chunks,
+        # short documents concatenated (weights 30/30/40).
+        return [
+            {"name": "code_repos", "weight": 30, "kind": "long", "paths": ["code/code_text_document"]},
+            {"name": "books", "weight": 30, "kind": "long", "paths": ["books/books_text_document"]},
+            {"name": "web", "weight": 40, "kind": "concat", "paths": ["web/web_text_document"]},
+        ]
+
+    # ---- the pipeline ------------------------------------------------------------------------
+    def run(self) -> dict:
+        c, s = self.config, self.size
+        self.out.mkdir(parents=True, exist_ok=True)
+        started = time.monotonic()
+
+        log.info("[1/8] building a small corpus from this Python installation under %s", self.out / "corpus")
+        corpus = build_corpus(self.out / "corpus", max_short_documents=s.max_short_documents)
+        for part, info in corpus.items():
+            log.info("  %-10s %s", part, ", ".join(f"{k}={v}" for k, v in info.items()))
+
+        workers = ["--workers", str(c.workers)] if c.workers else []
+        for name, inputs, fmt in (
+            ("code", [corpus["code_repos"]["path"]], "code-repos"),
+            ("books", [corpus["books"]["path"]], "jsonl"),
+            ("web", [corpus["web"]["path"]], "jsonl"),
+        ):
+            prefix = self.data / name / f"{name}_text_document"
+            self._run(f"[2/8] preprocessing {name} with the Llama-3 tokenizer",
+                      _megalong("preprocess", "--input", *inputs, "--input-format", fmt,
+                                "--tokenizer", c.tokenizer, "--output-prefix", str(prefix), *workers),
+                      done_when=Path(f"{prefix}.json"))
+        chat_prefix = self.data / "chat" / "chat_chat"
+        self._run("[3/8] rendering chat conversations for SFT",
+                  _megalong("sft-data", corpus["chat"]["path"], "--tokenizer", c.tokenizer,
+                            "--output", str(chat_prefix)),
+                  done_when=Path(f"{chat_prefix}.json"))
+
+        stage1 = self._write_recipe("stage1", self._recipe(
+            "stage1", s.stage1_seq_length, s.stage1_steps, c.stage1_rope_theta,
+            self._pretraining_domains(s.stage1_seq_length), lr=2e-3))
+        self._run(f"[4/8] training stage 1: {s.stage1_seq_length} tokens, RoPE theta {c.stage1_rope_theta:g}, "
+                  f"context parallel over {c.nproc} processes",
+                  _torchrun(c.nproc, "train", str(stage1)),
+                  done_when=self.final_checkpoint("stage1", s.stage1_steps))
+
+        stage2 = self._write_recipe("stage2", self._recipe(
+            "stage2", s.stage2_seq_length, s.stage2_steps, c.stage2_rope_theta,
+            self._pretraining_domains(s.stage2_seq_length), lr=1e-3,
+            init=self.final_checkpoint("stage1", s.stage1_steps), load_optimizer=True))
+        self._run(f"[5/8] training stage 2: {s.stage2_seq_length} tokens, RoPE theta {c.stage2_rope_theta:g}, "
+                  "from stage 1's weights and optimizer state",
+                  _torchrun(c.nproc, "train", str(stage2)),
+                  done_when=self.final_checkpoint("stage2", s.stage2_steps))
+
+        sft = self._write_recipe("sft", self._recipe(
+            "sft", s.stage2_seq_length, s.sft_steps, c.stage2_rope_theta,
+            [{"name": "chat", "weight": 100, "kind": "sft", "paths": ["chat/chat_chat"]}], lr=5e-4,
+            init=self.final_checkpoint("stage2", s.stage2_steps), load_optimizer=False))
+        self._run("[6/8] supervised fine-tuning on chat conversations (loss on assistant replies only)",
+                  _torchrun(c.nproc, "train", str(sft)),
+                  done_when=self.final_checkpoint("sft", s.sft_steps))
+
+        self._run("[7/8] exporting the fine-tuned model to Hugging Face format",
+                  _megalong("convert", "megatron-to-hf", str(self.final_checkpoint("sft", s.sft_steps)),
+                            str(self.export_dir), "--tokenizer", c.tokenizer),
+                  done_when=self.export_dir / "config.json")
+
+        self._run("[8/8] evaluating recall by context length on the export",
+                  _megalong("eval", str(self.export_dir), "--out", str(self.eval_dir), "--tasks", "niah_single",
+                            "--lengths", s.eval_lengths, "--depths", "0,0.5,1", "--samples", str(s.eval_samples),
+                            "--device", "cpu"),
+                  done_when=self.eval_dir / "results.json")
+
+        from megalong.quickstart.report import write_report
+
+        report = write_report(self, elapsed_s=time.monotonic() - started)
+        return report
