@@ -2,7 +2,7 @@
 
     megalong submit examples/prolong/stage1_64k.yaml examples/prolong/stage2_512k.yaml \
         examples/prolong/sft.yaml --nodes 8 --gpus-per-node 8 --partition gpu --time 24:00:00 \
-        --convert "megatron-to-hf --input runs/sft --output export/prolong-8b"
+        --convert "megatron-to-hf checkpoints/prolong-sft export/prolong-8b"
 
 Each recipe becomes one training job; jobs run one after the other (afterok dependencies),
 optionally preceded by a preprocessing array + merge and followed by a conversion job.

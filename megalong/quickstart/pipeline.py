@@ -36,10 +36,12 @@ class QuickstartSize:
 
     stage1_seq_length: int
     stage1_steps: int
+    stage1_batch_size: int
+    # Stage 2 and SFT: longer sequences, fewer of them per step.
     stage2_seq_length: int
     stage2_steps: int
     sft_steps: int
-    global_batch_size: int
+    stage2_batch_size: int
     # Docstrings kept as short "web" documents.
     max_short_documents: int
     eval_lengths: str
@@ -48,12 +50,14 @@ class QuickstartSize:
 
 SIZES: dict[str, QuickstartSize] = {
     "smoke": QuickstartSize(
-        stage1_seq_length=128, stage1_steps=12, stage2_seq_length=256, stage2_steps=4, sft_steps=3,
-        global_batch_size=4, max_short_documents=400, eval_lengths="128,256", eval_samples=1,
+        stage1_seq_length=128, stage1_steps=12, stage1_batch_size=4,
+        stage2_seq_length=256, stage2_steps=4, sft_steps=3, stage2_batch_size=4,
+        max_short_documents=400, eval_lengths="128,256", eval_samples=1,
     ),
     "small": QuickstartSize(
-        stage1_seq_length=256, stage1_steps=120, stage2_seq_length=1024, stage2_steps=30, sft_steps=20,
-        global_batch_size=8, max_short_documents=3000, eval_lengths="256,512,1024", eval_samples=2,
+        stage1_seq_length=256, stage1_steps=60, stage1_batch_size=8,
+        stage2_seq_length=1024, stage2_steps=15, sft_steps=10, stage2_batch_size=4,
+        max_short_documents=3000, eval_lengths="256,512,1024", eval_samples=2,
     ),
 }
 
@@ -97,6 +101,7 @@ class Quickstart:
         self.out = Path(config.out_dir).resolve()
         self.data = self.out / "data"
         self.timings: dict[str, float] = {}
+        self.skipped: list[str] = []
 
     # ---- paths -----------------------------------------------------------------------------
     def run_dir(self, stage: str) -> Path:
@@ -117,6 +122,7 @@ class Quickstart:
     def _run(self, title: str, command: list[str], done_when: Path) -> None:
         if done_when.exists():
             log.info("%s: already done (%s exists), skipping", title, done_when)
+            self.skipped.append(title)
             return
         log.info("%s\n  $ %s", title, shlex.join(command))
         env = {**os.environ, "OMP_NUM_THREADS": "1", **self.config.extra_env}
@@ -138,7 +144,7 @@ class Quickstart:
         return path
 
     # ---- recipes -------------------------------------------------------------------------------
-    def _recipe(self, stage: str, seq_length: int, steps: int, theta: float, domains: list[dict],
+    def _recipe(self, stage: str, seq_length: int, steps: int, batch_size: int, theta: float, domains: list[dict],
                 lr: float, init: Optional[Path] = None, load_optimizer: Optional[bool] = None) -> dict:
         s, c = self.size, self.config
         recipe = {
@@ -149,7 +155,7 @@ class Quickstart:
             "parallel": {"tensor_parallel": 1, "pipeline_parallel": 1, "context_parallel": c.nproc},
             "data": {"data_root": str(self.data), "seq_length": seq_length, "seed": 1234, "domains": domains},
             "optimizer": {"lr": lr, "min_lr": lr / 10, "weight_decay": 0.1, "clip_grad": 1.0},
-            "schedule": {"train_steps": steps, "global_batch_size": s.global_batch_size, "micro_batch_size": 1,
+            "schedule": {"train_steps": steps, "global_batch_size": batch_size, "micro_batch_size": 1,
                          "lr_warmup_fraction": 0.1, "lr_decay_style": "cosine"},
             "checkpoint": {"save_dir": str(self.run_dir(stage)), "save_interval": max(steps // 2, 1),
                            "keep_last": 1},
@@ -198,7 +204,7 @@ class Quickstart:
                   done_when=Path(f"{chat_prefix}.json"))
 
         stage1 = self._write_recipe("stage1", self._recipe(
-            "stage1", s.stage1_seq_length, s.stage1_steps, c.stage1_rope_theta,
+            "stage1", s.stage1_seq_length, s.stage1_steps, s.stage1_batch_size, c.stage1_rope_theta,
             self._pretraining_domains(s.stage1_seq_length), lr=2e-3))
         self._run(f"[4/8] training stage 1: {s.stage1_seq_length} tokens, RoPE theta {c.stage1_rope_theta:g}, "
                   f"context parallel over {c.nproc} processes",
@@ -206,7 +212,7 @@ class Quickstart:
                   done_when=self.final_checkpoint("stage1", s.stage1_steps))
 
         stage2 = self._write_recipe("stage2", self._recipe(
-            "stage2", s.stage2_seq_length, s.stage2_steps, c.stage2_rope_theta,
+            "stage2", s.stage2_seq_length, s.stage2_steps, s.stage2_batch_size, c.stage2_rope_theta,
             self._pretraining_domains(s.stage2_seq_length), lr=1e-3,
             init=self.final_checkpoint("stage1", s.stage1_steps), load_optimizer=True))
         self._run(f"[5/8] training stage 2: {s.stage2_seq_length} tokens, RoPE theta {c.stage2_rope_theta:g}, "
@@ -215,7 +221,7 @@ class Quickstart:
                   done_when=self.final_checkpoint("stage2", s.stage2_steps))
 
         sft = self._write_recipe("sft", self._recipe(
-            "sft", s.stage2_seq_length, s.sft_steps, c.stage2_rope_theta,
+            "sft", s.stage2_seq_length, s.sft_steps, s.stage2_batch_size, c.stage2_rope_theta,
             [{"name": "chat", "weight": 100, "kind": "sft", "paths": ["chat/chat_chat"]}], lr=5e-4,
             init=self.final_checkpoint("stage2", s.stage2_steps), load_optimizer=False))
         self._run("[6/8] supervised fine-tuning on chat conversations (loss on assistant replies only)",

@@ -91,7 +91,8 @@ def write_report(quickstart, elapsed_s: float) -> dict:
     lines = [
         "# megalong quickstart report",
         "",
-        f"Finished in {elapsed_s / 60:.1f} minutes (size `{quickstart.config.size}`).",
+        f"Finished in {elapsed_s / 60:.1f} minutes (size `{quickstart.config.size}`)"
+        + (f"; {len(quickstart.skipped)} steps were already done by an earlier run." if quickstart.skipped else "."),
         "",
         f"Stage 1 loss: {first:.3f} over the first steps -> {last:.3f} over the last steps.",
         "Final losses: " + ", ".join(f"{k} {v:.3f}" for k, v in report["final_losses"].items()) + ".",

@@ -112,7 +112,7 @@ def test_dry_run_prints_the_chain_in_order(tmp_path, capsys, monkeypatch):
     sft = _recipe(tmp_path, "sft", gbs=8)
     rc = main(["submit", str(stage1), str(stage2), str(sft), "--nodes", "1", "--gpus-per-node", "8",
                "--preprocess", "--input c --output-prefix d", "--array-tasks", "4",
-               "--convert", "megatron-to-hf --input runs/sft --output export", "--after", "77", "--dry-run"])
+               "--convert", "megatron-to-hf checkpoints/prolong-sft export", "--after", "77", "--dry-run"])
     assert rc == 0
     out = capsys.readouterr().out
     headers = [line for line in out.splitlines() if line.startswith("##### job")]
@@ -124,7 +124,7 @@ def test_dry_run_prints_the_chain_in_order(tmp_path, capsys, monkeypatch):
         "##### job 5 of 6: sft (starts after job 4 of this chain succeeds) #####",
         "##### job 6 of 6: convert (starts after job 5 of this chain succeeds) #####",
     ]
-    assert "CONVERT_ARGS=(megatron-to-hf --input runs/sft --output export)" in out
+    assert "CONVERT_ARGS=(megatron-to-hf checkpoints/prolong-sft export)" in out
     assert not (tmp_path / "logs").exists()
 
 
