@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 
 log = logging.getLogger(__name__)
 
@@ -14,8 +15,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/quickstart",
                         help="where the corpus, datasets, checkpoints, export, eval and report go "
                              "(default: runs/quickstart); run again to resume")
-    parser.add_argument("--size", choices=sorted(SIZES), default="small",
-                        help="small (default, ~10 minutes on 2 cores) or smoke (the test suite's, ~3 minutes)")
+    parser.add_argument("--size", choices=sorted(SIZES), default=os.environ.get("MEGALONG_QUICKSTART_SIZE", "small"),
+                        help="small (~10 minutes on 2 cores) or smoke (~2 minutes; what CI runs); default: "
+                             "$MEGALONG_QUICKSTART_SIZE, else small")
     parser.add_argument("--nproc", type=int, default=2,
                         help="training processes; context parallelism spans all of them (default 2)")
     parser.add_argument("--workers", type=int, help="preprocessing workers (default: one per CPU)")
