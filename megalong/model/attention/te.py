@@ -23,6 +23,18 @@ def transformer_engine_available() -> bool:
     return importlib.util.find_spec("transformer_engine") is not None
 
 
+def _te_document_attention(query_heads: int, kv_heads: int, head_dim: int, layer_number: int,
+                           softmax_scale: float, **context_parallel):
+    """TE's DotProductAttention on THD input with per-document causal masks."""
+    from transformer_engine.pytorch import DotProductAttention
+
+    return DotProductAttention(
+        num_attention_heads=query_heads, kv_channels=head_dim, num_gqa_groups=kv_heads,
+        attention_dropout=0.0, qkv_format="thd", attn_mask_type="padding_causal", attention_type="self",
+        layer_number=layer_number, softmax_scale=softmax_scale, **context_parallel,
+    )
+
+
 class TEDocumentKernel(torch.nn.Module):
     """Wraps ``transformer_engine.pytorch.DotProductAttention`` in THD / padding_causal mode.
 
@@ -42,19 +54,8 @@ class TEDocumentKernel(torch.nn.Module):
     def _kernel(self, query_heads: int, kv_heads: int):
         name = f"q{query_heads}_kv{kv_heads}"
         if name not in self.kernels:
-            from transformer_engine.pytorch import DotProductAttention
-
-            self.kernels[name] = DotProductAttention(
-                num_attention_heads=query_heads,
-                kv_channels=self.head_dim,
-                num_gqa_groups=kv_heads,
-                attention_dropout=0.0,
-                qkv_format="thd",
-                attn_mask_type="padding_causal",
-                attention_type="self",
-                layer_number=self.layer_number,
-                softmax_scale=self.softmax_scale,
-            )
+            self.kernels[name] = _te_document_attention(
+                query_heads, kv_heads, self.head_dim, self.layer_number, self.softmax_scale)
         return self.kernels[name]
 
     def forward(self, query, key, value, layout: DocumentLayout) -> torch.Tensor:
@@ -102,23 +103,11 @@ class TEContextParallelKernel(torch.nn.Module):
     def _kernel(self, query_heads: int, kv_heads: int):
         name = f"q{query_heads}_kv{kv_heads}"
         if name not in self.kernels:
-            from transformer_engine.pytorch import DotProductAttention
-
             if self.cp_stream is None:
                 self.cp_stream = torch.cuda.Stream()
-            self.kernels[name] = DotProductAttention(
-                num_attention_heads=query_heads,
-                kv_channels=self.head_dim,
-                num_gqa_groups=kv_heads,
-                attention_dropout=0.0,
-                qkv_format="thd",
-                attn_mask_type="padding_causal",
-                attention_type="self",
-                layer_number=self.layer_number,
-                softmax_scale=self.softmax_scale,
-                cp_group=self.cp_group,
-                cp_global_ranks=self.cp_global_ranks,
-                cp_stream=self.cp_stream,
+            self.kernels[name] = _te_document_attention(
+                query_heads, kv_heads, self.head_dim, self.layer_number, self.softmax_scale,
+                cp_group=self.cp_group, cp_global_ranks=self.cp_global_ranks, cp_stream=self.cp_stream,
                 cp_comm_type=self.cp_comm_type,
             )
         return self.kernels[name]
