@@ -211,6 +211,7 @@ class _Dims:
     t: int
     sp: int
     e: int
+    cp: int = 1
 
     @property
     def sbh(self) -> int:
@@ -223,8 +224,22 @@ def _dims(model: ModelConfig, parallel: ParallelConfig, shape: TrainingShape, pr
     return _Dims(
         s=shape.seq_length // parallel.context_parallel, b=shape.micro_batch, h=model.hidden_size,
         a=model.num_attention_heads, g=model.num_query_groups, d=model.head_dim, f=model.ffn_hidden_size,
-        t=tp, sp=sp, e=precision.activation_bytes,
+        t=tp, sp=sp, e=precision.activation_bytes, cp=parallel.context_parallel,
     )
+
+
+def tiled_mask_elements(s: int, tile: int) -> int:
+    """Elements of the additive masks one sample's tiled SDPA attention saves, per layer.
+
+    ``local.key_spans`` gives the query tile [q, q + tile) the keys from the start of its
+    first query's document up to its last query. With one document per sequence (the
+    worst case, and plain causal training) that is every key before q + tile, so the
+    masks hold sum over tiles of (queries x keys) = tile^2 n (n + 1) / 2 + r s for
+    s = n tile + r: about s^2 / 2 for s >> tile, s^2 when one tile covers the sequence.
+    Packed short documents shrink the spans, so this is an upper bound.
+    """
+    full, rest = divmod(s, tile)
+    return tile * tile * full * (full + 1) // 2 + rest * s
 
 
 def layer_activations(x: _Dims, profile: KernelProfile, precision: Precision,
@@ -262,20 +277,29 @@ def layer_activations(x: _Dims, profile: KernelProfile, precision: Precision,
     # RoPE (not fused) makes new q and k tensors, which the core attention saves.
     parts["rotated q and k"] = e * sbh * (1 + kv) / x.t
     if not profile.fused_rope:
-        # The pre-RoPE query copy (a reshape of a strided view copies) and cos/sin tables
-        # of [s, 1, 1, d] built for each of the two applications (4 tables per layer).
-        parts["RoPE copies and tables"] = e * sbh / x.t + 4 * e * x.s * x.d
-    if profile.attention == "unfused":
-        if not recompute_attention:
-            # Megatron-Core's DotProductAttention repeats k and v to all a heads, keeps the
-            # softmax output [b, a/t, s, s] (Korthikanti's 2 a s^2 b for 16-bit, here e
-            # bytes) for both its own backward and the P @ V product, and the causal mask
-            # (bool [s, s], built per layer, kept by masked_fill_).
-            parts["repeated k and v"] = 2 * e * sbh / x.t if x.a != x.g else 0.0
-            parts["attention probabilities"] = e * x.b * x.a * x.s * x.s / x.t
-            parts["causal mask"] = 1 * x.s * x.s
-    else:
-        if not recompute_attention:
+        # cos/sin tables of [s, 1, 1, d] built for each of the two applications (4 tables
+        # per layer), saved by the products with them; see KernelProfile.rope_query_copy.
+        parts["RoPE tables"] = 4 * e * x.s * x.d
+        if profile.rope_query_copy:
+            parts["pre-RoPE query copy"] = e * sbh / x.t
+    if not recompute_attention:
+        if profile.attention == "tiled":
+            # megalong's tiled SDPA saves, per tile, views of q, k and v (counted above), its
+            # output tile and the log-sum-exp (fp32). The output tiles are their own
+            # storages: torch.cat copies them into [b, a/t, s, d] and the permute + reshape
+            # to [s, b, h/t] copies again (that copy is the projection input, below; the
+            # cat result is freed at once). Grouped-query heads run natively
+            # (enable_gqa), so k and v are not repeated.
+            parts["attention output tiles"] = e * sbh / x.t
+            parts["softmax statistics"] = 4 * x.b * x.a * x.s / x.t
+            if x.cp == 1:
+                # Each tile's boolean mask is turned by SDPA into an additive mask in the
+                # activation dtype, [b, 1, tile, keys], saved by the kernel for backward.
+                # It is shared by the heads, so not divided by t. Under CP the ring
+                # (megalong.model.attention.ring, its own autograd Function) saves only
+                # q, k, v, its output and log-sum-exp, and rebuilds masks in backward.
+                parts["attention masks"] = e * x.b * tiled_mask_elements(x.s, profile.attention_tile)
+        else:
             # Flash attention keeps only its output (saved anyway as the projection
             # input, below) and the log-sum-exp per row, fp32 [b, a/t, s].
             parts["softmax statistics"] = 4 * x.b * x.a * x.s / x.t
@@ -284,37 +308,39 @@ def layer_activations(x: _Dims, profile: KernelProfile, precision: Precision,
     parts["projection input"] = e_in * sbh / x.t
 
     # SwiGLU MLP: FC1 output [s, b, 2f/t] (the gate and up halves, saved by silu and the
-    # product), silu(gate) [s, b, f/t] and the product [s, b, f/t] (FC2's input). The fused
-    # kernel (Megatron's bias_swiglu) keeps only its input and recomputes silu.
+    # product) and the product [s, b, f/t] (FC2's input). The fused kernel (Megatron's
+    # bias_swiglu) keeps only its input and recomputes silu. The unfused one (Megatron-Core's
+    # glu(): silu(gate) * (up + glu_linear_offset)) also keeps both factors of the product:
+    # silu(gate) and the new tensor up + offset, [s, b, f/t] each.
     mlp = e * x.s * x.b * 2 * x.f / x.t
     mlp += e_in * x.s * x.b * x.f / x.t  # FC2 input
     if not profile.fused_swiglu:
-        mlp += e * x.s * x.b * x.f / x.t  # silu(gate)
+        mlp += 2 * e * x.s * x.b * x.f / x.t  # silu(gate), up + offset
     parts["MLP"] = mlp
     return parts
 
 
-def attention_backward_moment(x: _Dims, profile: KernelProfile, layer: dict[str, float]) -> float:
+def attention_backward_moment(x: _Dims, profile: KernelProfile, layer: dict[str, float],
+                               rebuilt_attention: float = 0.0) -> float:
     """Change in live bytes, relative to "every layer's activations saved", while the last
-    layer's core attention runs its backward pass (the busiest moment of a step with
-    materialised attention).
+    layer's core attention runs its backward pass.
 
     By then that layer's MLP, second norm and projection input have been freed (their
-    backward ran), and so have its saved probabilities. Megatron-Core's materialised
-    attention then holds four [b, a/t, s, s] tensors at once: the gradient of the
-    probabilities, the gradient of the scores (softmax backward), its masked copy, and the
-    zero-filled base gradient of the in-place masked scores view (autograd's as_strided
-    backward). Flash attention holds dq, dk and dv ([s, b, h/t], and g/a of it twice).
-    With recomputation the probabilities are rebuilt first and freed the same way.
+    backward ran). Flash attention holds dq, dk and dv ([s, b, h/t], and g/a of it twice).
+    megalong's tiled attention runs the tiles' SDPA backwards one after the other; each
+    returns dq for its queries and dk, dv for its keys, which autograd scatters into
+    zero-filled full-size tensors and adds, out of place, to the running sums: the sums
+    plus, for a moment, one new full-size term and the result (counted for q). Its saved
+    tensors (masks, output tiles) are freed tile by tile, so they are still counted. With
+    selective recomputation ``rebuilt_attention`` (the recomputed attention's saved
+    tensors) is alive as well.
     """
     post_attention = layer.get("projection input", 0) + layer.get("MLP", 0) + 0.5 * (
         layer.get("norm inputs", 0) + layer.get("normalised tensors", 0) + layer.get("QKV and FC1 inputs", 0))
-    freed = post_attention + layer.get("attention probabilities", 0)
-    if profile.attention == "unfused":
-        grads = 4 * x.e * x.b * x.a * x.s * x.s / x.t
-    else:
-        grads = x.e * x.sbh * (1 + 2 * x.g / x.a) / x.t
-    return grads - freed
+    grads = x.e * x.sbh * (1 + 2 * x.g / x.a) / x.t
+    if profile.attention == "tiled":
+        grads += 2 * x.e * x.sbh / x.t
+    return rebuilt_attention + grads - post_attention
 
 
 def layer_backward_transient(x: _Dims, profile: KernelProfile, precision: Precision) -> float:
@@ -414,7 +440,10 @@ def _stage_memory(model: ModelConfig, parallel: ParallelConfig, data_parallel: i
     if shape.recompute == "full":
         # The rebuilt group is saved like a layer without recomputation.
         last_layer = layer_activations(x, profile, precision)
-    attention_moment = rebuilt + attention_backward_moment(x, profile, last_layer)
+    # With selective recomputation the last layer's core attention is rebuilt for its
+    # backward: the terms layer_activations drops for it are alive again.
+    rebuilt_attention = full_layer_bytes - per_layer_bytes if selective else 0.0
+    attention_moment = rebuilt + attention_backward_moment(x, profile, last_layer, rebuilt_attention)
     backward_moment = rebuilt + layer_backward_transient(x, profile, precision)
     loss_moment = -1.0
     logits_and_loss = 0.0
@@ -457,10 +486,6 @@ def _stage_memory(model: ModelConfig, parallel: ParallelConfig, data_parallel: i
     if pp > 1:
         # Send/receive buffers of the pipeline schedule, [s/sp, b, h] each way.
         buffers += 2 * e * x.sbh / x.sp
-    if profile.attention == "unfused":
-        # Megatron-Core's DotProductAttention keeps a [b a/t, s, s] baddbmm input buffer in
-        # its global memory buffer for the whole run.
-        buffers += e * x.b * x.a * x.s * x.s / tp
 
     optimizer_step_extra = 0.0
     if not profile.fused_optimizer:
