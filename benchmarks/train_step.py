@@ -17,6 +17,10 @@ against the documented APIs; it has not been run on a GPU in this project yet.
 
     python benchmarks/train_step.py                 # CPU
     python benchmarks/train_step.py --gpu --layers 4 --seq-length 65536
+
+``--loss-chunk-tokens N`` gives the megalong side chunked cross entropy (``loss.chunk_tokens``);
+the bare side keeps Megatron's full logits, so the ratio then includes the chunks'
+recomputed output projections.
 """
 
 from __future__ import annotations
@@ -72,6 +76,7 @@ def build_run(args):
         "data_factory": "unused:unused",
         "optimizer": {"lr": 1e-4, "min_lr": 1e-5},
         "schedule": {"train_steps": 10_000, "global_batch_size": args.global_batch, "lr_warmup_steps": 10},
+        "loss": {"chunk_tokens": args.loss_chunk_tokens},
         "logging": {"log_interval": 10_000, "peak_tflops": args.peak_tflops},
         "runtime": {"device": "cuda" if args.gpu else "cpu"},
     }, "benchmark")
@@ -131,6 +136,8 @@ def main() -> int:
     parser.add_argument("--doc-length", type=int, default=None, help="document length (default: whole sample)")
     parser.add_argument("--steps", type=int, default=40, help="measured steps per side")
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--loss-chunk-tokens", type=int, default=0,
+                        help="chunked cross entropy on the megalong side (0 = full logits)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="per-device peak for MFU (H100/H200: 989)")
     args = parser.parse_args()
     args.seq_length = args.seq_length or (65536 if args.gpu else 256)

@@ -51,6 +51,17 @@ class ScheduleConfig:
 
 
 @dataclass
+class LossConfig:
+    """How the last pipeline stage computes the cross entropy."""
+
+    # Output projection + cross entropy over this many logit rows (tokens of a micro-batch,
+    # after the sequence-parallel gather) at a time, each chunk's logits recomputed in
+    # backward: peak logits memory is one chunk instead of the whole micro-batch.
+    # 0 = Megatron-Core's full logits [S, B, V/TP]. Losses and gradients are the same.
+    chunk_tokens: int = 0
+
+
+@dataclass
 class CheckpointConfig:
     # Where iter_%07d/ checkpoints and the `latest` marker live; None = never save.
     save_dir: Optional[str] = None
@@ -123,6 +134,7 @@ class RunConfig:
     data_factory: Optional[str] = None
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     init: InitConfig = field(default_factory=InitConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -144,6 +156,8 @@ class RunConfig:
             raise ConfigError(
                 f"optimizer.min_lr={self.optimizer.min_lr} must lie between 0 and optimizer.lr={self.optimizer.lr}"
             )
+        if self.loss.chunk_tokens < 0:
+            raise ConfigError(f"loss.chunk_tokens must be >= 0 (0 = off), got {self.loss.chunk_tokens}")
         if self.checkpoint.save_interval and not self.checkpoint.save_dir:
             raise ConfigError("checkpoint.save_interval is set but checkpoint.save_dir is not")
         if not self.data and not self.data_factory:

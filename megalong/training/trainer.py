@@ -25,7 +25,7 @@ from megalong.runtime.distributed import Runtime, set_seed
 from megalong.training import checkpoint as ckpt
 from megalong.training.batches import MicroBatcher, build_stream
 from megalong.training.config import RunConfig
-from megalong.training.loss import exclude_padded_vocab, masked_loss_sum
+from megalong.training.loss import chunk_cross_entropy, exclude_padded_vocab, masked_loss_sum
 from megalong.training.metrics import MetricsWriter, StepMetrics, training_flops
 from megalong.training.optimizer import build_optimizer, build_scheduler, current_lr, wrap_with_ddp
 from megalong.training.signals import REQUEUE_EXIT_CODE, StopWatch
@@ -110,6 +110,11 @@ class Trainer:
         tp_size, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
         for chunk in chunks:
             exclude_padded_vocab(chunk, self.model_config.vocab_size, tp_size, tp_rank)
+            # After the padded-vocabulary hook, so that every chunk's cross entropy goes through it.
+            chunk_cross_entropy(chunk, run.loss.chunk_tokens)
+        if run.loss.chunk_tokens and self.is_logging_rank:
+            log.info("Cross entropy in chunks of %d tokens (logits recomputed in backward)",
+                     run.loss.chunk_tokens)
         self.padded_vocab = chunks[0].vocab_size
         self.model = wrap_with_ddp(chunks, run, self.runtime.on_gpu)
         self.optimizer = build_optimizer(self.model, run)
