@@ -14,6 +14,7 @@ sources (the largest is the embedding table), not the model.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -130,7 +131,7 @@ def convert_hf_to_megatron(hf_dir: str | Path, output: str | Path) -> Conversion
             key = f"decoder.layers.{module}._extra_state"
             objects.append(dist_io.ObjectPiece(dist_io.sharded_object_key(key, (layer,), (L,)), None))
 
-    total = sum(p.dtype.itemsize * _numel(p.shape) for p in pieces)
+    total = sum(p.dtype.itemsize * math.prod(p.shape) for p in pieces)
     log.info(
         "Converting %s -> %s: %d layers, hidden %d, %d/%d heads, vocab %d (padded to %d), RoPE theta %r%s, %s",
         hf_dir, output, L, model.hidden_size, model.num_attention_heads, model.num_query_groups,
@@ -151,10 +152,3 @@ def convert_hf_to_megatron(hf_dir: str | Path, output: str | Path) -> Conversion
     report.seconds = progress.elapsed()
     log.info("Wrote %s: %d tensors, %s in %.1f s", output, report.tensors, human_bytes(report.bytes_written), report.seconds)
     return report
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n

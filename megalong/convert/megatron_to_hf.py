@@ -88,10 +88,6 @@ def _tokenizer_files(spec: str) -> list[Path]:
     raise FileNotFoundError(f"tokenizer {spec} does not exist")
 
 
-# Text Llama-3 has 128,000 BPE ranks and 256 special tokens.
-LLAMA3_TEXT_VOCAB = 128_256
-
-
 def _tokenizer_texts(files: list[Path], vocab_size: int, bundled: bool) -> dict[str, str | None]:
     """File name -> text to write (None: copy the file as it is).
 
@@ -105,7 +101,7 @@ def _tokenizer_texts(files: list[Path], vocab_size: int, bundled: bool) -> dict[
     if "tokenizer.json" not in by_name:
         return texts
     tokenizer = json.loads(by_name["tokenizer.json"].read_text(encoding="utf-8"))
-    limit = LLAMA3_TEXT_VOCAB if bundled else vocab_size
+    limit = presets.LLAMA3_VOCAB_SIZE if bundled else vocab_size
     beyond = [t for t in tokenizer.get("added_tokens", []) if t["id"] >= limit]
     if not beyond:
         return texts

@@ -11,6 +11,7 @@ header first and then streaming tensors into place in order.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from dataclasses import dataclass
@@ -70,7 +71,7 @@ def read_header(path: str | Path) -> dict[str, TensorEntry]:
             begin, end = (int(x) for x in info["data_offsets"])
         except KeyError as err:
             raise SafetensorsError(f"{path}: tensor {name!r} has an unsupported or missing field {err}") from None
-        expected = _numel(shape) * _itemsize(dtype)
+        expected = math.prod(shape) * dtype.itemsize
         if end - begin != expected or begin < 0 or data_start + end > size:
             raise SafetensorsError(
                 f"{path}: tensor {name!r} claims bytes [{begin}, {end}) for shape {list(shape)} "
@@ -79,17 +80,6 @@ def read_header(path: str | Path) -> dict[str, TensorEntry]:
             )
         entries[name] = TensorEntry(name, dtype, shape, data_start + begin, data_start + end)
     return entries
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
-
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
 
 
 def read_tensor(path: str | Path, entry: TensorEntry) -> torch.Tensor:
@@ -117,7 +107,7 @@ class PlannedTensor:
 
     @property
     def nbytes(self) -> int:
-        return _numel(self.shape) * _itemsize(self.dtype)
+        return math.prod(self.shape) * self.dtype.itemsize
 
 
 class ShardWriter:
