@@ -19,7 +19,7 @@ import shlex
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -76,7 +76,15 @@ class QuickstartConfig:
     stage2_rope_theta: float = 8.0e6
     model_preset: str = "llama3-tiny"
     tokenizer: str = "llama3"
-    extra_env: dict = field(default_factory=dict)
+
+
+# ProLong's shape: long code repositories and books cut to single-document chunks, short
+# documents concatenated (weights 30/30/40).
+PRETRAINING_DOMAINS = [
+    {"name": "code_repos", "weight": 30, "kind": "long", "paths": ["code/code_text_document"]},
+    {"name": "books", "weight": 30, "kind": "long", "paths": ["books/books_text_document"]},
+    {"name": "web", "weight": 40, "kind": "concat", "paths": ["web/web_text_document"]},
+]
 
 
 class StepFailed(RuntimeError):
@@ -125,7 +133,7 @@ class Quickstart:
             self.skipped.append(title)
             return
         log.info("%s\n  $ %s", title, shlex.join(command))
-        env = {**os.environ, "OMP_NUM_THREADS": "1", **self.config.extra_env}
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
         start = time.monotonic()
         result = subprocess.run(command, cwd=self.out, env=env)
         self.timings[title] = time.monotonic() - start
@@ -151,7 +159,8 @@ class Quickstart:
             "name": f"quickstart-{stage}",
             "seed": 1234,
             "model": {"preset": c.model_preset, "rope_theta": theta,
-                      "max_position_embeddings": max(seq_length, s.stage2_seq_length)},
+                      # Every stage's model covers the longest context the quickstart reaches.
+                      "max_position_embeddings": s.stage2_seq_length},
             "parallel": {"tensor_parallel": 1, "pipeline_parallel": 1, "context_parallel": c.nproc},
             "data": {"data_root": str(self.data), "seq_length": seq_length, "seed": 1234, "domains": domains},
             "optimizer": {"lr": lr, "min_lr": lr / 10, "weight_decay": 0.1, "clip_grad": 1.0},
@@ -165,15 +174,6 @@ class Quickstart:
         if init is not None:
             recipe["init"] = {"weights": str(init), "load_optimizer": load_optimizer}
         return recipe
-
-    def _pretraining_domains(self, seq_length: int) -> list[dict]:
-        # ProLong's shape: long code repositories and books cut to single-document chunks,
-        # short documents concatenated (weights 30/30/40).
-        return [
-            {"name": "code_repos", "weight": 30, "kind": "long", "paths": ["code/code_text_document"]},
-            {"name": "books", "weight": 30, "kind": "long", "paths": ["books/books_text_document"]},
-            {"name": "web", "weight": 40, "kind": "concat", "paths": ["web/web_text_document"]},
-        ]
 
     # ---- the pipeline ------------------------------------------------------------------------
     def run(self) -> dict:
@@ -205,7 +205,7 @@ class Quickstart:
 
         stage1 = self._write_recipe("stage1", self._recipe(
             "stage1", s.stage1_seq_length, s.stage1_steps, s.stage1_batch_size, c.stage1_rope_theta,
-            self._pretraining_domains(s.stage1_seq_length), lr=2e-3))
+            PRETRAINING_DOMAINS, lr=2e-3))
         self._run(f"[4/8] training stage 1: {s.stage1_seq_length} tokens, RoPE theta {c.stage1_rope_theta:g}, "
                   f"context parallel over {c.nproc} processes",
                   _torchrun(c.nproc, "train", str(stage1)),
@@ -213,7 +213,7 @@ class Quickstart:
 
         stage2 = self._write_recipe("stage2", self._recipe(
             "stage2", s.stage2_seq_length, s.stage2_steps, s.stage2_batch_size, c.stage2_rope_theta,
-            self._pretraining_domains(s.stage2_seq_length), lr=1e-3,
+            PRETRAINING_DOMAINS, lr=1e-3,
             init=self.final_checkpoint("stage1", s.stage1_steps), load_optimizer=True))
         self._run(f"[5/8] training stage 2: {s.stage2_seq_length} tokens, RoPE theta {c.stage2_rope_theta:g}, "
                   "from stage 1's weights and optimizer state",
