@@ -23,6 +23,7 @@ What is not a renaming:
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Iterable
 
 import torch
@@ -69,6 +70,17 @@ _HF_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 _MEGATRON_LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 
 
+@dataclass(frozen=True)
+class RowBlock:
+    """Rows ``[source_start, source_start + rows)`` of a Hugging Face tensor are rows
+    ``[start, start + rows)`` of the Megatron tensor."""
+
+    source: str
+    source_start: int
+    start: int
+    rows: int
+
+
 class StateDictMismatchError(ValueError):
     """Weights that do not fit the model config (missing, unexpected or misshapen tensors)."""
 
@@ -95,15 +107,27 @@ class LlamaStateDictAdapter:
 
     # ---- the shapes of both sides -------------------------------------------------------
 
-    def hf_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Every Hugging Face tensor of this model, in release order, with its shape."""
+    def _hf_layer_shapes(self) -> dict[str, tuple[int, ...]]:
         m, h = self.model, self.model.hidden_size
         q_rows, kv_rows = m.num_attention_heads * self.head_dim, self.groups * self.head_dim
-        layer = {
+        return {
             "input_norm": (h,), "q": (q_rows, h), "k": (kv_rows, h), "v": (kv_rows, h), "o": (h, q_rows),
             "post_norm": (h,), "gate": (m.ffn_hidden_size, h), "up": (m.ffn_hidden_size, h),
             "down": (h, m.ffn_hidden_size),
         }
+
+    def _megatron_layer_shapes(self) -> dict[str, tuple[int, ...]]:
+        m, h = self.model, self.model.hidden_size
+        qkv_rows = (m.num_attention_heads + 2 * self.groups) * self.head_dim
+        return {
+            QKV_NORM: (h,), QKV: (qkv_rows, h), PROJ: (h, m.num_attention_heads * self.head_dim),
+            FC1_NORM: (h,), FC1: (2 * m.ffn_hidden_size, h), FC2: (h, m.ffn_hidden_size),
+        }
+
+    def hf_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every Hugging Face tensor of this model, in release order, with its shape."""
+        m, h = self.model, self.model.hidden_size
+        layer = self._hf_layer_shapes()
         shapes = {HF_EMBEDDING: (m.vocab_size, h)}
         for i in range(m.num_layers):
             for part, suffix in _HF_LAYER.items():
@@ -116,11 +140,7 @@ class LlamaStateDictAdapter:
     def megatron_shapes(self) -> dict[str, tuple[int, ...]]:
         """Every Megatron-side tensor of this model (global, unsharded), with its shape."""
         m, h = self.model, self.model.hidden_size
-        qkv_rows = (m.num_attention_heads + 2 * self.groups) * self.head_dim
-        layer = {
-            QKV_NORM: (h,), QKV: (qkv_rows, h), PROJ: (h, m.num_attention_heads * self.head_dim),
-            FC1_NORM: (h,), FC1: (2 * m.ffn_hidden_size, h), FC2: (h, m.ffn_hidden_size),
-        }
+        layer = self._megatron_layer_shapes()
         shapes = {MEGATRON_EMBEDDING: (self.padded_vocab_size, h)}
         for i in range(m.num_layers):
             for name in MEGATRON_LAYER_NAMES:
@@ -130,6 +150,32 @@ class LlamaStateDictAdapter:
             shapes[MEGATRON_OUTPUT] = (self.padded_vocab_size, h)
         return shapes
 
+    def megatron_shape(self, megatron_name: str) -> tuple[int, ...]:
+        """The (global, unsharded) shape of one Megatron-side tensor."""
+        h = self.model.hidden_size
+        if megatron_name in (MEGATRON_EMBEDDING, MEGATRON_OUTPUT):
+            return (self.padded_vocab_size, h)
+        if megatron_name == MEGATRON_FINAL_NORM:
+            return (h,)
+        return self._megatron_layer_shapes()[self._layer_part(megatron_name)[1]]
+
+    def hf_source_shapes(self, megatron_name: str) -> dict[str, tuple[int, ...]]:
+        """The Hugging Face tensors ``megatron_name`` is made of, in fusion order, with shapes."""
+        h = self.model.hidden_size
+        if megatron_name in (MEGATRON_EMBEDDING, MEGATRON_OUTPUT):
+            return {self.hf_sources(megatron_name)[0]: (self.model.vocab_size, h)}
+        if megatron_name == MEGATRON_FINAL_NORM:
+            return {HF_FINAL_NORM: (h,)}
+        layer, suffix = self._layer_part(megatron_name)
+        shapes = self._hf_layer_shapes()
+        return {f"model.layers.{layer}.{_HF_LAYER[part]}": shapes[part] for part in _SOURCES[suffix]}
+
+    def _layer_part(self, megatron_name: str) -> tuple[int, str]:
+        match = _MEGATRON_LAYER_RE.match(megatron_name)
+        if not match or match.group(2) not in _SOURCES:
+            raise KeyError(f"not a Llama Megatron tensor name: {megatron_name!r}")
+        return int(match.group(1)), match.group(2)
+
     def hf_sources(self, megatron_name: str) -> list[str]:
         """The Hugging Face tensors that ``megatron_name`` is made of."""
         if megatron_name == MEGATRON_EMBEDDING:
@@ -138,11 +184,8 @@ class LlamaStateDictAdapter:
             return [HF_FINAL_NORM]
         if megatron_name == MEGATRON_OUTPUT:
             return [HF_OUTPUT]
-        match = _MEGATRON_LAYER_RE.match(megatron_name)
-        if not match or match.group(2) not in _SOURCES:
-            raise KeyError(f"not a Llama Megatron tensor name: {megatron_name!r}")
-        i = match.group(1)
-        return [f"model.layers.{i}.{_HF_LAYER[part]}" for part in _SOURCES[match.group(2)]]
+        layer, suffix = self._layer_part(megatron_name)
+        return [f"model.layers.{layer}.{_HF_LAYER[part]}" for part in _SOURCES[suffix]]
 
     # ---- the two conversions ------------------------------------------------------------
 
@@ -167,8 +210,7 @@ class LlamaStateDictAdapter:
             if len(present) != len(sources):
                 missing = sorted(set(sources) - set(present))
                 raise StateDictMismatchError(f"{megatron_name} needs {', '.join(missing)} as well")
-            tensors = [hf_state[s] for s in sources]
-            out[megatron_name] = self._fuse(megatron_name, tensors)
+            out[megatron_name] = self._fuse(megatron_name, {s: hf_state[s] for s in sources})
         return out
 
     def to_hf(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -196,38 +238,62 @@ class LlamaStateDictAdapter:
 
     # ---- fusion rules -------------------------------------------------------------------
 
-    def _fuse(self, megatron_name: str, tensors: list[torch.Tensor]) -> torch.Tensor:
+    def row_blocks(self, megatron_name: str) -> list[RowBlock]:
+        """Where each Hugging Face source of ``megatron_name`` lies in it, as runs of whole rows
+        (the first dimension; elements of a 1-D tensor). Rows no block covers are vocabulary
+        padding, zero. Every fusion rule is stated here once, and both directions and the
+        streaming converter (which reads each run straight into place) follow it."""
+        sources = self.hf_sources(megatron_name)
         if megatron_name in (MEGATRON_EMBEDDING, MEGATRON_OUTPUT):
-            (table,) = tensors
-            if table.shape[0] == self.padded_vocab_size:  # Llama-3's 128,256 needs no padding
-                return table
-            padded = table.new_zeros((self.padded_vocab_size, table.shape[1]))
-            padded[: table.shape[0]].copy_(table)
-            return padded
+            return [RowBlock(sources[0], 0, 0, self.model.vocab_size)]
         if megatron_name.endswith(QKV):
-            q, k, v = tensors
-            hidden = q.shape[1]
-            q = q.reshape(self.groups, self.heads_per_group * self.head_dim, hidden)
-            k = k.reshape(self.groups, self.head_dim, hidden)
-            v = v.reshape(self.groups, self.head_dim, hidden)
-            return torch.cat([q, k, v], dim=1).reshape(-1, hidden)
+            q, k, v = sources
+            q_rows = self.heads_per_group * self.head_dim
+            group_rows = q_rows + 2 * self.head_dim
+            blocks = []
+            for g in range(self.groups):
+                blocks += [
+                    RowBlock(q, g * q_rows, g * group_rows, q_rows),
+                    RowBlock(k, g * self.head_dim, g * group_rows + q_rows, self.head_dim),
+                    RowBlock(v, g * self.head_dim, g * group_rows + q_rows + self.head_dim, self.head_dim),
+                ]
+            return blocks
         if megatron_name.endswith(FC1):
-            return torch.cat(tensors, dim=0)
-        (tensor,) = tensors
-        return tensor
+            gate, up = sources
+            rows = self.model.ffn_hidden_size
+            return [RowBlock(gate, 0, 0, rows), RowBlock(up, 0, rows, rows)]
+        (source,) = sources
+        return [RowBlock(source, 0, 0, self.hf_source_shapes(megatron_name)[source][0])]
+
+    def _fuse(self, megatron_name: str, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        blocks = self.row_blocks(megatron_name)
+        first = tensors[blocks[0].source]
+        shape = self.megatron_shape(megatron_name)
+        if len(blocks) == 1 and tuple(first.shape) == shape:
+            return first  # a renaming: no copy
+        out = self.new_fused(megatron_name, first.dtype)
+        for block in blocks:
+            out.narrow(0, block.start, block.rows).copy_(tensors[block.source].narrow(0, block.source_start, block.rows))
+        return out
+
+    def new_fused(self, megatron_name: str, dtype: torch.dtype) -> torch.Tensor:
+        """An uninitialised Megatron tensor to fill block by block (vocabulary padding zeroed)."""
+        shape = self.megatron_shape(megatron_name)
+        out = torch.empty(shape, dtype=dtype)
+        covered = sum(block.rows for block in self.row_blocks(megatron_name))
+        if covered < shape[0]:
+            out[covered:].zero_()  # only the embedding and output tables have uncovered rows, at the end
+        return out
 
     def _split(self, megatron_name: str, tensor: torch.Tensor) -> list[torch.Tensor]:
-        if megatron_name in (MEGATRON_EMBEDDING, MEGATRON_OUTPUT):
-            return [tensor[: self.model.vocab_size].contiguous()]
-        if megatron_name.endswith(QKV):
-            hidden = tensor.shape[1]
-            grouped = tensor.reshape(self.groups, (self.heads_per_group + 2) * self.head_dim, hidden)
-            q_rows = self.heads_per_group * self.head_dim
-            q, k, v = grouped.split([q_rows, self.head_dim, self.head_dim], dim=1)
-            return [x.reshape(-1, hidden).contiguous() for x in (q, k, v)]
-        if megatron_name.endswith(FC1):
-            return [x.contiguous() for x in tensor.chunk(2, dim=0)]
-        return [tensor]
+        blocks = self.row_blocks(megatron_name)
+        shapes = self.hf_source_shapes(megatron_name)
+        if len(blocks) == 1 and tensor.shape[0] == blocks[0].rows:
+            return [tensor]  # a renaming: no copy
+        parts = {name: tensor.new_empty(shape) for name, shape in shapes.items()}
+        for block in blocks:
+            parts[block.source].narrow(0, block.source_start, block.rows).copy_(tensor.narrow(0, block.start, block.rows))
+        return [parts[name] for name in self.hf_sources(megatron_name)]
 
 
 def layer_index(hf_name: str) -> int | None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from megalong.convert.safetensors_io import TensorEntry, read_header, read_tensor
+from megalong.convert.safetensors_io import TensorEntry, read_header, read_rows, read_tensor
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -77,6 +77,11 @@ class HFCheckpoint:
     def read(self, name: str) -> torch.Tensor:
         path, entry = self._locations[name]
         return read_tensor(path, entry)
+
+    def read_rows(self, name: str, first_row: int, out: torch.Tensor) -> None:
+        """Read rows of ``name`` straight into ``out`` (see :func:`safetensors_io.read_rows`)."""
+        path, entry = self._locations[name]
+        read_rows(path, entry, first_row, out)
 
     def total_bytes(self) -> int:
         return sum(entry.nbytes for _, entry in self._locations.values())

@@ -83,20 +83,25 @@ def _producer(hf: HFCheckpoint, adapter: LlamaStateDictAdapter, name: str, stack
     dtypes = {hf.dtype(s) for s in sources}
     if len(dtypes) != 1:
         raise StateDictMismatchError(f"{name}: its sources {sources} have different dtypes {sorted(map(str, dtypes))}")
+    dtype = dtypes.pop()
+    check_tied = HF_EMBEDDING in sources and adapter.model.tie_word_embeddings and HF_OUTPUT in hf.names()
 
     def produce() -> torch.Tensor:
-        tensors = {s: hf.read(s) for s in sources}
-        if HF_EMBEDDING in tensors and adapter.model.tie_word_embeddings and HF_OUTPUT in hf.names():
+        # Each run of source rows is read straight into its place in the fused tensor:
+        # no intermediate copies of q/k/v or gate/up.
+        tensor = adapter.new_fused(name, dtype)
+        for block in adapter.row_blocks(name):
+            hf.read_rows(block.source, block.source_start, tensor.narrow(0, block.start, block.rows))
+        if check_tied:
             # A tied checkpoint that also stores lm_head must store the same table.
-            if not torch.equal(hf.read(HF_OUTPUT), tensors[HF_EMBEDDING]):
+            if not torch.equal(hf.read(HF_OUTPUT), tensor[: adapter.model.vocab_size]):
                 raise StateDictMismatchError(
                     f"{hf.directory}: tie_word_embeddings is true but lm_head.weight differs from "
                     "model.embed_tokens.weight"
                 )
-        tensor = adapter.from_hf(tensors)[name]
         return tensor.unsqueeze(0) if stacked else tensor
 
-    return produce, dtypes.pop()
+    return produce, dtype
 
 
 def convert_hf_to_megatron(hf_dir: str | Path, output: str | Path) -> ConversionReport:

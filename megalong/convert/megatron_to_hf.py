@@ -25,6 +25,7 @@ from megalong.convert.adapter import (
 )
 from megalong.convert.hf_config import hf_config_from_model, torch_dtype_name
 from megalong.convert.output_dir import staged_output
+from megalong.convert.prefetch import Prefetcher
 from megalong.convert.progress import Progress, human_bytes
 from megalong.convert.safetensors_io import PlannedTensor, ShardWriter
 from megalong.model import presets
@@ -241,28 +242,12 @@ def convert_megatron_to_hf(
         f", llama3 scaling x{model.rope_scaling.factor:g}" if model.rope_scaling else "",
     )
     progress = Progress("megatron-to-hf", total)
-    written = 0
+    order = {n: i for i, n in enumerate(hf_shapes)}
 
-    with staged_output(output) as tmp:
-        shard_iter = iter(zip(shard_names, shards))
-        current: ShardWriter | None = None
-        remaining: list[PlannedTensor] = []
+    def layer_producer(names: list[str]):
+        """Read one layer (or one non-layer group) and map it: the layer is all a step holds."""
 
-        def emit(hf_name: str, tensor: torch.Tensor) -> None:
-            nonlocal current, remaining, written
-            if not remaining:
-                if current is not None:
-                    current.close()
-                file_name, remaining = next(shard_iter)
-                remaining = list(remaining)
-                current = ShardWriter(tmp / file_name, remaining, {"format": "pt"})
-            current.write(hf_name, tensor.to(hf_dtypes[hf_name]))
-            remaining.pop(0)
-            written += tensor.numel() * hf_dtypes[hf_name].itemsize
-            progress.advance(tensor.numel() * hf_dtypes[hf_name].itemsize, hf_name)
-
-        order = {n: i for i, n in enumerate(hf_shapes)}
-        for names in group_by_layer(shapes):
+        def produce() -> list[tuple[str, torch.Tensor]]:
             requests = {}
             for name in names:
                 key, layer_idx = checkpoint_key(name)
@@ -271,7 +256,6 @@ def convert_megatron_to_hf(
                     requests[name] = (key, (0,) * len(shape), shape)
                 else:
                     requests[name] = (key, (layer_idx,) + (0,) * (len(shape) - 1), (1, *shape[1:]))
-            # One read per layer (or per non-layer tensor group): the layer is all we hold.
             loaded = reader.read({key: (off, shp) for key, off, shp in requests.values()})
             state = {}
             for name, (key, _, _) in requests.items():
@@ -280,8 +264,33 @@ def convert_megatron_to_hf(
             del loaded
             converted = adapter.to_hf(state)
             del state
-            for hf_name in sorted(converted, key=order.__getitem__):
-                emit(hf_name, converted.pop(hf_name))
+            # The copies into the release layout happen here, off the writing thread.
+            return [(hf_name, converted.pop(hf_name).to(hf_dtypes[hf_name]).contiguous())
+                    for hf_name in sorted(converted, key=order.__getitem__)]
+
+        return produce
+
+    groups = group_by_layer(shapes)
+    hf_nbytes = {t.name: t.nbytes for t in planned}
+    group_bytes = [sum(hf_nbytes[h] for n in names for h in adapter.hf_sources(n)) for names in groups]
+
+    with staged_output(output) as tmp, Prefetcher([layer_producer(g) for g in groups], group_bytes) as prefetch:
+        shard_iter = iter(zip(shard_names, shards))
+        current: ShardWriter | None = None
+        remaining: list[PlannedTensor] = []
+        for index in range(len(groups)):
+            layer = prefetch.take(index)
+            while layer:
+                hf_name, tensor = layer.pop(0)
+                if not remaining:
+                    if current is not None:
+                        current.close()
+                    file_name, remaining = next(shard_iter)
+                    remaining = list(remaining)
+                    current = ShardWriter(tmp / file_name, remaining, {"format": "pt"})
+                current.write(hf_name, tensor)
+                remaining.pop(0)
+                progress.advance(tensor.numel() * tensor.element_size(), hf_name)
         if current is not None:
             current.close()
 
@@ -310,7 +319,7 @@ def convert_megatron_to_hf(
             log.warning("No --tokenizer given: the release has no tokenizer files")
         (tmp / "README.md").write_text(_readme(model, config, source, bool(tokenizer_files)), encoding="utf-8")
 
-    report = ExportReport(output, len(shards), len(planned), written, progress.elapsed())
+    report = ExportReport(output, len(shards), len(planned), total, progress.elapsed())
     log.info("Wrote %s: %d tensors in %d shard(s), %s in %.1f s", output, report.tensors, report.shards,
-             human_bytes(written), report.seconds)
+             human_bytes(total), report.seconds)
     return report

@@ -85,18 +85,33 @@ def read_header(path: str | Path) -> dict[str, TensorEntry]:
 def read_tensor(path: str | Path, entry: TensorEntry) -> torch.Tensor:
     """Read one tensor into fresh memory (no mapping of the file)."""
     out = torch.empty(entry.shape, dtype=entry.dtype)
-    if entry.nbytes == 0:
-        return out
+    read_rows(path, entry, 0, out)
+    return out
+
+
+def read_rows(path: str | Path, entry: TensorEntry, first_row: int, out: torch.Tensor) -> None:
+    """Read rows ``[first_row, first_row + len(out))`` of a tensor (elements of a 1-D one)
+    straight into ``out``, a contiguous tensor or view (e.g. a slice of a fused tensor)."""
+    row_shape = entry.shape[1:]
+    if tuple(out.shape[1:]) != row_shape or out.dtype != entry.dtype or not out.is_contiguous():
+        raise ValueError(f"{path}: rows of {entry.name!r} {list(entry.shape)} {entry.dtype} cannot be read "
+                         f"into a {list(out.shape)} {out.dtype} tensor")
+    rows = out.shape[0] if out.dim() else 1
+    if entry.shape and first_row + rows > entry.shape[0]:
+        raise ValueError(f"{path}: rows [{first_row}, {first_row + rows}) are outside {entry.name!r} {list(entry.shape)}")
+    row_bytes = math.prod(row_shape) * entry.dtype.itemsize
+    nbytes = rows * row_bytes
+    if nbytes == 0:
+        return
     view = memoryview(out.view(-1).view(torch.uint8).numpy())
     with open(path, "rb", buffering=0) as f:
-        f.seek(entry.begin)
+        f.seek(entry.begin + first_row * row_bytes)
         done = 0
-        while done < entry.nbytes:
+        while done < nbytes:
             n = f.readinto(view[done:])
             if not n:
                 raise SafetensorsError(f"{path}: file ended inside tensor {entry.name!r}")
             done += n
-    return out
 
 
 @dataclass(frozen=True)

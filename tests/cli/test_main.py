@@ -21,3 +21,26 @@ def test_every_registered_subcommand_has_help():
                                 capture_output=True, text=True, timeout=120)
         assert result.returncode == 0, (name, result.stderr)
         assert f"megalong {name}" in result.stdout
+
+
+def _environment_after_main(argv: list[str], import_torch_first: bool) -> str:
+    """THP_MEM_ALLOC_ENABLE as a fresh process sees it after ``main(argv)`` set up the subcommand."""
+    script = (
+        "import os, sys\n"
+        + ("import torch\n" if import_torch_first else "")
+        + "from megalong.cli.main import main\n"
+        + "try:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+        + "print('THP=' + os.environ.get('THP_MEM_ALLOC_ENABLE', 'unset'))\n"
+    )
+    env = {k: v for k, v in __import__("os").environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    result = subprocess.run([sys.executable, "-c", script, *argv], capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip().splitlines()[-1]
+
+
+def test_convert_runs_with_huge_pages_only_when_torch_is_not_yet_loaded():
+    assert _environment_after_main(["convert", "--help"], import_torch_first=False) == "THP=1"
+    # Too late once torch is loaded (it reads the setting once): left alone.
+    assert _environment_after_main(["convert", "--help"], import_torch_first=True) == "THP=unset"
+    # Other subcommands do not get it.
+    assert _environment_after_main(["plan", "--help"], import_torch_first=False) == "THP=unset"
