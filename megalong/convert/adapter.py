@@ -2,9 +2,12 @@
 
 The whole interface is :meth:`LlamaStateDictAdapter.from_hf` and
 :meth:`LlamaStateDictAdapter.to_hf`, each a function from a (possibly partial) flat
-state dict to the other side's flat state dict, so the streaming converter can call
-them one layer at a time and anything else (tests, evaluation) can call them on a whole
-model. Megatron-side names are the ones GPTModel's Transformer Engine layers use, with
+state dict to the other side's flat state dict, so they work on one layer as well as on
+a whole model. The fusion rules are stated once, as runs of rows
+(:meth:`LlamaStateDictAdapter.row_blocks`): both directions follow them, and the
+streaming converter uses them to read each run straight into place.
+
+Megatron-side names are the ones GPTModel's Transformer Engine layers use, with
 global layer numbers, e.g. ``decoder.layers.3.self_attention.linear_qkv.weight``;
 Megatron-Core's local layers store their checkpoints under the same names, so
 :func:`checkpoint_key` turns a name into the key of the distributed checkpoint (layers

@@ -6,9 +6,10 @@ plus ``<out>/model.yaml``; it loads with ``load_weights`` into a model built at 
 (Megatron-Core re-pads the vocab for other TP sizes: its embedding and output keys allow
 a shape mismatch and the extra rows stay zero).
 
-Memory: each Megatron tensor is produced from its Hugging Face sources right before it
-is written and dropped right after, so peak memory is about one fused tensor and its
-sources (the largest is the embedding table), not the model.
+Memory and speed: each Megatron tensor is produced only when its turn to be written is
+next, by reading its Hugging Face rows straight into place (q/k/v and gate/up need no
+intermediate copies), while the tensor before it is being written; so peak memory is
+about the two largest tensors (the embedding table and one of a layer's), not the model.
 """
 
 from __future__ import annotations

@@ -5,8 +5,9 @@ by "write it". Reading, copying and writing release the GIL, so on two or more c
 producing piece i+1 in a background thread while piece i is written hides most of the
 producing time. Overlap costs memory (two pieces alive at once), so a piece is produced
 ahead only when it and the piece being written together fit in ``budget_bytes``. The
-default budget is the two largest pieces together: a conversion then holds at most its
-largest tensor plus about one layer, as it would without overlap plus one layer.
+default budget, the two largest pieces together, lets any two neighbours overlap; in a
+conversion the two vocabulary tables are never neighbours, so at most the largest table
+and one layer's tensors are alive at once.
 """
 
 from __future__ import annotations
