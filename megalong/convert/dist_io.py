@@ -39,7 +39,8 @@ class DistCheckpointError(ValueError):
 
 @dataclass
 class TensorPiece:
-    """One chunk of a global tensor, produced on demand."""
+    """One chunk of a global tensor, produced on demand. ``produce`` returns a tensor of its
+    own (not a view of memory the caller keeps): the writer frees it once written."""
 
     key: str
     global_shape: tuple[int, ...]
@@ -87,6 +88,7 @@ def _planner_classes():
             self._on_written = on_written
             # DCP resolves a file's tensors in plan order, one after another (thread_count=1).
             self.prefetch = prefetch
+            self._written: torch.Tensor | None = None
 
         def create_local_plan(self) -> SavePlan:
             items = [WriteItem(index=MetadataIndex(key), type=WriteItemType.BYTE_IO) for key in self._objects]
@@ -111,6 +113,7 @@ def _planner_classes():
                 return buffer
             index = (write_item.index.fqn, torch.Size(write_item.index.offset))
             piece = self._tensors[index]
+            self._release_written()
             tensor = self.prefetch.take(self._order[index])
             if tuple(tensor.shape) != tuple(piece.shape) or tensor.dtype != piece.dtype:
                 raise DistCheckpointError(
@@ -119,7 +122,18 @@ def _planner_classes():
                 )
             if self._on_written is not None:
                 self._on_written(piece, tensor)
+            self._written = tensor
             return tensor
+
+        def _release_written(self) -> None:
+            """Free the memory of the tensor DCP wrote last (it asks for the next one only
+            after writing the previous). DCP keeps a reference to each tensor of a file until
+            the file is complete (it needs them only for its safetensors format), which would
+            keep the embedding and output tables alive for the whole write: 2.1 GB more for
+            Llama-3-8B. Emptying the storage returns that memory; a later use would raise."""
+            if self._written is not None and self._written.untyped_storage().resizable():
+                self._written.untyped_storage().resize_(0)
+            self._written = None
 
     class RegionLoadPlanner(DefaultLoadPlanner):
         """Reads requested regions of stored tensors into caller-provided buffers."""
