@@ -205,7 +205,13 @@ def save_checkpoint(
 
     def publish() -> None:
         _barrier()
-        if _rank() == 0:
+        broken = _unloadable_parts(tmp) if _rank() == 0 else []
+        if broken:
+            # Never point `latest` at a checkpoint a resume would fail on; the run goes on
+            # and the next save tries again.
+            log.error("Checkpoint of step %d is NOT published: %s. It stays in %s for inspection; "
+                      "`latest` still names the previous checkpoint.", step, "; ".join(broken), tmp)
+        elif _rank() == 0:
             if final.exists():  # a checkpoint of this step from an earlier, interrupted attempt
                 shutil.rmtree(final)
             os.replace(tmp, final)
@@ -219,14 +225,62 @@ def save_checkpoint(
         _barrier()
 
     if background:
-        # The queue finalizes requests in order: publishing after the optimizer's write
-        # means after both writes (and their metadata) are complete on every rank.
-        optimizer_request.add_finalize_fn(publish)
-        async_queue.schedule_async_request(model_request)
-        async_queue.schedule_async_request(optimizer_request)
+        request = _one_after_the_other(model_request, optimizer_request)
+        request.add_finalize_fn(publish)  # after both writes and their metadata, on every rank
+        async_queue.schedule_async_request(request)
     else:
         publish()
     return final
+
+
+def _unloadable_parts(directory: Path) -> list[str]:
+    """What would make the distributed checkpoints in ``directory`` fail to load: a stored
+    chunk that their metadata lists but whose bytes it does not locate."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    problems = []
+    for sub in (weights.MODEL_SUBDIR, OPTIMIZER_SUBDIR):
+        metadata = FileSystemReader(str(directory / sub)).read_metadata()
+        located = {(index.fqn, tuple(index.offset or ())) for index in metadata.storage_data}
+        unlocated = sorted(
+            (key, list(chunk.offsets)) for key, item in metadata.state_dict_metadata.items()
+            for chunk in getattr(item, "chunks", ()) if (key, tuple(chunk.offsets)) not in located
+        )
+        if unlocated:
+            key, offsets = unlocated[0]
+            problems.append(f"{sub}/.metadata lists {len(unlocated)} stored chunk(s) it does not locate "
+                            f"(first: {key} at offset {offsets})")
+    return problems
+
+
+def _one_after_the_other(first, second):
+    """One Megatron-Core async request that writes ``first`` and then ``second`` and
+    finalizes them in the same order.
+
+    Megatron-Core's async writers hand their results to the finalization through a single
+    queue per process, and each finalization takes the next result from it. Two requests
+    in flight at once may finish in either order and then swap results: a checkpoint whose
+    metadata lists the other checkpoint's tensors, which cannot be loaded (seen here as the
+    optimizer state of a TP=2 save listing the model's tensors). In one request the writes
+    run one after the other in the same background process, so the results arrive in order.
+    """
+    from megatron.core.dist_checkpointing.strategies.async_utils import AsyncRequest
+
+    def staged_args(request) -> list:
+        args = list(request.async_fn_args)
+        if request.preload_fn is not None:
+            args[1] = request.preload_fn()  # Megatron-Core's convention: the write buckets
+        return args
+
+    def write_both(_rank, staged, _results_queue) -> None:
+        for request, args in zip((first, second), staged):
+            if request.async_fn is not None:
+                request.async_fn(*args, **request.async_fn_kwargs)
+
+    # The caller stages (preloads) the tensors when it schedules the request, before the
+    # background process starts, as it would for each request alone.
+    return AsyncRequest(write_both, (None, None, None), list(first.finalize_fns) + list(second.finalize_fns),
+                        preload_fn=lambda: [staged_args(first), staged_args(second)])
 
 
 def prune_checkpoints(save_dir: str | Path, keep_last: int) -> list[str]:

@@ -55,3 +55,25 @@ def test_prune_keeps_the_newest_and_latest_marker(tmp_path):
     (tmp_path / "latest").write_text("iter_0000009\n")
     with pytest.raises(FileNotFoundError, match="iter_0000009"):
         read_latest(tmp_path)
+
+
+def test_a_checkpoint_whose_metadata_misses_stored_chunks_is_found_unloadable(tmp_path):
+    import pickle
+
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    from megalong.training.checkpoint import _unloadable_parts
+
+    for sub in ("model", "optimizer"):
+        dcp.save({"a": torch.ones(3), "b": torch.zeros(2, 2)}, checkpoint_id=str(tmp_path / sub), no_dist=True)
+    assert _unloadable_parts(tmp_path) == []
+
+    # What the async-save race produced: metadata whose storage index lacks written chunks.
+    metadata_file = tmp_path / "optimizer" / ".metadata"
+    metadata = pickle.loads(metadata_file.read_bytes())
+    for index in [i for i in metadata.storage_data if i.fqn == "b"]:
+        del metadata.storage_data[index]
+    metadata_file.write_bytes(pickle.dumps(metadata))
+    (problem,) = _unloadable_parts(tmp_path)
+    assert problem.startswith("optimizer/.metadata lists 1 stored chunk") and "first: b at offset [0, 0]" in problem
