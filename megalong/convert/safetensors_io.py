@@ -10,6 +10,7 @@ header first and then streaming tensors into place in order.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import os
@@ -103,7 +104,9 @@ def read_rows(path: str | Path, entry: TensorEntry, first_row: int, out: torch.T
     nbytes = rows * row_bytes
     if nbytes == 0:
         return
-    view = memoryview(out.view(-1).view(torch.uint8).numpy())
+    # The bytes of ``out`` as a writable buffer. Not through numpy: a numpy view pins the
+    # storage's size for good, and the checkpoint writer frees written tensors by resizing.
+    view = memoryview((ctypes.c_char * nbytes).from_address(out.data_ptr())).cast("B")
     with open(path, "rb", buffering=0) as f:
         f.seek(entry.begin + first_row * row_bytes)
         done = 0
