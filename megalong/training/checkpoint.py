@@ -240,7 +240,11 @@ def _unloadable_parts(directory: Path) -> list[str]:
 
     problems = []
     for sub in (weights.MODEL_SUBDIR, OPTIMIZER_SUBDIR):
-        metadata = FileSystemReader(str(directory / sub)).read_metadata()
+        try:
+            metadata = FileSystemReader(str(directory / sub)).read_metadata()
+        except Exception as err:  # reported, not raised: the other ranks wait at a barrier
+            problems.append(f"{sub}/.metadata cannot be read ({type(err).__name__}: {err})")
+            continue
         located = {(index.fqn, tuple(index.offset or ())) for index in metadata.storage_data}
         unlocated = sorted(
             (key, list(chunk.offsets)) for key, item in metadata.state_dict_metadata.items()

@@ -77,3 +77,5 @@ def test_a_checkpoint_whose_metadata_misses_stored_chunks_is_found_unloadable(tm
     metadata_file.write_bytes(pickle.dumps(metadata))
     (problem,) = _unloadable_parts(tmp_path)
     assert problem.startswith("optimizer/.metadata lists 1 stored chunk") and "first: b at offset [0, 0]" in problem
+    (tmp_path / "model" / ".metadata").unlink()
+    assert _unloadable_parts(tmp_path)[0].startswith("model/.metadata cannot be read")
