@@ -15,7 +15,6 @@ about the two largest tensors (the embedding table and one of a layer's), not th
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -86,12 +85,13 @@ def _producer(hf: HFCheckpoint, adapter: LlamaStateDictAdapter, name: str, stack
         raise StateDictMismatchError(f"{name}: its sources {sources} have different dtypes {sorted(map(str, dtypes))}")
     dtype = dtypes.pop()
     check_tied = HF_EMBEDDING in sources and adapter.model.tie_word_embeddings and HF_OUTPUT in hf.names()
+    blocks = adapter.row_blocks(name)
 
     def produce() -> torch.Tensor:
         # Each run of source rows is read straight into its place in the fused tensor:
         # no intermediate copies of q/k/v or gate/up.
         tensor = adapter.new_fused(name, dtype)
-        for block in adapter.row_blocks(name):
+        for block in blocks:
             hf.read_rows(block.source, block.source_start, tensor.narrow(0, block.start, block.rows))
         if check_tied:
             # A tied checkpoint that also stores lm_head must store the same table.
@@ -137,7 +137,7 @@ def convert_hf_to_megatron(hf_dir: str | Path, output: str | Path) -> Conversion
             key = f"decoder.layers.{module}._extra_state"
             objects.append(dist_io.ObjectPiece(dist_io.sharded_object_key(key, (layer,), (L,)), None))
 
-    total = sum(p.dtype.itemsize * math.prod(p.shape) for p in pieces)
+    total = sum(p.nbytes for p in pieces)
     log.info(
         "Converting %s -> %s: %d layers, hidden %d, %d/%d heads, vocab %d (padded to %d), RoPE theta %r%s, %s",
         hf_dir, output, L, model.hidden_size, model.num_attention_heads, model.num_query_groups,
@@ -149,8 +149,8 @@ def convert_hf_to_megatron(hf_dir: str | Path, output: str | Path) -> Conversion
 
     def written(piece, tensor):
         report.tensors += 1
-        report.bytes_written += tensor.numel() * tensor.element_size()
-        progress.advance(tensor.numel() * tensor.element_size(), piece.key)
+        report.bytes_written += piece.nbytes  # the writer checked the tensor against the piece
+        progress.advance(piece.nbytes, piece.key)
 
     with staged_output(output) as tmp:
         dist_io.write_checkpoint(tmp / MODEL_SUBDIR, pieces, objects, on_written=written)

@@ -2,10 +2,10 @@
 
 Reads the Megatron-Core distributed checkpoint one layer at a time (whatever TP/PP it
 was saved at), maps each layer with the adapter and streams the tensors into
-pre-planned safetensors shards; the next layer is read while the current one is written. The release directory holds the shards and their
-index, ``config.json`` (exact rope_theta, max_position_embeddings and rope scaling),
-``generation_config.json``, the tokenizer files and a short README; it appears only
-when complete.
+pre-planned safetensors shards; the next layer is read while the current one is
+written. The release directory holds the shards and their index, ``config.json``
+(exact rope_theta, max_position_embeddings and rope scaling), ``generation_config.json``,
+the tokenizer files and a short README; it appears only when complete.
 """
 
 from __future__ import annotations
