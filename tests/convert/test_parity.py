@@ -13,9 +13,14 @@ from megalong.model.config import ModelConfig, RopeScaling
 from megalong.runtime.launch import run_processes
 from tests.convert.tiny_models import CASES, save_hf_model
 from tests.convert.workers import parity_session
+from tests.numerics import reordering_rtol
 
 LAYOUTS = [(1, 1), (2, 1), (1, 2)]  # (TP, PP)
 NAMES = list(CASES)
+# transformers and Megatron-Core run the same fp32 forward with other kernels (other sum
+# orders): 2 layers of hidden/FFN sums (<= 96 terms), attention over 33 positions, RoPE
+# tables computed their own way; 256 terms bounds the longest chain (tests/numerics.py).
+LOGITS_RTOL = reordering_rtol(256)
 
 
 GREEDY_MODEL = ModelConfig(
@@ -56,7 +61,8 @@ def test_logits_match_transformers(session, name, tp, pp):
     _, reference, megalong, _ = session
     ours = megalong[(tp, pp, NAMES.index(name))]
     assert ours.shape == reference[name].shape
-    torch.testing.assert_close(ours, reference[name], atol=1e-4, rtol=0)
+    scale = reference[name].abs().max().item()
+    torch.testing.assert_close(ours, reference[name], atol=LOGITS_RTOL * scale, rtol=0)
 
 
 def test_exported_checkpoint_generates_the_same_greedy_tokens(session, tmp_path):

@@ -15,6 +15,12 @@ from megalong.model.llama import build_model
 SEQ = 32
 BATCH = 4
 LR = 1e-2
+WEIGHT_DECAY = 0.1
+CLIP_GRAD = 1.0
+# Adam's first step is ~lr*sign(g): with the default eps=1e-8 a gradient element near zero
+# flips the update on rounding noise. A larger eps keeps the step a smooth function of the
+# gradient (its slope at most lr / eps).
+ADAM_EPS = 1e-4
 
 
 def model_config():
@@ -128,12 +134,8 @@ def one_optimizer_step(parallel: ParallelConfig, weights_dir: str, out_dir: str)
     config.finalize_model_grads_func = finalize_model_grads
     optimizer = get_megatron_optimizer(
         OptimizerConfig(
-            optimizer="adam", lr=LR, weight_decay=0.1, adam_beta1=0.9, adam_beta2=0.95,
-            # Adam's first step is ~lr*sign(g): with the default eps=1e-8 a gradient element near
-            # zero flips the update on rounding noise from a different reduction order. A larger
-            # eps keeps the step a smooth function of the gradient, so the comparison is strict.
-            adam_eps=1e-4,
-            clip_grad=1.0, use_distributed_optimizer=parallel.distributed_optimizer,
+            optimizer="adam", lr=LR, weight_decay=WEIGHT_DECAY, adam_beta1=0.9, adam_beta2=0.95,
+            adam_eps=ADAM_EPS, clip_grad=CLIP_GRAD, use_distributed_optimizer=parallel.distributed_optimizer,
             params_dtype=torch.float32,
         ),
         ddp_chunks,
@@ -146,10 +148,48 @@ def one_optimizer_step(parallel: ParallelConfig, weights_dir: str, out_dir: str)
     share = BATCH // dp
     rows = slice(dp_rank * share, (dp_rank + 1) * share)
     _forward_backward(ddp_chunks, tokens[rows], labels[rows], forward_only=False)
+    if parallel.distributed_optimizer:
+        _gather_reduced_gradients(ddp_chunks)
+    _save_gradients(chunks, f"{out_dir}-gradients")
     update_ok, grad_norm, _ = optimizer.step()
     assert update_ok
     save_weights(chunks, out_dir, model_config())
     return float(grad_norm)
+
+
+def _gather_reduced_gradients(ddp_chunks) -> None:
+    """Complete every rank's gradient buffer after the distributed optimizer's reduce-scatter.
+
+    Each DP rank then holds the fully reduced gradient only in its own shard of each bucket
+    (the rest is its local partial sum). All-gathering the shards in place gives every rank
+    the full reduced gradients to save; the optimizer reads only its own shard, unchanged.
+    """
+    from megatron.core import parallel_state
+
+    group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+    dp = torch.distributed.get_world_size(group)
+    rank = torch.distributed.get_rank(group)
+    for chunk in ddp_chunks:
+        for buffer in chunk.buffers:
+            for bucket in buffer.buckets:
+                flat = bucket.grad_data.view(-1)
+                torch.distributed.all_gather_into_tensor(flat, flat.chunk(dp)[rank].clone(), group=group)
+
+
+def _save_gradients(chunks, directory: str) -> None:
+    """Save the reduced (unclipped) gradients as if they were the weights, so that they load
+    unsharded at TP=1 through the same dist-checkpoint path as the weights."""
+    from megalong.checkpoint.weights import save_weights
+
+    params = [p for chunk in chunks for p in chunk.parameters()]
+    weights = [p.data for p in params]
+    for param in params:
+        param.data = param.main_grad
+    try:
+        save_weights(chunks, directory, model_config())
+    finally:
+        for param, data in zip(params, weights):
+            param.data = data
 
 
 def load_states(weights_dirs: list[str]):

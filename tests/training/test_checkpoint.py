@@ -20,6 +20,7 @@ def test_resume_at_a_different_tensor_and_pipeline_layout(workdir, two_process_r
     resumed = read_losses(workdir / "reshard-pp2" / "metrics.jsonl")
     assert sorted(resumed) == [3, 4]  # it did not redo steps 1-2
     for step in (3, 4):
+        # Another layout after the resume: rounding only, as in test_parallel.REL_TOLERANCE.
         assert resumed[step] == pytest.approx(uninterrupted[step], rel=1e-5)
 
     save_dir = workdir / "reshard" / "checkpoints"

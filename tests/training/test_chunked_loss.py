@@ -14,9 +14,12 @@ from megalong.runtime.launch import run_processes
 from tests.training import loss_chunks
 from tests.training.helpers import read_losses, short_run
 
+from tests.numerics import reordering_rtol
+
 # Per-token losses come out bit-identical (each row's computation is the same); gradients
-# sum the chunks' contributions in another order (seen: <= 4e-7 of the largest gradient).
-GRAD_TOLERANCE = 2e-6
+# sum the chunks' contributions in another order: the output weight's gradient is a sum over
+# the micro-batch's BATCH x SEQ = 192 tokens, compared relative to the largest gradient.
+GRAD_TOLERANCE = reordering_rtol(loss_chunks.BATCH * loss_chunks.SEQ)
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
@@ -56,7 +59,10 @@ def test_chunked_loss_equals_full_logits_at_tp1(single):
     for result in compared:
         short_last_chunk.append(_check(result, tokens))
         # Padded vocabulary: Megatron's path with the exclusion is torch's CE over the real vocab.
-        assert result["reference_diff"]["loss"] < 1e-5 and result["reference_diff"]["grads"] < 1e-5
+        # Each per-token loss is log(sum of 512 exps) - logit: a reordered sum of positive terms
+        # moves the log by at most 512 u (absolute); the gradients as above, over 512 entries.
+        assert result["reference_diff"]["loss"] < reordering_rtol(512)
+        assert result["reference_diff"]["grads"] < reordering_rtol(512)
     assert all(short_last_chunk)
 
 
