@@ -109,8 +109,9 @@ def bench_index_build(total_tokens: int, seq_length: int, mix=STAGE1) -> None:
 def bench_samples_per_second(seq_length: int, samples: int) -> None:
     from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
 
+    from megalong.data.config import DataConfig
     from megalong.data.mixture import DomainSpec
-    from megalong.data.stream import DataConfig, TrainStream
+    from megalong.data.stream import TrainStream
 
     rng = np.random.default_rng(1)
     with tempfile.TemporaryDirectory(prefix="megalong-bench-packing-") as tmp:

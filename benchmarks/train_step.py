@@ -105,7 +105,7 @@ class BareMegatronStep:
         config.finalize_model_grads_func = finalize_model_grads
         self.forward_backward = get_forward_backward_func()
         self.batches = batches
-        self.seq_length = run.data["seq_length"]
+        self.seq_length = run.data.seq_length
 
     @staticmethod
     def _loss(loss_mask, output):

@@ -1,30 +1,21 @@
-"""Model weights on disk: a Megatron-Core distributed checkpoint plus the model config.
+"""Model weights on disk: save and load a weights directory (see :mod:`megalong.checkpoint.layout`).
 
-Layout of a weights directory (written by the converter and by training checkpoints)::
-
-    <dir>/model/          Megatron-Core dist_checkpointing of the model's sharded state
-                          dict (torch_dist backend): loads at any TP/PP/CP/DP layout
-    <dir>/model.yaml      the resolved ModelConfig that the weights belong to
-
-Directories appear atomically: everything is written under ``<dir>.tmp-<pid>`` and
-renamed into place, so a killed writer never leaves a half-written checkpoint behind.
+The weights are a Megatron-Core distributed checkpoint of the model's sharded state dict
+(torch_dist backend), which loads at any TP/PP/CP/DP layout. Directories appear
+atomically: everything is written under the staging name and renamed into place, so a
+killed writer never leaves a half-written checkpoint behind.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import shutil
 from pathlib import Path
 
 import torch
-import yaml
 
-from megalong.config.loader import from_dict
+from megalong.checkpoint.layout import MODEL_SUBDIR, resolve, staging_dir, write_model_config
 from megalong.model.config import ModelConfig
-
-MODEL_SUBDIR = "model"
-MODEL_CONFIG_FILE = "model.yaml"
 
 
 def sharded_model_state(model_chunks: list) -> dict:
@@ -39,18 +30,6 @@ def sharded_model_state(model_chunks: list) -> dict:
     return {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(model_chunks)}
 
 
-def write_model_config(directory: str | Path, model: ModelConfig) -> None:
-    path = Path(directory) / MODEL_CONFIG_FILE
-    path.write_text(yaml.safe_dump(dataclasses.asdict(model), sort_keys=False), encoding="utf-8")
-
-
-def read_model_config(directory: str | Path) -> ModelConfig:
-    path = Path(directory) / MODEL_CONFIG_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{directory} is not a megalong weights directory: {path} is missing")
-    return from_dict(ModelConfig, yaml.safe_load(path.read_text(encoding="utf-8")) or {}, str(path))
-
-
 def _barrier() -> None:
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
@@ -58,12 +37,6 @@ def _barrier() -> None:
 
 def _is_rank0() -> bool:
     return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
-
-
-def staging_dir(final: Path) -> Path:
-    """The temporary sibling a checkpoint is written into before its rename."""
-    # The same name on every rank (no pid): all ranks write into one directory.
-    return final.with_name(final.name + ".tmp")
 
 
 def save_weights(model_chunks: list, directory: str | Path, model: ModelConfig) -> Path:
@@ -93,9 +66,7 @@ def load_weights(model_chunks: list, directory: str | Path, strict: bool = True)
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
-    path = Path(directory) / MODEL_SUBDIR
-    if not path.is_dir():
-        raise FileNotFoundError(f"no model weights at {path}")
+    path = resolve(directory) / MODEL_SUBDIR
     sharded = sharded_model_state(model_chunks)
     state = dist_checkpointing.load(
         sharded, str(path),

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from megalong.checkpoint.weights import MODEL_SUBDIR, write_model_config
+from megalong.checkpoint.layout import MODEL_SUBDIR, write_model_config
 from megalong.convert import dist_io
 from megalong.convert.adapter import (
     HF_EMBEDDING, HF_OUTPUT, LlamaStateDictAdapter, StateDictMismatchError, checkpoint_key,

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from megalong.checkpoint.weights import MODEL_CONFIG_FILE, MODEL_SUBDIR, read_model_config
+from megalong.checkpoint.layout import MODEL_CONFIG_FILE, MODEL_SUBDIR, read_model_config
 from megalong.convert import dist_io
 from megalong.convert.adapter import (
     MEGATRON_EMBEDDING, LlamaStateDictAdapter, StateDictMismatchError, checkpoint_key, group_by_layer,

@@ -94,6 +94,11 @@ def load_mixture(name_or_path: str) -> MixtureSpec:
     return load(MixtureSpec, mixture_path(name_or_path))
 
 
+def indexed_dataset_exists(prefix: str) -> bool:
+    """Both files of a Megatron indexed dataset (``prefix``.bin and .idx) are there."""
+    return Path(prefix + ".bin").is_file() and Path(prefix + ".idx").is_file()
+
+
 def resolve_prefix(path: str, data_root: str) -> str:
     p = Path(path).expanduser()
     if not p.is_absolute() and data_root:
@@ -119,7 +124,7 @@ class DomainSource:
         self.datasets = []
         lengths = []
         for prefix in self.prefixes:
-            if not (Path(prefix + ".bin").exists() and Path(prefix + ".idx").exists()):
+            if not indexed_dataset_exists(prefix):
                 hint = (" (relative paths resolve under data.data_root, which is unset)" if not data_root
                         else f" (data.data_root is {data_root})")
                 raise FileNotFoundError(

@@ -8,8 +8,8 @@ the DP ranks (megalong.data.balance); each rank reads only its own samples' toke
 
 Because nothing depends on what was read before, the stream's position in a checkpoint
 is just the step: after a resume at step k, ``batch_for_step(k, r)`` is exactly the batch
-an uninterrupted run saw. :meth:`TrainStream.fingerprint` identifies the data so a
-trainer can refuse to resume onto a different mixture silently.
+an uninterrupted run saw (a checkpoint stores only the step). :meth:`TrainStream.fingerprint`
+identifies the data so a trainer can refuse to resume onto a different mixture silently.
 """
 
 from __future__ import annotations
@@ -18,49 +18,16 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
 import numpy as np
 
 from megalong.data.balance import assign_by_attention_cost
-from megalong.data.mixture import Blend, DomainSource, DomainSpec, MixtureSpec, load_mixture
+from megalong.data.config import DataConfig
+from megalong.data.mixture import Blend, DomainSource
 from megalong.data.sample import PackedSample
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class DataConfig:
-    """The ``data:`` section of a training recipe."""
-
-    # A bundled mixture name (megalong/recipes/mixtures/<name>.yaml) or a path to a mixture
-    # YAML file. Leave empty to list the domains inline under ``domains``.
-    mixture: str = ""
-    domains: list[DomainSpec] = field(default_factory=list)
-    # Relative dataset paths in the mixture resolve under this directory.
-    data_root: str = ""
-    seq_length: int = 65536
-    seed: int = 1234
-    # Overrides the mixture's allow_repeat when set: true repeats a domain too small for its
-    # share (epochs are reported), false refuses with a message.
-    allow_repeat: Optional[bool] = None
-    # Token placed in SFT padding (loss is off there). Llama-3's <|finetune_right_pad_id|>
-    # is 128004; any id inside the vocabulary works.
-    pad_token_id: int = 0
-
-    def __post_init__(self):
-        if self.mixture and self.domains:
-            raise ValueError("set either data.mixture or data.domains, not both")
-        if self.seq_length < 2:
-            raise ValueError(f"data.seq_length must be at least 2, got {self.seq_length}")
-
-    def mixture_spec(self) -> MixtureSpec:
-        if self.mixture:
-            return load_mixture(self.mixture)
-        if not self.domains:
-            raise ValueError("data: no mixture given (set data.mixture or data.domains)")
-        return MixtureSpec(domains=list(self.domains))
 
 
 class TrainStream:
@@ -156,26 +123,6 @@ class TrainStream:
                 entry["padding_tokens"] = int(sum(pads))
             domains[source.name] = entry
         return {"steps": steps, "samples": num_samples, "tokens": total_tokens, "domains": domains}
-
-    # -- checkpointing ----------------------------------------------------------------------
-
-    def state_dict(self, next_step: int) -> dict:
-        """What a checkpoint stores: the next step to run and the data's fingerprint. The
-        stream holds no other state: ``batch_for_step(next_step, r)`` after a resume is the
-        batch an uninterrupted run would have seen."""
-        return {"next_step": int(next_step), "consumed_samples": int(next_step) * self.global_batch_size,
-                "fingerprint": self.fingerprint()}
-
-    def resume_step(self, state: dict) -> int:
-        """The step to continue from; refuses a checkpoint made with other data, seed,
-        sequence length or global batch size (the same step would mean other samples)."""
-        if state.get("fingerprint") != self.fingerprint():
-            raise ValueError(
-                "the checkpoint's data stream does not match this configuration (mixture, datasets, "
-                "seq_length, seed or global batch size changed); resuming would not continue the same "
-                f"stream (checkpoint {state.get('fingerprint')}, now {self.fingerprint()})"
-            )
-        return int(state["next_step"])
 
     # -- helpers ----------------------------------------------------------------------------
 

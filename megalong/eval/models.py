@@ -120,7 +120,8 @@ class MegalongModel:
     kind = "megalong"
 
     def __init__(self, path: str | Path, device: str):
-        from megalong.checkpoint.weights import load_weights, read_model_config
+        from megalong.checkpoint.layout import read_model_config
+        from megalong.checkpoint.weights import load_weights
         from megalong.config.parallel import ParallelConfig
         from megalong.model.llama import build_model
         from megalong.runtime import init_distributed, set_seed

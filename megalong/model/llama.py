@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from megalong.config.parallel import ParallelConfig
-from megalong.model import presets, rope
+from megalong.model import attention, presets, rope
 from megalong.model.config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -124,19 +124,8 @@ def layer_spec(choice: ModelChoice, model: ModelConfig):
         spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
     else:
         spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
-    core_attention = _core_attention_module(choice, model)
-    if core_attention is not None:
-        spec.submodules.self_attention.submodules.core_attention = core_attention
+    spec.submodules.self_attention.submodules.core_attention = attention.core_attention_spec(choice, model)
     return spec
-
-
-def _core_attention_module(choice: ModelChoice, model: ModelConfig):
-    """The core attention class to plug in, or None to keep Megatron-Core's own."""
-    try:
-        from megalong.model import attention
-    except ImportError:  # attention backends not available in this build
-        return None
-    return attention.core_attention_for(choice, model)
 
 
 def validate_layout(model: ModelConfig, parallel: ParallelConfig, world_size: int) -> ModelConfig:
@@ -148,17 +137,18 @@ def validate_layout(model: ModelConfig, parallel: ParallelConfig, world_size: in
     return model
 
 
-def build_model(model: ModelConfig, parallel: ParallelConfig, *, on_gpu: bool | None = None) -> list:
+def build_model(model: ModelConfig, parallel: ParallelConfig, *, on_gpu: bool, loss_chunk_tokens: int = 0) -> list:
     """Build this rank's model chunks (one per virtual pipeline stage).
 
-    Needs Megatron-Core's parallel state to be initialized (``megalong.runtime``).
+    ``on_gpu`` is the runtime's answer (``Runtime.on_gpu``); ``loss_chunk_tokens`` > 0 computes
+    the cross entropy in chunks (:class:`megalong.model.gpt.MegalongGPTModel`). Needs
+    Megatron-Core's parallel state to be initialized (``megalong.runtime``).
     """
     from megatron.core import parallel_state
-    from megatron.core.models.gpt import GPTModel
+
+    from megalong.model.gpt import MegalongGPTModel
 
     model = validate_layout(model, parallel, torch.distributed.get_world_size())
-    if on_gpu is None:
-        on_gpu = torch.cuda.is_available()
     choice = choose_implementation(model, on_gpu)
     config = transformer_config(model, parallel, choice)
     spec = layer_spec(choice, model)
@@ -169,7 +159,9 @@ def build_model(model: ModelConfig, parallel: ParallelConfig, *, on_gpu: bool | 
     for vp_stage in range(num_chunks):
         pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
         post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
-        chunk = GPTModel(
+        chunk = MegalongGPTModel(
+            real_vocab_size=model.vocab_size,
+            loss_chunk_tokens=loss_chunk_tokens,
             config=config,
             transformer_layer_spec=spec,
             vocab_size=vocab,

@@ -11,24 +11,31 @@ unsharded boundaries: the attention knows the CP layout).
 from __future__ import annotations
 
 import importlib
-import inspect
-import logging
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Protocol
 
 import torch
 
+from megalong.data.cp_shard import shard_for_cp
 from megalong.data.sample import PackedSample, collate
+from megalong.model.attention.packing import packed_seq_params_for
 
-log = logging.getLogger(__name__)
 
+class TrainingStream(Protocol):
+    """What the trainer needs of its data: :class:`megalong.data.stream.TrainStream`, or what a
+    recipe's ``data_factory`` returns (the test streams)."""
 
-def _optional(module: str, name: str) -> Optional[Callable]:
-    """A function of a part that may not be installed in this build (None when absent)."""
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError):
-        return None
+    def batch_for_step(self, step: int, dp_rank: int) -> list[PackedSample]:
+        """This data-parallel rank's samples of global batch ``step``, in micro-batch order; a
+        pure function of its arguments, so that a resumed run sees the batches an
+        uninterrupted run saw."""
+
+    def fingerprint(self) -> str:
+        """Identifies everything that decides the batches; saved with checkpoints, and a resume
+        onto a stream with another fingerprint is refused."""
+
+    def describe(self) -> str:
+        """What the stream serves, for the log."""
 
 
 @dataclass
@@ -45,29 +52,11 @@ class MicroBatch:
 class MicroBatcher:
     """Turns one step's samples of this rank into :class:`MicroBatch` objects."""
 
-    def __init__(self, micro_batch_size: int, cp_size: int, cp_rank: int, device: torch.device,
-                 document_masking: bool = True):
+    def __init__(self, micro_batch_size: int, cp_size: int, cp_rank: int, device: torch.device):
         self.micro_batch_size = micro_batch_size
         self.cp_size = cp_size
         self.cp_rank = cp_rank
         self.device = device
-        self._shard_for_cp = _optional("megalong.data.cp_shard", "shard_for_cp")
-        self._packed_seq_params_for = (
-            _optional("megalong.model.attention", "packed_seq_params_for") if document_masking else None
-        )
-        if cp_size > 1 and self._shard_for_cp is None:
-            raise RuntimeError(
-                "context_parallel > 1 needs megalong.data.cp_shard.shard_for_cp, which this build lacks"
-            )
-        if document_masking and self._packed_seq_params_for is None:
-            log.warning(
-                "Document masking is not available in this build (megalong.model.attention is missing): "
-                "attention will cross document boundaries inside packed sequences."
-            )
-
-    @property
-    def document_masking(self) -> bool:
-        return self._packed_seq_params_for is not None
 
     def split(self, samples: list[PackedSample], expected: int) -> list[MicroBatch]:
         if len(samples) != expected * self.micro_batch_size:
@@ -81,11 +70,9 @@ class MicroBatcher:
     def _micro_batch(self, samples: list[PackedSample]) -> MicroBatch:
         batch = collate(samples)
         seq_length = batch["tokens"].shape[1]
-        psp = None
-        if self._packed_seq_params_for is not None:
-            psp = self._packed_seq_params_for(batch["cu_seqlens"], seq_length)
+        psp = packed_seq_params_for(batch["cu_seqlens"], seq_length)
         if self.cp_size > 1:
-            batch = self._shard_for_cp(batch, self.cp_size, self.cp_rank)
+            batch = shard_for_cp(batch, self.cp_size, self.cp_rank)
         dev = self.device
         return MicroBatch(
             tokens=batch["tokens"].to(dev, non_blocking=True),
@@ -113,21 +100,12 @@ def load_factory(path: str) -> Callable:
         raise ValueError(f"data_factory {path!r}: {module_name} has no {attr}") from None
 
 
-def build_stream(run, data_parallel_size: int):
-    """The run's training stream: its data_factory, or megalong's TrainStream over `data:`."""
+def build_stream(run, data_parallel_size: int) -> TrainingStream:
+    """The run's training stream: its data_factory, or megalong's TrainStream over ``data:``."""
     if run.data_factory:
         return load_factory(run.data_factory)(run, data_parallel_size)
-    try:
-        from megalong.data.stream import DataConfig, TrainStream
-    except ImportError as err:
-        raise RuntimeError(
-            f"the data: section needs megalong.data.stream, which this build lacks ({err})"
-        ) from None
-    from megalong.config.loader import from_dict
+    from megalong.data.stream import TrainStream
 
-    data_config = from_dict(DataConfig, run.data, "recipe section data:")
-    extra = {}
-    if "total_steps" in inspect.signature(TrainStream).parameters:
-        # Lets the stream refuse, before training, a domain too small for the planned steps.
-        extra["total_steps"] = run.schedule.train_steps
-    return TrainStream(data_config, run.schedule.global_batch_size, data_parallel_size, **extra)
+    # total_steps lets the stream refuse, before training, a domain too small for the planned steps.
+    return TrainStream(run.data, run.schedule.global_batch_size, data_parallel_size,
+                       total_steps=run.schedule.train_steps)

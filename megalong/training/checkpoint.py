@@ -24,7 +24,6 @@ import json
 import logging
 import os
 import random
-import re
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -34,17 +33,12 @@ from typing import Optional
 import numpy as np
 import torch
 
-from megalong.checkpoint import weights
+from megalong.checkpoint import layout, weights
+from megalong.checkpoint.layout import MODEL_SUBDIR, OPTIMIZER_SUBDIR, RNG_SUBDIR, RUN_CONFIG_FILE, TRAIN_STATE_FILE
 from megalong.config.loader import dump_yaml
+from megalong.runtime import torch_adam
 
 log = logging.getLogger(__name__)
-
-LATEST_FILE = "latest"
-OPTIMIZER_SUBDIR = "optimizer"
-RNG_SUBDIR = "rng"
-TRAIN_STATE_FILE = "train_state.json"
-RUN_CONFIG_FILE = "run.yaml"
-_ITER_PATTERN = re.compile(r"^iter_(\d{7,})$")
 
 
 @dataclass
@@ -63,10 +57,6 @@ class TrainState:
     data_fingerprint: str = ""
 
 
-def iteration_dir(save_dir: str | Path, step: int) -> Path:
-    return Path(save_dir) / f"iter_{step:07d}"
-
-
 def unwrap(chunk):
     """The GPTModel inside a Megatron DDP wrapper."""
     from megatron.core.distributed import DistributedDataParallel
@@ -81,32 +71,6 @@ def _rank() -> int:
 def _barrier() -> None:
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def read_latest(save_dir: str | Path) -> Optional[Path]:
-    """The checkpoint the `latest` marker points at, or None when there is none yet."""
-    marker = Path(save_dir) / LATEST_FILE
-    if not marker.is_file():
-        return None
-    name = marker.read_text(encoding="utf-8").strip()
-    path = Path(save_dir) / name
-    if not _ITER_PATTERN.match(name) or not (path / TRAIN_STATE_FILE).is_file():
-        raise FileNotFoundError(f"{marker} points at {name!r}, which is not a complete checkpoint")
-    return path
-
-
-def is_training_checkpoint(directory: str | Path) -> bool:
-    return (Path(directory) / TRAIN_STATE_FILE).is_file()
-
-
-def has_optimizer_state(directory: str | Path) -> bool:
-    return (Path(directory) / OPTIMIZER_SUBDIR).is_dir()
 
 
 def read_train_state(directory: str | Path) -> TrainState:
@@ -172,21 +136,21 @@ def save_checkpoint(
 
     started = time.monotonic()
     step = state.step  # the state object moves on while a background write runs
-    final = iteration_dir(save_dir, step)
-    tmp = weights.staging_dir(final)
+    final = layout.iteration_dir(save_dir, step)
+    tmp = layout.staging_dir(final)
     if _rank() == 0:
         log.info("Saving checkpoint of step %d to %s%s ...", step, final,
                  " in the background" if async_queue is not None else "")
         if tmp.exists():
             shutil.rmtree(tmp)  # a leftover of a job killed while saving
-        for sub in (weights.MODEL_SUBDIR, OPTIMIZER_SUBDIR, RNG_SUBDIR):
+        for sub in (MODEL_SUBDIR, OPTIMIZER_SUBDIR, RNG_SUBDIR):
             (tmp / sub).mkdir(parents=True)
     _barrier()
 
     # Small files first, synchronously (their content is fixed now).
     torch.save(_rng_state(), tmp / RNG_SUBDIR / f"rank_{_rank():05d}.pt")
     if _rank() == 0:
-        weights.write_model_config(tmp, model_config)
+        layout.write_model_config(tmp, model_config)
         (tmp / RUN_CONFIG_FILE).write_text(dump_yaml(run_config), encoding="utf-8")
         state.saved_at = time.time()
         (tmp / TRAIN_STATE_FILE).write_text(json.dumps(asdict(state), indent=1), encoding="utf-8")
@@ -199,7 +163,7 @@ def save_checkpoint(
     )
     background = async_queue is not None
     model_request = dist_checkpointing.save(
-        _model_sharded_state(model_chunks), str(tmp / weights.MODEL_SUBDIR), async_sharded_save=background)
+        _model_sharded_state(model_chunks), str(tmp / MODEL_SUBDIR), async_sharded_save=background)
     optimizer_request = dist_checkpointing.save(
         optimizer_state, str(tmp / OPTIMIZER_SUBDIR), async_sharded_save=background)
 
@@ -215,7 +179,7 @@ def save_checkpoint(
             if final.exists():  # a checkpoint of this step from an earlier, interrupted attempt
                 shutil.rmtree(final)
             os.replace(tmp, final)
-            _write_atomic(Path(save_dir) / LATEST_FILE, final.name + "\n")
+            layout.write_latest(save_dir, final)
             removed = prune_checkpoints(save_dir, keep_last)
             log.info(
                 "Saved checkpoint of step %d (%.1f s after it started)%s", step,
@@ -239,7 +203,7 @@ def _unloadable_parts(directory: Path) -> list[str]:
     from torch.distributed.checkpoint import FileSystemReader
 
     problems = []
-    for sub in (weights.MODEL_SUBDIR, OPTIMIZER_SUBDIR):
+    for sub in (MODEL_SUBDIR, OPTIMIZER_SUBDIR):
         try:
             metadata = FileSystemReader(str(directory / sub)).read_metadata()
         except Exception as err:  # reported, not raised: the other ranks wait at a barrier
@@ -291,91 +255,11 @@ def prune_checkpoints(save_dir: str | Path, keep_last: int) -> list[str]:
     """Delete all but the newest ``keep_last`` complete checkpoints (never the latest one)."""
     if keep_last <= 0:
         return []
-    save_dir = Path(save_dir)
-    steps = sorted(
-        int(m.group(1)) for p in save_dir.iterdir()
-        if p.is_dir() and (m := _ITER_PATTERN.match(p.name))
-    )
     removed = []
-    for step in steps[:-keep_last]:
-        path = iteration_dir(save_dir, step)
+    for path in layout.iterations(save_dir)[:-keep_last]:
         shutil.rmtree(path, ignore_errors=True)
         removed.append(path.name)
     return removed
-
-
-def _materialize_optimizer_state(optimizer) -> None:
-    """Give a fresh optimizer real per-parameter state before a checkpoint is loaded into it.
-
-    Megatron-Core's distributed optimizer reads Adam's per-parameter ``step`` while building
-    the state dict to load into; without Apex or Transformer Engine (torch's Adam: the CPU
-    path) a never-stepped optimizer has none and it fails. One step with zero gradients and
-    a learning rate of zero creates the state without changing any weight; the load then
-    overwrites all of it.
-    """
-    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
-        torch_optimizer = getattr(inner, "optimizer", None)
-        if torch_optimizer is None or len(torch_optimizer.state) > 0:
-            continue
-        saved_lrs = []
-        for group in torch_optimizer.param_groups:
-            saved_lrs.append(group["lr"])
-            group["lr"] = 0.0
-            for param in group["params"]:
-                param.grad = torch.zeros_like(param)
-        torch_optimizer.step()
-        torch_optimizer.zero_grad(set_to_none=True)
-        for group, lr in zip(torch_optimizer.param_groups, saved_lrs):
-            group["lr"] = lr
-
-
-def _distributed_optimizers_on_torch_adam(optimizer) -> list:
-    """Megatron-Core distributed optimizers in ``optimizer`` that run torch's own Adam(W)."""
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
-    return [
-        inner for inner in getattr(optimizer, "chained_optimizers", [optimizer])
-        if isinstance(inner, DistributedOptimizer)
-        and isinstance(getattr(inner, "optimizer", None), (torch.optim.Adam, torch.optim.AdamW))
-    ]
-
-
-def _load_optimizer_state(optimizer, loaded: dict) -> None:
-    """``optimizer.load_state_dict(loaded)``, with two fixes for torch's Adam (no Apex/TE).
-
-    Megatron-Core's fully reshardable loader copies every per-parameter state entry of the
-    destination, but torch's Adam keeps its ``step`` there (Apex/TE keep it in the param
-    groups) and the loaded entries carry none: the copy fails with KeyError 'step'. And it
-    restores ``step`` as ONE tensor shared by all parameters, which torch's Adam then
-    increments once per parameter per step (wrong bias correction after a resume). On this
-    path each parameter's entry is completed with its own step, and the step tensors are
-    unshared after loading. GPU runs with Transformer Engine or Apex never take this path.
-    """
-    patched = []
-    for dist_opt in _distributed_optimizers_on_torch_adam(optimizer):
-        original = dist_opt._set_main_param_and_optimizer_states
-
-        def with_step(model_param, tensors, _opt=dist_opt, _original=original):
-            group_index, group_order = _opt.model_param_group_index_map[model_param]
-            main_param = _opt.optimizer.param_groups[group_index]["params"][group_order]
-            step = _opt.optimizer.state[main_param].get("step")
-            if step is not None and "step" not in tensors:
-                tensors = {**tensors, "step": step.detach().clone()}
-            return _original(model_param, tensors)
-
-        dist_opt._set_main_param_and_optimizer_states = with_step
-        patched.append(dist_opt)
-    try:
-        optimizer.load_state_dict(loaded)
-    finally:
-        for dist_opt in patched:
-            del dist_opt._set_main_param_and_optimizer_states
-    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
-        torch_optimizer = getattr(inner, "optimizer", None)
-        if isinstance(torch_optimizer, torch.optim.Optimizer):
-            for state in torch_optimizer.state.values():
-                if isinstance(state.get("step"), torch.Tensor):
-                    state["step"] = state["step"].detach().clone()
 
 
 def load_checkpoint(
@@ -394,21 +278,21 @@ def load_checkpoint(
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
     directory = Path(directory)
-    state = read_train_state(directory) if is_training_checkpoint(directory) else TrainState()
-    model_path = directory / weights.MODEL_SUBDIR
+    state = read_train_state(directory) if layout.is_training_checkpoint(directory) else TrainState()
+    model_path = directory / MODEL_SUBDIR
     if not model_path.is_dir():
         raise FileNotFoundError(f"no model weights at {model_path}")
     if optimizer is not None:
         optimizer_path = directory / OPTIMIZER_SUBDIR
         if not optimizer_path.is_dir():
             raise FileNotFoundError(f"no optimizer state at {optimizer_path}")
-        _materialize_optimizer_state(optimizer)
+        torch_adam.materialize_state(optimizer)
         optimizer_state = optimizer.sharded_state_dict(
             _model_sharded_state(model_chunks), is_loading=True,
             metadata=_optimizer_metadata(optimizer_format),
         )
         loaded = dist_checkpointing.load(optimizer_state, str(optimizer_path), strict=StrictHandling.RAISE_ALL)
-        _load_optimizer_state(optimizer, loaded)
+        torch_adam.load_state_dict(optimizer, loaded)
     loaded = dist_checkpointing.load(_model_sharded_state(model_chunks), str(model_path), strict=StrictHandling.RAISE_ALL)
     chunks = [unwrap(c) for c in model_chunks]
     if len(chunks) == 1:

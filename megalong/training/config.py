@@ -7,11 +7,18 @@ is printed at start and saved with every checkpoint.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from typing import Literal, Optional
 
+from megalong.config.loader import ConfigError
 from megalong.config.parallel import ParallelConfig
-from megalong.model.config import ModelConfig
+from megalong.data.config import DataConfig
+from megalong.model import presets
+from megalong.model.config import SHAPE_FIELDS, ModelConfig
+
+# Fields a new stage may change relative to its initial weights (the ProLong stage knobs).
+STAGE_CHANGEABLE_FIELDS = ("rope_theta", "rope_scaling", "max_position_embeddings")
 
 
 @dataclass
@@ -127,10 +134,10 @@ class RunConfig:
     seed: int = 1234
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    # The training stream's DataConfig (megalong.data.stream), validated when the stream is built.
-    data: dict[str, Any] = field(default_factory=dict)
-    # Alternative data source: "package.module:function" returning an object with
-    # batch_for_step(step, dp_rank) -> list[PackedSample] (called as fn(run_config, dp_size)).
+    data: DataConfig = field(default_factory=DataConfig)
+    # Alternative data source: "package.module:function" returning a TrainingStream
+    # (megalong.training.batches), called as fn(run_config, data_parallel_size). data.seq_length
+    # still says the sequence length.
     data_factory: Optional[str] = None
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
@@ -140,18 +147,70 @@ class RunConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
-    def validate(self, world_size: int) -> None:
-        from megalong.config.loader import ConfigError
+    def resolved_model(self) -> ModelConfig:
+        """The run's model: the recipe's, completed from init.weights' model.yaml when given.
 
-        dp = self.parallel.data_parallel_size(world_size)
-        per_step = self.schedule.micro_batch_size * dp
-        if self.schedule.global_batch_size % per_step:
+        Shape fields the recipe leaves unset come from the initial weights; a shape field the
+        recipe sets differently is an error, except RoPE theta/scaling and the maximum length,
+        which a long-context stage changes on purpose. Runtime fields (layer implementation,
+        dtype, FP8, recomputation) always come from the recipe.
+        """
+        recipe = presets.resolve(self.model)
+        if not self.init.weights:
+            return recipe
+        from megalong.checkpoint.layout import read_model_config
+
+        saved = presets.resolve(read_model_config(self.init.weights))
+        merged = {}
+        for name in (*SHAPE_FIELDS, "rope_scaling"):
+            ours, theirs = getattr(recipe, name), getattr(saved, name)
+            if ours is None:
+                merged[name] = theirs
+            elif name in STAGE_CHANGEABLE_FIELDS or ours == theirs:
+                merged[name] = ours
+            else:
+                raise ConfigError(
+                    f"model.{name}={ours!r} in the recipe, but the initial weights {self.init.weights} "
+                    f"have {name}={theirs!r}; leave it unset to take the checkpoint's value"
+                )
+        return dataclasses.replace(recipe, **merged)
+
+    def validate(self, world_size: int, check_paths: bool = True) -> ModelConfig:
+        """Every rule that spans fields, checked before anything heavy starts (``megalong
+        train`` before the process groups, ``megalong submit`` before submitting); each error
+        names the keys. Returns the resolved model. ``check_paths`` also requires the
+        mixture's datasets and the initial weights to exist."""
+        parallel, data, schedule = self.parallel, self.data, self.schedule
+        parallel.validate(world_size)
+        if check_paths and self.init.weights:
+            from megalong.checkpoint.layout import resolve
+
+            resolve(self.init.weights)  # names the path and what it lacks
+        model = self.resolved_model() if check_paths or not self.init.weights else presets.resolve(self.model)
+        if all(getattr(model, name) is not None for name in SHAPE_FIELDS):
+            model.validate(parallel.tensor_parallel, parallel.pipeline_parallel * (parallel.virtual_pipeline or 1))
+            if data.seq_length > model.max_position_embeddings:
+                raise ConfigError(
+                    f"data.seq_length={data.seq_length:,} exceeds model.max_position_embeddings="
+                    f"{model.max_position_embeddings:,}; raise model.max_position_embeddings (a long-context "
+                    f"stage does) or shorten the sequences"
+                )
+        cp = parallel.context_parallel
+        if cp > 1 and data.seq_length % (2 * cp):
             raise ConfigError(
-                f"schedule.global_batch_size={self.schedule.global_batch_size} is not divisible by "
-                f"micro_batch_size x data-parallel size = {self.schedule.micro_batch_size} x {dp}"
+                f"data.seq_length={data.seq_length} is not divisible by 2 x parallel.context_parallel = "
+                f"{2 * cp} (context parallelism cuts each sequence into 2 x CP equal chunks)"
             )
-        if self.schedule.train_steps < 1:
-            raise ConfigError(f"schedule.train_steps must be >= 1, got {self.schedule.train_steps}")
+        dp = parallel.data_parallel_size(world_size)
+        per_step = schedule.micro_batch_size * dp
+        if schedule.micro_batch_size < 1 or schedule.global_batch_size % per_step:
+            raise ConfigError(
+                f"schedule.global_batch_size={schedule.global_batch_size} is not divisible by "
+                f"schedule.micro_batch_size x data-parallel size = {schedule.micro_batch_size} x {dp} "
+                f"(DP = {world_size} processes / TP x CP x PP = {parallel.model_parallel_size})"
+            )
+        if schedule.train_steps < 1:
+            raise ConfigError(f"schedule.train_steps must be >= 1, got {schedule.train_steps}")
         if not 0 <= self.optimizer.min_lr <= self.optimizer.lr:
             raise ConfigError(
                 f"optimizer.min_lr={self.optimizer.min_lr} must lie between 0 and optimizer.lr={self.optimizer.lr}"
@@ -160,8 +219,18 @@ class RunConfig:
             raise ConfigError(f"loss.chunk_tokens must be >= 0 (0 = off), got {self.loss.chunk_tokens}")
         if self.checkpoint.save_interval and not self.checkpoint.save_dir:
             raise ConfigError("checkpoint.save_interval is set but checkpoint.save_dir is not")
-        if not self.data and not self.data_factory:
-            raise ConfigError("no training data: set the data: section (or data_factory)")
+        if not self.data_factory:
+            if not data.has_mixture:
+                raise ConfigError("no training data: set data.mixture or data.domains (or data_factory)")
+            if check_paths:
+                missing = data.missing_datasets()
+                if missing:
+                    raise ConfigError(
+                        f"data: {len(missing)} indexed dataset(s) of the mixture not found: "
+                        f"{'; '.join(missing[:5])}{' ...' if len(missing) > 5 else ''} "
+                        f"(relative paths resolve under data.data_root={data.data_root or '(unset)'})"
+                    )
+        return model
 
     def num_microbatches(self, data_parallel_size: int) -> int:
         return self.schedule.global_batch_size // (self.schedule.micro_batch_size * data_parallel_size)

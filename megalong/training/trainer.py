@@ -18,52 +18,19 @@ from typing import Optional
 
 import torch
 
-from megalong.config.loader import ConfigError, dump_yaml
-from megalong.model import presets
-from megalong.model.config import SHAPE_FIELDS, ModelConfig
+from megalong.checkpoint import layout as checkpoint_layout
+from megalong.config.loader import dump_yaml
+from megalong.model.config import ModelConfig
 from megalong.runtime.distributed import Runtime, set_seed
 from megalong.training import checkpoint as ckpt
 from megalong.training.batches import MicroBatcher, build_stream
 from megalong.training.config import RunConfig
-from megalong.training.loss import chunk_cross_entropy, exclude_padded_vocab, masked_loss_sum
+from megalong.training.loss import masked_loss_sum
 from megalong.training.metrics import MetricsWriter, StepMetrics, training_flops
 from megalong.training.optimizer import build_optimizer, build_scheduler, current_lr, wrap_with_ddp
 from megalong.training.signals import REQUEUE_EXIT_CODE, StopWatch
 
 log = logging.getLogger(__name__)
-
-# Fields a new stage may change relative to its initial weights (the ProLong stage knobs).
-STAGE_CHANGEABLE_FIELDS = ("rope_theta", "rope_scaling", "max_position_embeddings")
-
-
-def resolve_model_config(run: RunConfig) -> ModelConfig:
-    """The run's model: the recipe's, completed from init.weights' model.yaml when given.
-
-    Shape fields the recipe leaves unset come from the initial weights; a shape field the
-    recipe sets differently is an error, except RoPE theta/scaling and the maximum length,
-    which a long-context stage changes on purpose. Runtime fields (layer implementation,
-    dtype, FP8, recomputation) always come from the recipe.
-    """
-    recipe = presets.resolve(run.model)
-    if not run.init.weights:
-        return recipe
-    from megalong.checkpoint.weights import read_model_config
-
-    saved = presets.resolve(read_model_config(run.init.weights))
-    merged = {}
-    for name in (*SHAPE_FIELDS, "rope_scaling"):
-        ours, theirs = getattr(recipe, name), getattr(saved, name)
-        if ours is None:
-            merged[name] = theirs
-        elif name in STAGE_CHANGEABLE_FIELDS or ours == theirs:
-            merged[name] = ours
-        else:
-            raise ConfigError(
-                f"model.{name}={ours!r} in the recipe, but the initial weights {run.init.weights} "
-                f"have {name}={theirs!r}; leave it unset to take the checkpoint's value"
-            )
-    return dataclasses.replace(recipe, **merged)
-
 
 def _layout_tag(parallel, world_size: int) -> str:
     return (f"tp{parallel.tensor_parallel},pp{parallel.pipeline_parallel},cp{parallel.context_parallel},"
@@ -71,13 +38,15 @@ def _layout_tag(parallel, world_size: int) -> str:
 
 
 class Trainer:
+    """Trains a validated run (:meth:`RunConfig.validate`, which :func:`megalong.training.train`
+    calls before the runtime starts) on a started runtime."""
+
     def __init__(self, run: RunConfig, runtime: Runtime, stream=None):
         from megatron.core import parallel_state as ps
 
         self.run = run
         self.runtime = runtime
         self.ps = ps
-        run.validate(runtime.world_size)
         self.dp_size = ps.get_data_parallel_world_size()
         self.dp_rank = ps.get_data_parallel_rank()
         self.num_microbatches = run.num_microbatches(self.dp_size)
@@ -100,18 +69,14 @@ class Trainer:
         from megalong.model.llama import build_model
 
         ps = self.ps
-        self.model_config = resolve_model_config(self.run)
+        self.model_config = self.run.resolved_model()
         # From here on the run carries its resolved model (printed now, saved with checkpoints).
         self.run = run = dataclasses.replace(self.run, model=self.model_config)
         if self.is_logging_rank:
             log.info("Run configuration (resolved):\n%s", dump_yaml(run))
         set_seed(run.seed)
-        chunks = build_model(self.model_config, run.parallel, on_gpu=self.runtime.on_gpu)
-        tp_size, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
-        for chunk in chunks:
-            exclude_padded_vocab(chunk, self.model_config.vocab_size, tp_size, tp_rank)
-            # After the padded-vocabulary hook, so that every chunk's cross entropy goes through it.
-            chunk_cross_entropy(chunk, run.loss.chunk_tokens)
+        chunks = build_model(self.model_config, run.parallel, on_gpu=self.runtime.on_gpu,
+                             loss_chunk_tokens=run.loss.chunk_tokens)
         if run.loss.chunk_tokens and self.is_logging_rank:
             log.info("Cross entropy in chunks of %d tokens (logits recomputed in backward)",
                      run.loss.chunk_tokens)
@@ -136,7 +101,7 @@ class Trainer:
 
         if self.stream is None:
             self.stream = build_stream(run, self.dp_size)
-        if self.is_logging_rank and hasattr(self.stream, "describe"):
+        if self.is_logging_rank:
             log.info("Training data: %s", self.stream.describe())
         self._load_initial_state()
         self.batcher = MicroBatcher(
@@ -154,10 +119,11 @@ class Trainer:
             return None
         if choice == "auto":
             save_dir = self.run.checkpoint.save_dir
-            return ckpt.read_latest(save_dir) if save_dir and Path(save_dir).is_dir() else None
-        path = Path(choice)
-        if not ckpt.is_training_checkpoint(path):
-            raise FileNotFoundError(f"checkpoint.resume={choice}: not a training checkpoint (no train_state.json)")
+            return checkpoint_layout.read_latest(save_dir) if save_dir else None
+        path = checkpoint_layout.resolve(choice)
+        if not checkpoint_layout.is_training_checkpoint(path):
+            raise FileNotFoundError(f"checkpoint.resume={choice}: {path} is not a training checkpoint "
+                                    f"(no {checkpoint_layout.TRAIN_STATE_FILE})")
         return path
 
     def _load_initial_state(self) -> None:
@@ -169,7 +135,7 @@ class Trainer:
             if self.is_logging_rank:
                 log.info("Resuming from checkpoint %s at step %d (saved at layout %s, now %s)",
                          resume, saved.step, saved.layout, self.layout)
-            fingerprint = self._data_fingerprint()
+            fingerprint = self.stream.fingerprint()
             if saved.data_fingerprint and fingerprint and saved.data_fingerprint != fingerprint:
                 raise RuntimeError(
                     f"refusing to resume from {resume}: the data configuration differs from the one "
@@ -187,8 +153,8 @@ class Trainer:
                          self.state.consumed_tokens)
             return
         if run.init.weights:
-            source = Path(run.init.weights)
-            has_opt = ckpt.has_optimizer_state(source)
+            source = checkpoint_layout.resolve(run.init.weights)
+            has_opt = checkpoint_layout.has_optimizer_state(source)
             carry = run.init.load_optimizer
             if carry and not has_opt:
                 raise FileNotFoundError(
@@ -239,7 +205,7 @@ class Trainer:
         if update_successful:
             self.scheduler.step(increment=1)
 
-        loss, loss_tokens, attention_cost = self._reduce_step_figures(reports, micro_batches, seq_length)
+        loss, loss_tokens, attention_cost = self._reduce_step_figures(reports, micro_batches)
         step_time = time.perf_counter() - started
         tokens = self.run.schedule.global_batch_size * seq_length
         self.state.step = step + 1
@@ -253,17 +219,14 @@ class Trainer:
             world_size=self.runtime.world_size, skipped=not update_successful,
         )
 
-    def _reduce_step_figures(self, reports, micro_batches, seq_length) -> tuple[float, int, int]:
+    def _reduce_step_figures(self, reports, micro_batches) -> tuple[float, int, int]:
         """Token-averaged loss over the global batch, its token count, and its attention cost.
 
         The loss exists on the last pipeline stage: summed over DP x CP there, then sent
         along the pipeline so that every rank (and the logging rank) knows it.
         """
         ps = self.ps
-        if self.batcher.document_masking:
-            local_cost = sum(mb.attention_cost for mb in micro_batches)
-        else:
-            local_cost = len(micro_batches) * self.run.schedule.micro_batch_size * seq_length ** 2
+        local_cost = sum(mb.attention_cost for mb in micro_batches)
         figures = torch.zeros(3, dtype=torch.float64, device=self.runtime.device)
         if ps.is_pipeline_last_stage(ignore_virtual=True):
             for report in reports:
@@ -280,17 +243,12 @@ class Trainer:
         return (loss_sum / tokens if tokens else float("nan")), int(round(tokens)), int(cost)
 
     # ------------------------------------------------------------------ the loop
-    def _data_fingerprint(self) -> str:
-        fingerprint = getattr(self.stream, "fingerprint", None)
-        return str(fingerprint()) if callable(fingerprint) else ""
-
     def save(self) -> Path:
         run = self.run
-        self.state.data_fingerprint = self._data_fingerprint()
+        self.state.data_fingerprint = self.stream.fingerprint()
         self.state.scheduler = self.scheduler.state_dict()
         self.state.layout = self.layout
-        if hasattr(self.stream, "describe"):
-            self.state.data = str(self.stream.describe())
+        self.state.data = self.stream.describe()
         # With overlapped parameter all-gather the last update reaches the model only in the
         # next forward pass: gather it now, so the saved weights are the updated ones.
         deferred_gather = self._overlaps_param_gather()
@@ -337,10 +295,9 @@ class Trainer:
         metrics = self._metrics_writer()
         try:
             if self.is_logging_rank:
-                seq = run.data.get("seq_length")
-                log.info("Training steps %d to %d: %d packed sequences%s per step (%d micro-batches on each "
-                         "of %d data-parallel ranks)", step + 1, total, run.schedule.global_batch_size,
-                         f" of {seq:,} tokens" if isinstance(seq, int) else "", self.num_microbatches, self.dp_size)
+                log.info("Training steps %d to %d: %d packed sequences of %s tokens per step (%d micro-batches "
+                         "on each of %d data-parallel ranks)", step + 1, total, run.schedule.global_batch_size,
+                         f"{run.data.seq_length:,}", self.num_microbatches, self.dp_size)
             while step < total:
                 for chunk in self.model:
                     chunk.train()
@@ -370,8 +327,7 @@ class Trainer:
             self.finish_pending_saves()
             if self.is_logging_rank:
                 log.info("Training finished: %d steps, %d tokens.", step, self.state.consumed_tokens)
-                if hasattr(self.stream, "report"):
-                    log.info("Data drawn per domain: %s", self.stream.report())
+                log.info("Data drawn: %s", self.stream.report())
             return 0
         finally:
             if self.async_queue is not None:

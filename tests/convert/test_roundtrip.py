@@ -6,7 +6,7 @@ import shutil
 import pytest
 import torch
 
-from megalong.checkpoint.weights import read_model_config
+from megalong.checkpoint.layout import read_model_config
 from megalong.cli.main import main as megalong_main
 from megalong.convert import convert_hf_to_megatron, convert_megatron_to_hf
 from megalong.convert.adapter import StateDictMismatchError

@@ -35,7 +35,8 @@ def _forward_logits(chunk, tokens: torch.Tensor, vocab_size: int) -> torch.Tenso
 
 def logits_at_layouts(weights_dirs: list[str], tokens: torch.Tensor, layouts: list[tuple[int, int]]):
     """For each (TP, PP) layout and weights dir: load with load_weights and return logits."""
-    from megalong.checkpoint.weights import load_weights, read_model_config
+    from megalong.checkpoint.layout import read_model_config
+    from megalong.checkpoint.weights import load_weights
     from megalong.config.parallel import ParallelConfig
     from megalong.model.llama import build_model
     from megalong.runtime import init_distributed, set_seed

@@ -5,7 +5,8 @@ import pytest
 
 from megalong.config import ConfigError, load
 from megalong.data.mixture import DomainSpec, MixtureSpec, load_mixture, mixture_path
-from megalong.data.stream import DataConfig, TrainStream
+from megalong.data.config import DataConfig
+from megalong.data.stream import TrainStream
 from tests.data.builders import unique_documents, write_indexed
 
 # ProLong's stage-1 shares, each domain a different kind of data.

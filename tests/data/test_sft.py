@@ -11,7 +11,8 @@ from megalong.data.mixture import DomainSpec
 from megalong.data.sft import (
     ChatFormatError, open_chat_dataset, read_conversation, render_conversation, write_chat_dataset,
 )
-from megalong.data.stream import DataConfig, TrainStream
+from megalong.data.config import DataConfig
+from megalong.data.stream import TrainStream
 from megalong.data.tokenizer import bundled_llama3_dir, load_tokenizer
 from tests.data.builders import unique_documents, write_indexed
 

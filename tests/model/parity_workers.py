@@ -39,7 +39,7 @@ def _setup(parallel: ParallelConfig, weights_dir: str):
 
     init_distributed(parallel)
     set_seed(0)
-    chunks = build_model(model_config(), parallel)
+    chunks = build_model(model_config(), parallel, on_gpu=False)
     load_weights(chunks, weights_dir)
     return chunks
 
@@ -51,7 +51,7 @@ def save_reference_weights(weights_dir: str) -> None:
     parallel = ParallelConfig()
     init_distributed(parallel)
     set_seed(0)
-    chunks = build_model(model_config(), parallel)
+    chunks = build_model(model_config(), parallel, on_gpu=False)
     save_weights(chunks, weights_dir, model_config())
 
 

@@ -1,8 +1,8 @@
 """Entry points of the chunked cross-entropy tests (module-level so spawned processes can import them).
 
 Each check builds a small GPTModel, computes the masked loss sum and its gradients with
-Megatron's full logits, then installs :func:`chunk_cross_entropy` on the same model and
-computes them again from the same inputs.
+Megatron's full logits, then switches the same model to chunks
+(``MegalongGPTModel.set_loss_chunk_tokens``) and computes them again from the same inputs.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from megalong.config import ParallelConfig
-from megalong.training.loss import chunk_cross_entropy, exclude_padded_vocab, masked_loss_sum
+from megalong.training.loss import masked_loss_sum
 
 # (sequence parallel, tied embeddings, chunk_tokens); all but 7 (6 rows) leave a short last chunk
 CASES_TP1 = [(False, True, 22), (False, False, 50)]
@@ -27,7 +27,6 @@ def _model(tp: int, sp: bool, tied: bool, seed: int = 7, **shape):
     sequence-parallel decoder leaves it; the output layer is switched to its
     sequence-parallel mode (all-gather in forward, reduce-scatter of the input gradient).
     """
-    from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel import scatter_to_sequence_parallel_region
 
     from megalong.model import preset_config
@@ -42,8 +41,6 @@ def _model(tp: int, sp: bool, tied: bool, seed: int = 7, **shape):
         decoder_forward = model.decoder.forward
         model.decoder.forward = lambda *a, **k: scatter_to_sequence_parallel_region(decoder_forward(*a, **k))
         model.output_layer.sequence_parallel, model.output_layer.allreduce_dgrad = True, False
-    exclude_padded_vocab(model, config.vocab_size, ps.get_tensor_model_parallel_world_size(),
-                         ps.get_tensor_model_parallel_rank())
     return model
 
 
@@ -80,14 +77,14 @@ def _real_vocab_reference(model, tokens, labels, loss_mask, positions):
 
 
 def _count_calls(layer) -> list:
-    """Record the calls of ``layer.forward`` (Megatron's ColumnParallelLinear.forward)."""
-    calls, forward = [], layer.forward
+    """Record the logits projections of the output layer (Megatron's ColumnParallelLinear.forward)."""
+    calls, project = [], layer.project
 
     def counting(*args, **kwargs):
         calls.append(args[0].shape[0])
-        return forward(*args, **kwargs)
+        return project(*args, **kwargs)
 
-    layer.forward = counting
+    layer.project = counting
     return calls
 
 
@@ -105,7 +102,8 @@ def compare(tp: int, cases) -> list[dict]:
         with torch.no_grad():
             logits_before = model(tokens, positions, None)
         projections = _count_calls(model.output_layer)
-        installed = chunk_cross_entropy(model, chunk_tokens)
+        model.set_loss_chunk_tokens(chunk_tokens)
+        installed = model.loss_chunk_tokens > 0
         # Megatron DDP's gradient-ready hooks count on one accumulation per parameter per
         # backward (overlap_grad_reduce asserts it): the chunks' output-weight gradients must
         # arrive summed, not one by one.
@@ -159,7 +157,7 @@ def logits_path_peak_bytes(chunk_tokens: int, seq: int = 2048, vocab: int = 3199
     init_distributed(ParallelConfig(), device="cpu")
     model = _model(1, False, True, num_layers=1, vocab_size=vocab)
     model.decoder.forward = lambda hidden_states, *args, **kwargs: hidden_states
-    chunk_cross_entropy(model, chunk_tokens)
+    model.set_loss_chunk_tokens(chunk_tokens)
     tokens, labels, loss_mask, positions = _inputs(seq, 1, vocab)
 
     def step():
@@ -184,7 +182,7 @@ def peaks(chunk_sizes) -> list[int]:
 
 def train_and_report(run_dict: dict) -> tuple[int, list]:
     """``megalong.training.train`` keeping the trainer: the exit code, and per model chunk the
-    chunk size its loss was installed with (None where it was not: not a last stage)."""
+    chunk size of its loss (0 where it computes none: not a last stage)."""
     from megalong.config import from_dict
     from megalong.runtime import init_distributed
     from megalong.training import RunConfig
@@ -196,7 +194,7 @@ def train_and_report(run_dict: dict) -> tuple[int, list]:
     for wrapped in trainer.model:
         while hasattr(wrapped, "module"):  # DDP (and Float16Module) wrappers
             wrapped = wrapped.module
-        installed.append(getattr(wrapped, "loss_chunk_tokens", None))
+        installed.append(wrapped.loss_chunk_tokens)
     return trainer.fit(), installed
 
 

@@ -8,7 +8,8 @@ import json
 import pytest
 import yaml
 
-from megalong.training.checkpoint import prune_checkpoints, read_latest
+from megalong.checkpoint.layout import read_latest
+from megalong.training.checkpoint import prune_checkpoints
 from tests.training.helpers import read_losses
 
 
@@ -47,8 +48,8 @@ def test_stage_two_starts_from_stage_one_with_new_theta_and_length(workdir, sing
 
 def test_prune_keeps_the_newest_and_latest_marker(tmp_path):
     for step in (2, 4, 6):
-        (tmp_path / f"iter_{step:07d}").mkdir()
-        (tmp_path / f"iter_{step:07d}" / "train_state.json").write_text("{}")
+        (tmp_path / f"iter_{step:07d}" / "model").mkdir(parents=True)
+        (tmp_path / f"iter_{step:07d}" / "model.yaml").write_text("{}")
     (tmp_path / "iter_0000008.tmp").mkdir()  # an interrupted save is not a checkpoint
     (tmp_path / "latest").write_text("iter_0000006\n")
     assert prune_checkpoints(tmp_path, keep_last=2) == ["iter_0000002"]

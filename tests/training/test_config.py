@@ -6,13 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from megalong.checkpoint.weights import write_model_config
+from megalong.checkpoint.layout import write_model_config
 from megalong.config import ConfigError, LayoutError, load
 from megalong.model import preset_config
 from megalong.training import REQUEUE_EXIT_CODE, RunConfig
 from megalong.training.metrics import training_flops
 from megalong.training.signals import StopWatch
-from megalong.training.trainer import resolve_model_config
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
@@ -23,8 +22,8 @@ def test_prolong_recipes_carry_the_published_numbers():
     sft = load(RunConfig, EXAMPLES / "prolong" / "sft.yaml")
     assert (s1.model.rope_theta, s2.model.rope_theta, sft.model.rope_theta) == (8e6, 1.28e8, 1.28e8)
     assert (s1.schedule.train_steps, s2.schedule.train_steps, sft.schedule.train_steps) == (5000, 2500, 250)
-    assert s1.schedule.global_batch_size * s1.data["seq_length"] == 64 * 65536
-    assert s2.schedule.global_batch_size * s2.data["seq_length"] == 128 * 524288 // 8
+    assert s1.schedule.global_batch_size * s1.data.seq_length == 64 * 65536
+    assert s2.schedule.global_batch_size * s2.data.seq_length == 128 * 524288 // 8
     assert (s1.optimizer.lr, s2.optimizer.lr, sft.optimizer.lr) == (1e-5, 5e-6, 2e-5)
     for run in (s1, s2, sft):
         assert run.optimizer.min_lr == pytest.approx(0.1 * run.optimizer.lr)
@@ -38,8 +37,39 @@ def test_prolong_recipes_carry_the_published_numbers():
 
 def test_tiny_cpu_recipe_is_valid_for_two_processes():
     run = load(RunConfig, EXAMPLES / "tiny_cpu.yaml")
-    run.validate(world_size=2)
+    run.validate(world_size=2, check_paths=False)  # its data is the quickstart's output
     assert run.runtime.device == "cpu"
+
+
+@pytest.mark.parametrize("overrides,world,message", [
+    (["parallel.context_parallel=2", "data.seq_length=258"], 2,
+     r"data.seq_length=258 is not divisible by 2 x parallel.context_parallel = 4"),
+    (["parallel.sequence_parallel=true"], 2, r"parallel.sequence_parallel=true needs tensor_parallel > 1"),
+    (["data.seq_length=16384"], 2, r"data.seq_length=16,384 exceeds model.max_position_embeddings=8,192"),
+    (["schedule.global_batch_size=6", "schedule.micro_batch_size=2"], 2,
+     r"schedule.global_batch_size=6 is not divisible by schedule.micro_batch_size x data-parallel size = 2 x 2"),
+    (["parallel.tensor_parallel=2"], 3, r"world size 3 is not divisible by TP x CP x PP"),
+    (["model.num_query_groups=3"], 2, r"model.num_attention_heads=4 is not divisible by model.num_query_groups=3"),
+], ids=["seq-vs-cp", "sp-without-tp", "seq-beyond-positions", "batch-vs-dp", "world-size", "model-shape"])
+def test_a_configuration_that_cannot_work_is_refused_naming_the_keys(overrides, world, message):
+    run = load(RunConfig, EXAMPLES / "tiny_cpu.yaml", overrides)
+    with pytest.raises((ConfigError, LayoutError), match=message):
+        run.validate(world_size=world, check_paths=False)
+
+
+def test_missing_datasets_and_misspelled_keys_are_refused(tmp_path):
+    with pytest.raises(ConfigError, match=r"data: unknown key\(s\) seq_lenght; valid keys for DataConfig"):
+        load(RunConfig, EXAMPLES / "tiny_cpu.yaml", ["data.seq_lenght=128"])
+    run = load(RunConfig, EXAMPLES / "tiny_cpu.yaml", [f"data.data_root={tmp_path}"])
+    with pytest.raises(ConfigError, match=rf"1 indexed dataset\(s\) of the mixture not found: text: {tmp_path}/text_document"):
+        run.validate(world_size=2)
+    for suffix in (".bin", ".idx"):
+        (tmp_path / f"text_document{suffix}").write_bytes(b"")
+    run.validate(world_size=2)  # the files exist: only their presence is checked here
+    missing_init = load(RunConfig, EXAMPLES / "tiny_cpu.yaml", [f"data.data_root={tmp_path}",
+                                                              f"init.weights={tmp_path / 'stage1'}"])
+    with pytest.raises(FileNotFoundError, match="stage1 does not exist"):
+        missing_init.validate(world_size=2)
 
 
 def test_overrides_and_errors_name_the_key():
@@ -56,13 +86,14 @@ def test_overrides_and_errors_name_the_key():
 
 def test_stage_model_takes_shape_from_weights_and_theta_from_recipe(tmp_path):
     write_model_config(tmp_path, preset_config("test-tiny"))
+    (tmp_path / "model").mkdir()  # a weights directory (its tensors are not read here)
     run = load(RunConfig, None, [f"init.weights={tmp_path}", "model.rope_theta=8e6", "data.seq_length=64"])
-    model = resolve_model_config(run)
+    model = run.resolved_model()
     assert model.rope_theta == 8e6 and isinstance(model.rope_theta, float)
     assert model.num_layers == 4 and model.vocab_size == 512
     clash = load(RunConfig, None, [f"init.weights={tmp_path}", "model.num_layers=8"])
     with pytest.raises(ConfigError, match="num_layers=8"):
-        resolve_model_config(clash)
+        clash.resolved_model()
 
 
 def test_warmup_steps_and_flops():

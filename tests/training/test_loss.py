@@ -2,14 +2,17 @@
 
 import pytest
 
+from tests.numerics import reordering_rtol
 from tests.training.helpers import read_losses
 
 
 def test_padded_vocabulary_takes_no_probability_mass(single_process_results):
     result = single_process_results["padded"]
-    assert result["padded"] == 512 and result["installed"]
-    assert result["full_vocab_vs_reference"] > 1e-2  # Megatron's plain CE over all 512 differs ...
-    assert result["ours_vs_reference"] < 1e-5  # ... ours is the softmax over the real 500
+    assert result["padded"] == 512 and result["first_padded_column"] == 500
+    assert result["full_vocab_vs_reference"] > 1e-2  # a plain CE over all 512 differs ...
+    # ... ours is the softmax over the real 500: log of a reordered sum of 512 positive terms,
+    # at most 512 u apart (tests/numerics.py).
+    assert result["ours_vs_reference"] < reordering_rtol(512)
 
 
 def test_token_average_over_uneven_batches_matches_single_process_reference(

@@ -14,6 +14,7 @@ step, each rank's list is its micro-batches in order.
 from __future__ import annotations
 
 import functools
+import hashlib
 import sysconfig
 from collections import Counter
 from pathlib import Path
@@ -88,10 +89,20 @@ class ListStream:
     def describe(self) -> str:
         return f"{len(self.samples)} packed samples of stdlib source (Llama-3 tokens, restricted vocabulary)"
 
+    def fingerprint(self) -> str:
+        digest = hashlib.sha256(str(self.global_batch_size).encode())
+        for sample in self.samples:
+            digest.update(sample.tokens.tobytes())
+            digest.update(sample.loss_mask.tobytes())
+        return digest.hexdigest()[:16]
+
+    def report(self) -> dict:
+        return {"samples": len(self.samples)}
+
 
 def text_stream(run, data_parallel_size: int) -> ListStream:
     """data_factory for recipes: ``data_factory: tests.training.text_stream:text_stream``."""
-    seq_length = int(run.data.get("seq_length", 64))
+    seq_length = run.data.seq_length
     vocab = int(run.model.vocab_size or 512)
     samples = pack(stdlib_documents(vocab), seq_length)
     return ListStream(samples, run.schedule.global_batch_size, data_parallel_size)
@@ -127,5 +138,5 @@ def uneven_samples(seq_length: int = 64, vocab_size: int = 512) -> list[PackedSa
 
 def uneven_stream(run, data_parallel_size: int) -> ListStream:
     """data_factory serving uneven_samples() as every global batch (4 samples)."""
-    return ListStream(uneven_samples(int(run.data.get("seq_length", 64))), run.schedule.global_batch_size,
+    return ListStream(uneven_samples(run.data.seq_length), run.schedule.global_batch_size,
                       data_parallel_size)

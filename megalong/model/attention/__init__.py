@@ -2,8 +2,8 @@
 
 Public surface (see docs/attention.md):
 
-* :func:`core_attention_for` (called by ``megalong.model.llama.layer_spec``): the
-  core-attention class for a model config.
+* :func:`core_attention_spec` (called by ``megalong.model.llama.layer_spec``): the
+  core-attention ModuleSpec for a model config.
 * :func:`packed_seq_params_for`: what the trainer passes as ``packed_seq_params=`` so
   attention stays inside documents.
 * :func:`resolve_backend`: which kernel ``attention_backend: auto`` picks.
@@ -53,12 +53,14 @@ def packed_seq_params_for(cu_seqlens, seq_length: int):
     return build(cu_seqlens, seq_length)
 
 
-def core_attention_for(choice, model_cfg):
-    """The core-attention class to plug into the layer spec for this model and machine."""
-    from megalong.model.attention.core import document_attention_class
+def core_attention_spec(choice, model_cfg):
+    """The core-attention ModuleSpec to plug into the layer spec for this model and machine."""
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    from megalong.model.attention.core import DocumentAttention
 
     backend = resolve_backend(model_cfg.attention_backend, choice.on_gpu)
-    return document_attention_class(backend, model_cfg.cp_comm)
+    return ModuleSpec(module=DocumentAttention, params={"backend": backend, "cp_comm": model_cfg.cp_comm})
 
 
-__all__ = ["core_attention_for", "packed_seq_params_for", "resolve_backend"]
+__all__ = ["core_attention_spec", "packed_seq_params_for", "resolve_backend"]

@@ -29,9 +29,9 @@ log = logging.getLogger(__name__)
 class DocumentAttention(MegatronModule):
     """Causal attention restricted to documents, with ring or all-to-all context parallelism.
 
-    Subclasses made by :func:`megalong.model.attention.core_attention_for` fix ``backend``
-    ("sdpa", "flash" or "te": the kernel used on whole sequences) and ``cp_comm``
-    ("ring" or "a2a"). Under CP:
+    ``backend`` ("sdpa", "flash" or "te": the kernel used on whole sequences) and ``cp_comm``
+    ("ring" or "a2a") come from the layer spec's params
+    (:func:`megalong.model.attention.core_attention_spec`). Under CP:
 
     * sdpa / flash: megalong's ring (per-step blocks in megalong's PyTorch block kernel,
       which returns the log-sum-exp the merge needs) or megalong's all-to-all followed by
@@ -40,14 +40,18 @@ class DocumentAttention(MegatronModule):
       an exchange of tokens into that layout (``thd_relayout``).
     """
 
-    backend: str = "sdpa"
-    cp_comm: str = "ring"
     tile: int = DEFAULT_TILE
 
     def __init__(self, config, layer_number: int, attn_mask_type=None, attention_type: str = "self",
                  attention_dropout: Optional[float] = None, softmax_scale: Optional[float] = None,
-                 cp_comm_type: Optional[str] = None, pg_collection=None, **unused):
+                 cp_comm_type: Optional[str] = None, pg_collection=None, *, backend: str = "sdpa",
+                 cp_comm: str = "ring", **unused):
         super().__init__(config=config)
+        if backend not in ("sdpa", "flash", "te"):
+            raise ValueError(f"unknown attention backend {backend!r}; choose sdpa, flash or te")
+        if cp_comm not in ("ring", "a2a"):
+            raise ValueError(f"unknown cp_comm {cp_comm!r}; choose ring or a2a")
+        self.backend, self.cp_comm = backend, cp_comm
         dropout = config.attention_dropout if attention_dropout is None else attention_dropout
         if dropout:
             raise ValueError(
@@ -118,21 +122,3 @@ class DocumentAttention(MegatronModule):
         if self.cp_comm == "a2a":
             return ulysses.ulysses_attention(query, key, value, layout, self.cp_group, self._whole_sequence_attention)
         return ring.ring_attention(query, key, value, layout, self.cp_group, self.softmax_scale, self.tile)
-
-
-_CLASSES: dict = {}
-
-
-def document_attention_class(backend: str, cp_comm: str) -> type:
-    """The DocumentAttention subclass for a (backend, cp_comm) pair (one class per pair)."""
-    if backend not in ("sdpa", "flash", "te"):
-        raise ValueError(f"unknown attention backend {backend!r}; choose sdpa, flash or te")
-    if cp_comm not in ("ring", "a2a"):
-        raise ValueError(f"unknown cp_comm {cp_comm!r}; choose ring or a2a")
-    key = (backend, cp_comm)
-    if key not in _CLASSES:
-        name = f"DocumentAttention_{backend}_{cp_comm}"
-        attributes = {"backend": backend, "cp_comm": cp_comm, "__module__": __name__}
-        _CLASSES[key] = type(name, (DocumentAttention,), attributes)
-        globals()[name] = _CLASSES[key]  # picklable by name
-    return _CLASSES[key]

@@ -96,26 +96,25 @@ def test_backend_choice():
         resolve_backend("xformers", on_gpu=False)
 
 
-def test_core_attention_class_per_choice():
+def test_core_attention_spec_per_choice():
     from megalong.model import preset_config
-    from megalong.model.attention import core_attention_for
+    from megalong.model.attention import core_attention_spec
     from megalong.model.attention.core import DocumentAttention
     from megalong.model.llama import ModelChoice
 
-    cls = core_attention_for(ModelChoice("local", on_gpu=False), preset_config("test-tiny", cp_comm="a2a"))
-    assert issubclass(cls, DocumentAttention)
-    assert (cls.backend, cls.cp_comm) == ("sdpa", "a2a")
-    assert core_attention_for(ModelChoice("local", False), preset_config("test-tiny", cp_comm="a2a")) is cls
+    spec = core_attention_spec(ModelChoice("local", on_gpu=False), preset_config("test-tiny", cp_comm="a2a"))
+    assert spec.module is DocumentAttention
+    assert spec.params == {"backend": "sdpa", "cp_comm": "a2a"}
 
 
 def test_core_attention_refuses_a_dense_mask_and_wrong_shapes():
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    from megalong.model.attention.core import document_attention_class
+    from megalong.model.attention.core import DocumentAttention
 
     config = TransformerConfig(num_layers=1, hidden_size=32, num_attention_heads=4, num_query_groups=2,
                                attention_dropout=0.0, hidden_dropout=0.0)
-    attention = document_attention_class("sdpa", "ring")(config, layer_number=2)
+    attention = DocumentAttention(config, layer_number=2, backend="sdpa", cp_comm="ring")
     q, k = torch.randn(8, 1, 4, 8), torch.randn(8, 1, 2, 8)
     assert attention(q, k, k).shape == (8, 1, 32)  # no params: one causal document per sample
     with pytest.raises(ValueError, match="attention_mask=None"):
