@@ -24,7 +24,7 @@ def _leftovers(parent):
 
 @pytest.mark.parametrize("case,dtype", [
     ("gqa1-tied", torch.float32), ("gqa2-untied-scaled", torch.bfloat16),
-    ("gqa4-untied", torch.float32), ("gqa4-tied-scaled", torch.bfloat16),
+    ("gqa4-untied", torch.float32), ("gqa4-tied-scaled", torch.bfloat16), ("gqa2-untied-scaled", torch.float16),
 ])
 def test_hf_megatron_hf_is_bit_exact(tmp_path, case, dtype):
     save_hf_model(tmp_path / "hf", dtype=dtype, max_shard_size="200KB", **CASES[case])
