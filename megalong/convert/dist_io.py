@@ -6,8 +6,9 @@ the ShardedTensor keys (per-layer tensors stacked along a leading layer axis) pl
 ``metadata.json`` and ``common.pt``. Saving through Megatron-Core needs every tensor in
 memory at once; for conversion that is the whole model. This module writes the same
 directory through DCP's own planner interface (:mod:`megalong.convert.dcp_planners`),
-producing each tensor only when DCP is about to write it, and reads any rectangular region of a stored tensor (e.g. one layer
-of a stacked tensor) without reading the rest. The result loads with
+producing each tensor only when DCP is about to write it, and reads any rectangular
+region of a stored tensor (e.g. one layer of a stacked tensor) without reading the
+rest. The result loads with
 ``megalong.checkpoint.weights.load_weights`` at any TP/PP, and reading accepts what
 Megatron-Core saved at any TP/PP.
 """
