@@ -130,8 +130,8 @@ def _describe_rope(theta: float, scaling: RopeScaling | None) -> str:
 def _rope_settings(hf: dict, source: str) -> tuple[float, RopeScaling | None]:
     """(theta, scaling) as transformers reads them; RoPE descriptions that disagree are an error.
 
-    How transformers resolves the two layouts (5.x, ``RotaryEmbeddingConfigMixin.
-    convert_rope_params_to_dict``): a non-empty ``rope_scaling`` mapping replaces
+    How transformers 5 resolves the two layouts (``convert_rope_params_to_dict`` of its
+    ``RotaryEmbeddingConfigMixin``): a non-empty ``rope_scaling`` mapping replaces
     ``rope_parameters`` outright; otherwise ``rope_parameters`` is used. The mapping in use
     takes its own ``rope_theta``, else the top-level ``rope_theta``, else 10,000; its
     ``rope_type`` (or legacy ``type``) defaults to "default". transformers 4 reads only the

@@ -6,6 +6,10 @@ pre-planned safetensors shards; the next layer is read while the current one is
 written. The release directory holds the shards and their index, ``config.json``
 (exact rope_theta, max_position_embeddings and rope scaling), ``generation_config.json``,
 the tokenizer files and a short README; it appears only when complete.
+
+The steps, in order: check the checkpoint against its config (before anything is
+written), plan the release (each tensor's dtype, the shards), write the weights, write
+what describes them (configs, tokenizer, README).
 """
 
 from __future__ import annotations
