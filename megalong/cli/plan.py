@@ -10,7 +10,6 @@ Prints the best layouts with their memory breakdown and step time, then why ever
 from __future__ import annotations
 
 import argparse
-from collections import Counter
 
 DEFAULT_LOSS_CHUNK = 8192
 
@@ -73,11 +72,6 @@ def _request(args):
     )
 
 
-def _family(layout) -> str:
-    vp = f"x{layout.virtual_pipeline}" if layout.virtual_pipeline else ""
-    return f"TP={layout.tensor_parallel} PP={layout.pipeline_parallel}{vp} CP={layout.context_parallel} DP={layout.data_parallel}"
-
-
 def _print_candidate(rank: int, candidate, request) -> None:
     from megalong.plan.memory import GB
 
@@ -103,8 +97,8 @@ def run(args: argparse.Namespace) -> int:
 
     from megalong.config import ConfigError
     from megalong.plan.hardware import UnknownGpuError
-    from megalong.plan.memory import GB
     from megalong.plan.planner import plan
+    from megalong.plan.summary import closest_to_fitting, family_outcomes, not_shown
 
     try:
         request = _request(args)
@@ -123,8 +117,7 @@ def run(args: argparse.Namespace) -> int:
     print()
     if not result.candidates:
         print("No layout fits. Closest ones:")
-        closest = sorted((r for r in result.rejections if r.memory is not None), key=lambda r: r.memory.total)
-        for rejection in closest[: args.top]:
+        for rejection in closest_to_fitting(result, args.top):
             print(f"  {rejection.layout.describe()}: {rejection.reason}; {rejection.memory.describe()}")
     else:
         print(f"Best {min(args.top, len(result.candidates))} of {len(result.candidates)} layouts that fit:")
@@ -132,37 +125,14 @@ def run(args: argparse.Namespace) -> int:
             print()
             _print_candidate(rank, candidate, request)
     print()
-    shown = {c.layout for c in result.candidates[: args.top]}
-    rejected = [r for r in result.rejections if r.layout not in shown]
+    rejected = not_shown(result, args.top)
     if args.show_rejected:
         print(f"Rejected ({len(rejected)}):")
         for rejection in rejected:
             print(f"  {rejection.layout.describe()}: {rejection.reason}")
-        return 0 if result.candidates else 1
-    # One line per (TP, PP, CP, DP) family: its best outcome and why it lost.
-    by_family: dict[str, list] = {}
-    for rejection in rejected:
-        by_family.setdefault(_family(rejection.layout), []).append(rejection)
-    print(f"Other layouts ({len(rejected)}, one line per TP/PP/CP/DP family, slower first, then too large, "
-          f"then invalid; --show-rejected lists all):")
-    lines = []  # (order, sort key, text)
-    for family, items in by_family.items():
-        slower = [r for r in items if r.reason.startswith("slower")]
-        too_big = [r for r in items if r.memory is not None and not r.reason.startswith("slower")]
-        if slower:
-            best = slower[0]  # candidates are sorted fastest first
-            lines.append((0, best.step_time_s,
-                          f"  {family}: fits, but slower: {best.step_time_s:.2f} s/step at best "
-                          f"(mb={best.layout.micro_batch}, recompute={best.layout.recompute or 'none'}, "
-                          f"{best.memory.total / GB:.1f} GB)"))
-        elif too_big:
-            smallest = min(too_big, key=lambda r: r.memory.total)
-            lines.append((1, smallest.memory.total,
-                          f"  {family}: {smallest.reason} even with {smallest.layout.recompute or 'no'} "
-                          f"recomputation, mb={smallest.layout.micro_batch} ({smallest.memory.describe()})"))
-        else:
-            reasons = Counter(r.reason for r in items)
-            lines.append((2, family, f"  {family}: {reasons.most_common(1)[0][0]}"))
-    for _, _, text in sorted(lines, key=lambda line: (line[0], line[1] if line[0] != 2 else 0, line[2])):
-        print(text)
+    else:
+        print(f"Other layouts ({len(rejected)}, one line per TP/PP/CP/DP family, slower first, then too large, "
+              f"then invalid; --show-rejected lists all):")
+        for outcome in family_outcomes(rejected):
+            print(f"  {outcome.describe()}")
     return 0 if result.candidates else 1

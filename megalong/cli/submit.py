@@ -12,13 +12,9 @@ The layout of every recipe is checked against nodes x GPUs before anything is su
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import shlex
 import sys
-from pathlib import Path
-
-log = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -61,18 +57,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dry-run", action="store_true", help="print the scripts; submit nothing")
 
 
-def _job_name(recipe: str, data: dict, prefix: str | None, many: bool) -> str:
-    name = str(data.get("name") or Path(recipe).stem)
-    if prefix:
-        return f"{prefix}-{name}" if many else prefix
-    return name
-
-
 def run(args: argparse.Namespace) -> int:
     from megalong.config import ConfigError, LayoutError
-    from megalong.slurm import JobOptions, JobShape, Stage, SubmitError, check_recipe_layout, submit_chain
-    from megalong.slurm.layout import recipe_data
-    from megalong.slurm.render import render_convert, render_preprocess, render_train
+    from megalong.slurm import ChainRequest, JobOptions, SubmitError, build_chain, submit_jobs
 
     if not (args.recipes or args.preprocess or args.convert):
         print("megalong submit: give at least one RECIPE, --preprocess or --convert", file=sys.stderr)
@@ -88,44 +75,21 @@ def run(args: argparse.Namespace) -> int:
     if args.recipes and procs < 1:
         print("megalong submit: a CPU job (--gpus-per-node 0) needs --procs-per-node N", file=sys.stderr)
         return 2
-    shape = JobShape(nodes=args.nodes, procs_per_node=procs, gpus_per_node=args.gpus_per_node)
-
-    def options(name: str, **changes) -> JobOptions:
-        base = dict(job_name=name, nodes=args.nodes, gpus_per_node=args.gpus_per_node, procs_per_node=procs,
-                    cpus_per_task=args.cpus_per_task, partition=args.partition, account=args.account,
-                    time=args.time, qos=args.qos, mem=args.mem, log_dir=args.log_dir, chdir=os.getcwd(),
-                    signal_seconds=args.signal_seconds, extra_sbatch=list(args.extra_sbatch))
-        base.update(changes)
-        return JobOptions(**base)
-
-    stages: list[Stage] = []
+    resources = JobOptions(
+        job_name="megalong",  # each job of the chain gets its own name
+        nodes=args.nodes, gpus_per_node=args.gpus_per_node, procs_per_node=procs, cpus_per_task=args.cpus_per_task,
+        partition=args.partition, account=args.account, time=args.time, qos=args.qos, mem=args.mem,
+        log_dir=args.log_dir, chdir=os.getcwd(), signal_seconds=args.signal_seconds,
+        extra_sbatch=list(args.extra_sbatch),
+    )
+    request = ChainRequest(
+        resources=resources, recipes=args.recipes, overrides=args.overrides, launcher=args.launcher,
+        name_prefix=args.job_name, array_tasks=args.array_tasks,
+        preprocess_args=shlex.split(args.preprocess) if args.preprocess else None,
+        convert_args=shlex.split(args.convert) if args.convert else None,
+    )
     try:
-        if args.preprocess:
-            pre_args = shlex.split(args.preprocess)
-            name = args.job_name or "preprocess"
-            cpu_only = dict(gpus_per_node=0, nodes=1)
-            if args.array_tasks:
-                stages.append(Stage("preprocess-array", render_preprocess(
-                    pre_args, options(name, **cpu_only), array_tasks=args.array_tasks),
-                    f"{args.log_dir}/{name}-%A_<task>.out"))
-                stages.append(Stage("preprocess-merge", render_preprocess(
-                    pre_args, options(f"{name}-merge", **cpu_only), stage="merge"),
-                    f"{args.log_dir}/{name}-merge-%j.out"))
-            else:
-                stages.append(Stage("preprocess", render_preprocess(pre_args, options(name, **cpu_only), stage="all"),
-                                    f"{args.log_dir}/{name}-%j.out"))
-        for recipe in args.recipes:
-            # Every layout is checked before the first job is submitted.
-            layout = check_recipe_layout(recipe, shape, args.overrides)
-            name = _job_name(recipe, recipe_data(recipe, args.overrides), args.job_name, len(args.recipes) > 1)
-            log.info("%s: %s as job '%s'", recipe, layout, name)
-            stages.append(Stage(name, render_train(recipe, args.overrides, options(name), launcher=args.launcher),
-                                f"{args.log_dir}/{name}-%j.out"))
-        if args.convert:
-            name = f"{args.job_name}-convert" if args.job_name else "convert"
-            stages.append(Stage("convert", render_convert(shlex.split(args.convert),
-                                                          options(name, gpus_per_node=0, nodes=1)),
-                                f"{args.log_dir}/{name}-%j.out"))
+        stages = build_chain(request)
     except (LayoutError, ConfigError) as err:
         print(f"megalong submit: refused, nothing was submitted: {err}", file=sys.stderr)
         return 2
@@ -139,10 +103,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"##### job {index + 1} of {len(stages)}: {stage.name} ({after}) #####")
             print(stage.script)
         return 0
-
-    Path(args.log_dir).mkdir(parents=True, exist_ok=True)  # SLURM cannot create it, and fails silently
     try:
-        submit_chain(stages, Path(args.log_dir) / "scripts", after=args.after)
+        submit_jobs(stages, args.log_dir, after=args.after)
     except SubmitError as err:
         print(f"megalong submit: {err}", file=sys.stderr)
         return 1

@@ -5,9 +5,10 @@ Megatron-Core's ``dist_checkpointing`` saves a model's sharded state dict with t
 the ShardedTensor keys (per-layer tensors stacked along a leading layer axis) plus
 ``metadata.json`` and ``common.pt``. Saving through Megatron-Core needs every tensor in
 memory at once; for conversion that is the whole model. This module writes the same
-directory through DCP's own planner interface, producing each tensor only when DCP is
-about to write it, and reads any rectangular region of a stored tensor (e.g. one layer
-of a stacked tensor) without reading the rest. The result loads with
+directory through DCP's own planner interface (:mod:`megalong.convert.dcp_planners`),
+producing each tensor only when DCP is about to write it, and reads any rectangular
+region of a stored tensor (e.g. one layer of a stacked tensor) without reading the
+rest. The result loads with
 ``megalong.checkpoint.weights.load_weights`` at any TP/PP, and reading accepts what
 Megatron-Core saved at any TP/PP.
 """
@@ -67,103 +68,6 @@ def sharded_object_key(key: str, offset: tuple[int, ...], shape: tuple[int, ...]
     return f"{key}/shard_{'.'.join(map(str, offset))}_{'.'.join(map(str, shape))}"
 
 
-def _planner_classes():
-    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
-    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
-    from torch.distributed.checkpoint.planner import (
-        LoadPlan, SavePlan, TensorWriteData, WriteItem, WriteItemType,
-    )
-    from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
-
-    class StreamingSavePlanner(DefaultSavePlanner):
-        """Plans the write items from piece descriptions; produces each tensor when DCP asks
-        for it (and the next one meanwhile, see :mod:`megalong.convert.prefetch`)."""
-
-        def __init__(self, tensors: list[TensorPiece], objects: list[ObjectPiece], prefetch: Prefetcher,
-                     on_written=None):
-            super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
-            self._tensors = {(p.key, torch.Size(p.offset)): p for p in tensors}
-            self._order = {(p.key, torch.Size(p.offset)): i for i, p in enumerate(tensors)}
-            self._objects = {p.key: p for p in objects}
-            self._on_written = on_written
-            # DCP resolves a file's tensors in plan order, one after another (thread_count=1).
-            self.prefetch = prefetch
-            self._written: torch.Tensor | None = None
-
-        def create_local_plan(self) -> SavePlan:
-            items = [WriteItem(index=MetadataIndex(key), type=WriteItemType.BYTE_IO) for key in self._objects]
-            for (key, offset), piece in self._tensors.items():
-                items.append(WriteItem(
-                    index=MetadataIndex(key, offset),
-                    type=WriteItemType.SHARD,
-                    tensor_data=TensorWriteData(
-                        chunk=ChunkStorageMetadata(offsets=offset, sizes=torch.Size(piece.shape)),
-                        properties=TensorProperties(dtype=piece.dtype),
-                        size=torch.Size(piece.global_shape),
-                    ),
-                ))
-            self.plan = SavePlan(items)
-            return self.plan
-
-        def resolve_data(self, write_item):
-            if write_item.type == WriteItemType.BYTE_IO:
-                buffer = io.BytesIO()
-                # Megatron-Core stores a list of the objects of one key (see torch.py strategy).
-                torch.save([self._objects[write_item.index.fqn].value], buffer)
-                return buffer
-            index = (write_item.index.fqn, torch.Size(write_item.index.offset))
-            piece = self._tensors[index]
-            self._release_written()
-            tensor = self.prefetch.take(self._order[index])
-            if tuple(tensor.shape) != tuple(piece.shape) or tensor.dtype != piece.dtype:
-                raise DistCheckpointError(
-                    f"{piece.key} at {list(piece.offset)}: produced {list(tensor.shape)} {tensor.dtype}, "
-                    f"planned {list(piece.shape)} {piece.dtype}"
-                )
-            if self._on_written is not None:
-                self._on_written(piece, tensor)
-            self._written = tensor
-            return tensor
-
-        def _release_written(self) -> None:
-            """Free the memory of the tensor DCP wrote last (it asks for the next one only
-            after writing the previous). DCP keeps a reference to each tensor of a file until
-            the file is complete (it needs them only for its safetensors format), which would
-            keep the embedding and output tables alive for the whole write: 2.1 GB more for
-            Llama-3-8B. Emptying the storage returns that memory; a later use would raise."""
-            if self._written is not None and self._written.untyped_storage().resizable():
-                self._written.untyped_storage().resize_(0)
-            self._written = None
-
-    class RegionLoadPlanner(DefaultLoadPlanner):
-        """Reads requested regions of stored tensors into caller-provided buffers."""
-
-        def __init__(self, regions: dict[str, tuple[tuple[int, ...], torch.Tensor]]):
-            super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
-            self._regions = regions
-
-        def create_local_plan(self) -> LoadPlan:
-            requests = []
-            for key, (offset, buffer) in self._regions.items():
-                md = self.metadata.state_dict_metadata[key]
-                chunk = ChunkStorageMetadata(offsets=torch.Size(offset), sizes=buffer.shape)
-                requests.extend(create_read_items_for_chunk_list(key, md, [chunk]))
-            self.plan = LoadPlan(requests)
-            return self.plan
-
-        def resolve_tensor(self, read_item):
-            _, buffer = self._regions[read_item.dest_index.fqn]
-            view = buffer
-            for dim, (start, length) in enumerate(zip(read_item.dest_offsets, read_item.lengths)):
-                view = view.narrow(dim, start, length)
-            return view
-
-        def commit_tensor(self, read_item, tensor) -> None:
-            pass
-
-    return StreamingSavePlanner, RegionLoadPlanner
-
-
 def _unwrapped(call):
     """Run a DCP call; re-raise the first underlying error instead of DCP's CheckpointException
     (a BaseException that would slip past ordinary error handling)."""
@@ -199,12 +103,13 @@ def write_checkpoint(
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint import FileSystemWriter
 
-        save_planner, _ = _planner_classes()
+        from megalong.convert.dcp_planners import StreamingSavePlanner
+
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         # One writing thread, one file: DCP asks for the tensors one after another, in plan order.
         writer = FileSystemWriter(str(directory), single_file_per_rank=True, thread_count=1)
-        planner = save_planner(tensors, list(objects), prefetch, on_written)
+        planner = StreamingSavePlanner(tensors, list(objects), prefetch, on_written)
         # torch.save's CRC32 of every record ran at ~0.7 GB/s, the slowest stage of a conversion,
         # and nothing reads it: torch.load (hence DCP and Megatron-Core) does not verify it.
         # torch.serialization.set_crc32_options switches it off; the process-wide setting is
@@ -277,9 +182,10 @@ class CheckpointReader:
             # DCP assembles them from the chunks.
             import torch.distributed.checkpoint as dcp
 
-            _, load_planner = _planner_classes()
+            from megalong.convert.dcp_planners import RegionLoadPlanner
+
             reader = self._reader_cls(str(self.directory))
-            _unwrapped(lambda: dcp.load({}, storage_reader=reader, planner=load_planner(regions), no_dist=True))
+            _unwrapped(lambda: dcp.load({}, storage_reader=reader, planner=RegionLoadPlanner(regions), no_dist=True))
             out.update({key: buffer for key, (_, buffer) in regions.items()})
         return out
 

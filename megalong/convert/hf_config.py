@@ -5,11 +5,13 @@ Llama-3 ``rope_scaling`` field (factor, low/high frequency factors, original con
 length) is kept. A setting megalong's Llama cannot represent (another RoPE type, biases,
 a head size that is not hidden/heads, ...) is an error naming the key, never dropped.
 Both the transformers 4 layout (``rope_theta`` + ``rope_scaling``) and the transformers 5
-layout (``rope_parameters``) are read; both are written, consistently.
+layout (``rope_parameters``) are read, and a config whose two layouts disagree is refused;
+both are written, consistently.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import math
 from typing import Any
 
@@ -51,6 +53,11 @@ _IGNORED = {
     "diversity_penalty", "num_beam_groups",
 }
 _LLAMA3_SCALING_FIELDS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+_DEFAULT_THETA = 10000.0  # transformers' RoPE base when a config states none
+# The oldest transformers that reads every field of an export as meant: Llama-3 "llama3" RoPE
+# scaling arrived in 4.43.0 (the Llama-3.1 release). Written as ``transformers_version`` when
+# transformers is not installed.
+MIN_TRANSFORMERS_VERSION = "4.43.0"
 
 
 class UnsupportedConfigError(ValueError):
@@ -63,67 +70,99 @@ def _require(hf: dict, key: str, source: str):
     return hf[key]
 
 
-def _rope_settings(hf: dict, source: str) -> tuple[float, RopeScaling | None]:
-    """(theta, scaling) from either config layout; disagreeing layouts are an error."""
-    params = hf.get("rope_parameters")
-    legacy_theta = hf.get("rope_theta")
-    legacy_scaling = hf.get("rope_scaling")
-    if params is not None:
-        if not isinstance(params, dict):
-            raise UnsupportedConfigError(f"{source}: rope_parameters must be a mapping, got {params!r}")
-        if "full_attention" in params and isinstance(params["full_attention"], dict):
-            raise UnsupportedConfigError(f"{source}: per-layer-type rope_parameters are not supported")
-        theta = params.get("rope_theta", legacy_theta)
-        scaling = None if params.get("rope_type", "default") in ("default", None) else params
-        if legacy_theta is not None and theta is not None and float(legacy_theta) != float(theta):
+def _positive_theta(value, name: str, source: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise UnsupportedConfigError(f"{source}: {name} must be a positive number, got {value!r}")
+    return float(value)
+
+
+def _read_rope(mapping: dict, key: str, top_theta: float | None, source: str) -> tuple[float, RopeScaling | None]:
+    """(theta, scaling) that one RoPE mapping (``rope_scaling`` or ``rope_parameters``) describes."""
+    if "full_attention" in mapping and isinstance(mapping["full_attention"], dict):
+        raise UnsupportedConfigError(f"{source}: per-layer-type {key} are not supported")
+    own_theta = mapping.get("rope_theta")
+    if own_theta is not None:
+        own_theta = _positive_theta(own_theta, f"{key}.rope_theta", source)
+        if top_theta is not None and own_theta != top_theta:
+            # transformers 4 reads the top-level value, transformers 5 this one.
             raise UnsupportedConfigError(
-                f"{source}: rope_theta={legacy_theta!r} disagrees with rope_parameters.rope_theta={theta!r}"
+                f"{source}: rope_theta={top_theta!r} disagrees with {key}.rope_theta={own_theta!r}"
             )
-        if legacy_scaling is not None and scaling is not None:
-            for key in _LLAMA3_SCALING_FIELDS:
-                if key in legacy_scaling and legacy_scaling[key] != scaling.get(key):
-                    raise UnsupportedConfigError(
-                        f"{source}: rope_scaling.{key}={legacy_scaling[key]!r} disagrees with "
-                        f"rope_parameters.{key}={scaling.get(key)!r}"
-                    )
-    else:
-        theta, scaling = legacy_theta, legacy_scaling
-    if theta is None:
-        theta = 10000.0  # transformers' Llama default when the key is absent
-    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not math.isfinite(theta) or theta <= 0:
-        raise UnsupportedConfigError(f"{source}: rope_theta must be a positive number, got {theta!r}")
-    if scaling is None:
-        return float(theta), None
-    if not isinstance(scaling, dict):
-        raise UnsupportedConfigError(f"{source}: rope_scaling must be a mapping or null, got {scaling!r}")
-    rope_type = scaling.get("rope_type", scaling.get("type"))
+    theta = own_theta if own_theta is not None else top_theta if top_theta is not None else _DEFAULT_THETA
+    rope_type = mapping.get("rope_type", mapping.get("type"))
     if rope_type in (None, "default"):
-        extra = set(scaling) - {"rope_type", "type", "rope_theta"}
+        extra = set(mapping) - {"rope_type", "type", "rope_theta"}
         if extra:
-            raise UnsupportedConfigError(f"{source}: rope scaling fields {sorted(extra)} given with rope_type default")
-        return float(theta), None
+            raise UnsupportedConfigError(f"{source}: {key} fields {sorted(extra)} given with rope_type default")
+        return theta, None
     if rope_type != "llama3":
         raise UnsupportedConfigError(
-            f"{source}: rope_scaling rope_type={rope_type!r} cannot be represented (megalong's Llama "
+            f"{source}: {key} rope_type={rope_type!r} cannot be represented (megalong's Llama "
             "supports no scaling or Llama-3 'llama3' scaling)"
         )
-    unknown = set(scaling) - set(_LLAMA3_SCALING_FIELDS) - {"rope_type", "type", "rope_theta"}
+    unknown = set(mapping) - set(_LLAMA3_SCALING_FIELDS) - {"rope_type", "type", "rope_theta"}
     if unknown:
-        raise UnsupportedConfigError(f"{source}: rope_scaling has fields megalong cannot represent: {sorted(unknown)}")
-    missing = [k for k in _LLAMA3_SCALING_FIELDS if scaling.get(k) is None]
+        raise UnsupportedConfigError(f"{source}: {key} has fields megalong cannot represent: {sorted(unknown)}")
+    missing = [k for k in _LLAMA3_SCALING_FIELDS if mapping.get(k) is None]
     if missing:
-        raise UnsupportedConfigError(f"{source}: llama3 rope_scaling lacks {', '.join(missing)}")
-    original = scaling["original_max_position_embeddings"]
+        raise UnsupportedConfigError(f"{source}: llama3 {key} lacks {', '.join(missing)}")
+    original = mapping["original_max_position_embeddings"]
     if float(original) != int(original):
         raise UnsupportedConfigError(
-            f"{source}: rope_scaling.original_max_position_embeddings must be an integer, got {original!r}"
+            f"{source}: {key}.original_max_position_embeddings must be an integer, got {original!r}"
         )
-    return float(theta), RopeScaling(
-        factor=float(scaling["factor"]),
-        low_freq_factor=float(scaling["low_freq_factor"]),
-        high_freq_factor=float(scaling["high_freq_factor"]),
+    return theta, RopeScaling(
+        factor=float(mapping["factor"]),
+        low_freq_factor=float(mapping["low_freq_factor"]),
+        high_freq_factor=float(mapping["high_freq_factor"]),
         original_max_position_embeddings=int(original),
     )
+
+
+def _describe_rope(theta: float, scaling: RopeScaling | None) -> str:
+    if scaling is None:
+        return f"theta {theta!r}, no scaling"
+    return (f"theta {theta!r}, llama3 scaling x{scaling.factor:g} (low_freq_factor {scaling.low_freq_factor:g}, "
+            f"high_freq_factor {scaling.high_freq_factor:g}, original_max_position_embeddings "
+            f"{scaling.original_max_position_embeddings})")
+
+
+def _rope_settings(hf: dict, source: str) -> tuple[float, RopeScaling | None]:
+    """(theta, scaling) as transformers reads them; RoPE descriptions that disagree are an error.
+
+    How transformers 5 resolves the two layouts (``convert_rope_params_to_dict`` of its
+    ``RotaryEmbeddingConfigMixin``): a non-empty ``rope_scaling`` mapping replaces
+    ``rope_parameters`` outright; otherwise ``rope_parameters`` is used. The mapping in use
+    takes its own ``rope_theta``, else the top-level ``rope_theta``, else 10,000; its
+    ``rope_type`` (or legacy ``type``) defaults to "default". transformers 4 reads only the
+    top-level ``rope_theta`` and ``rope_scaling``. So a config may state RoPE in up to three
+    places, and it is accepted only when every place says the same: a ``rope_parameters``
+    of type default next to a llama3 ``rope_scaling`` would otherwise be converted as one
+    model while transformers runs the other.
+    """
+    top_theta = hf.get("rope_theta")
+    if top_theta is not None:
+        top_theta = _positive_theta(top_theta, "rope_theta", source)
+    readings: dict[str, tuple[float, RopeScaling | None]] = {}
+    for key in ("rope_scaling", "rope_parameters"):  # the order in which transformers 5 prefers them
+        mapping = hf.get(key)
+        if mapping is None:
+            continue
+        if not isinstance(mapping, dict):
+            raise UnsupportedConfigError(f"{source}: {key} must be a mapping or null, got {mapping!r}")
+        if mapping:  # transformers treats an empty mapping as absent
+            readings[key] = _read_rope(mapping, key, top_theta, source)
+    if not readings:
+        return (top_theta if top_theta is not None else _DEFAULT_THETA), None
+    (used_key, used), *others = readings.items()
+    for other_key, other in others:
+        if other != used:
+            raise UnsupportedConfigError(
+                f"{source}: {used_key} ({_describe_rope(*used)}) disagrees with {other_key} "
+                f"({_describe_rope(*other)}); transformers 5 uses {used_key} and ignores {other_key}, "
+                "so the RoPE this model was trained with is ambiguous: make them agree or remove one"
+            )
+    return used
 
 
 def model_config_from_hf(hf: dict[str, Any], source: str = "config.json") -> ModelConfig:
@@ -209,6 +248,7 @@ def hf_config_from_model(model: ModelConfig, torch_dtype: str) -> dict[str, Any]
         "initializer_range": model.init_method_std,
         "use_cache": True,
         "torch_dtype": torch_dtype,
+        "transformers_version": transformers_version(),
     }
     rope_parameters: dict[str, Any] = {"rope_type": "default", "rope_theta": float(model.rope_theta)}
     if model.rope_scaling is not None:
@@ -226,6 +266,21 @@ def hf_config_from_model(model: ModelConfig, torch_dtype: str) -> dict[str, Any]
         if key in hf_extra:
             config[key] = hf_extra[key]
     return config
+
+
+def transformers_version() -> str:
+    """The ``transformers_version`` of an exported config.json: the installed transformers (what
+    its own ``save_pretrained`` would write), else :data:`MIN_TRANSFORMERS_VERSION`.
+
+    transformers reads the field to decide compatibility fixes. 5.x, for one, assumes that a
+    tokenizer next to a config without it may carry the faulty Mistral pre-tokenizer regex and
+    warns of "an incorrect regex pattern" on every load (``TokenizersBackend``; configs from
+    4.57.2 or older with a non-Mistral model_type, or newer than 4.57.3, are left alone).
+    """
+    try:
+        return importlib.metadata.version("transformers")
+    except importlib.metadata.PackageNotFoundError:
+        return MIN_TRANSFORMERS_VERSION
 
 
 def torch_dtype_name(dtype) -> str:

@@ -6,6 +6,10 @@ pre-planned safetensors shards; the next layer is read while the current one is
 written. The release directory holds the shards and their index, ``config.json``
 (exact rope_theta, max_position_embeddings and rope scaling), ``generation_config.json``,
 the tokenizer files and a short README; it appears only when complete.
+
+The steps, in order: check the checkpoint against its config (before anything is
+written), plan the release (each tensor's dtype, the shards), write the weights, write
+what describes them (configs, tokenizer, README).
 """
 
 from __future__ import annotations
@@ -15,14 +19,17 @@ import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterator
 
 import torch
 
 from megalong.checkpoint.layout import MODEL_CONFIG_FILE, MODEL_SUBDIR, read_model_config
 from megalong.convert import dist_io
 from megalong.convert.adapter import (
-    MEGATRON_EMBEDDING, LlamaStateDictAdapter, StateDictMismatchError, checkpoint_key, group_by_layer,
+    HF_EMBEDDING, MEGATRON_EMBEDDING, MEGATRON_OUTPUT, LlamaStateDictAdapter, StateDictMismatchError, checkpoint_key,
+    group_by_layer,
 )
+from megalong.convert.hf_checkpoint import INDEX_FILE
 from megalong.convert.hf_config import hf_config_from_model, torch_dtype_name
 from megalong.convert.output_dir import staged_output
 from megalong.convert.prefetch import Prefetcher
@@ -181,6 +188,159 @@ def _readme(model, config: dict, source: Path, has_tokenizer: bool) -> str:
     return "\n".join(lines)
 
 
+@dataclass
+class ReleasePlan:
+    """The weights of a release: every tensor with its dtype and shape, in write order, cut into shards."""
+
+    tensors: list[PlannedTensor]
+    shards: list[list[PlannedTensor]]
+
+    def __post_init__(self) -> None:
+        self.position = {t.name: i for i, t in enumerate(self.tensors)}
+
+    def tensor(self, hf_name: str) -> PlannedTensor:
+        return self.tensors[self.position[hf_name]]
+
+    @property
+    def shard_names(self) -> list[str]:
+        return [f"model-{i + 1:05d}-of-{len(self.shards):05d}.safetensors" for i in range(len(self.shards))]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+    @property
+    def release_dtype(self) -> str:
+        """The dtype config.json names (that of the embedding table)."""
+        return torch_dtype_name(self.tensor(HF_EMBEDDING).dtype)
+
+    def index(self) -> dict:
+        """The content of model.safetensors.index.json."""
+        weight_map = {t.name: name for name, shard in zip(self.shard_names, self.shards) for t in shard}
+        return {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
+
+
+def _check_checkpoint(reader: dist_io.CheckpointReader, adapter: LlamaStateDictAdapter, config_path: Path) -> None:
+    """Every tensor the config needs is stored with the config's shape (the vocabulary tables
+    at least as many rows), and nothing else is stored."""
+    needed = {}
+    for name, shape in adapter.megatron_shapes().items():
+        key, layer = checkpoint_key(name)
+        needed[key] = shape if layer is None else (adapter.model.num_layers, *shape)
+    for key, shape in needed.items():
+        if key not in reader.tensors:
+            raise StateDictMismatchError(f"{reader.directory}: tensor {key!r} is missing (config {config_path})")
+        stored = reader.shape(key)
+        vocab_table = key in (MEGATRON_EMBEDDING, MEGATRON_OUTPUT)
+        if (vocab_table and (stored[1:] != shape[1:] or stored[0] < adapter.model.vocab_size)) or (
+                not vocab_table and stored != shape):
+            raise StateDictMismatchError(
+                f"{reader.directory}: {key} has shape {list(stored)}, but {config_path} implies "
+                f"{list(shape)} (config does not match the weights)"
+            )
+    unexpected = sorted(set(reader.tensors) - set(needed))
+    if unexpected:
+        raise StateDictMismatchError(
+            f"{reader.directory}: tensors this Llama config has no place for: {', '.join(unexpected[:5])}"
+        )
+
+
+def _plan_release(reader: dist_io.CheckpointReader, adapter: LlamaStateDictAdapter, dtype: str,
+                  max_shard_bytes: int) -> ReleasePlan:
+    """Each release tensor in the stored dtype of its Megatron tensor (or ``dtype``), in shards."""
+    dtypes = {}
+    for name in adapter.megatron_shapes():
+        stored = reader.dtype(checkpoint_key(name)[0])
+        for hf_name in adapter.hf_sources(name):
+            dtypes[hf_name] = stored if dtype == "auto" else DTYPES[dtype]
+    tensors = [PlannedTensor(name, dtypes[name], shape) for name, shape in adapter.hf_shapes().items()]
+    return ReleasePlan(tensors, _plan_shards(tensors, max_shard_bytes))
+
+
+def _layer_producer(reader: dist_io.CheckpointReader, adapter: LlamaStateDictAdapter, names: list[str],
+                    plan: ReleasePlan) -> Callable[[], list[tuple[str, torch.Tensor]]]:
+    """Reads one layer (or one non-layer group) and maps it: the layer is all a step holds."""
+
+    def produce() -> list[tuple[str, torch.Tensor]]:
+        requests = {}
+        for name in names:
+            key, layer_idx = checkpoint_key(name)
+            shape = reader.shape(key)
+            if layer_idx is None:
+                requests[name] = (key, (0,) * len(shape), shape)
+            else:
+                requests[name] = (key, (layer_idx,) + (0,) * (len(shape) - 1), (1, *shape[1:]))
+        loaded = reader.read({key: (off, shp) for key, off, shp in requests.values()})
+        state = {}
+        for name, (key, _, _) in requests.items():
+            tensor = loaded[key]
+            state[name] = tensor[0] if checkpoint_key(name)[1] is not None else tensor
+        del loaded
+        converted = adapter.to_hf(state)
+        del state
+        # The copies into the release layout happen here, off the writing thread.
+        return [(hf_name, converted.pop(hf_name).to(plan.tensor(hf_name).dtype).contiguous())
+                for hf_name in sorted(converted, key=plan.position.__getitem__)]
+
+    return produce
+
+
+def _in_write_order(prefetch: Prefetcher, layers: int) -> Iterator[tuple[str, torch.Tensor]]:
+    """The release tensors layer by layer; each leaves its layer's list when handed out, so
+    that a written tensor is freed before the rest of its layer is written."""
+    for index in range(layers):
+        layer = prefetch.take(index)
+        while layer:
+            yield layer.pop(0)
+
+
+def _write_weights(directory: Path, reader: dist_io.CheckpointReader, adapter: LlamaStateDictAdapter,
+                   plan: ReleasePlan, progress: Progress) -> None:
+    """The safetensors shards and their index; the next layer is read while one is written."""
+    groups = group_by_layer(adapter.megatron_shapes())
+    group_bytes = [sum(plan.tensor(h).nbytes for name in names for h in adapter.hf_sources(name)) for names in groups]
+    with Prefetcher([_layer_producer(reader, adapter, g, plan) for g in groups], group_bytes) as prefetch:
+        tensors = _in_write_order(prefetch, len(groups))
+        for file_name, shard in zip(plan.shard_names, plan.shards):
+            writer = ShardWriter(directory / file_name, shard, {"format": "pt"})
+            for _, (hf_name, tensor) in zip(shard, tensors):  # the writer checks name, dtype and shape
+                writer.write(hf_name, tensor)
+                progress.advance(tensor.numel() * tensor.element_size(), hf_name)
+            writer.close()
+    (directory / INDEX_FILE).write_text(json.dumps(plan.index(), indent=2) + "\n", encoding="utf-8")
+
+
+def _release_configs(model, release_dtype: str, tokenizer_files: list[Path]) -> tuple[dict, dict]:
+    """config.json and generation_config.json; bos/eos ids the checkpoint lacks come from the tokenizer."""
+    config = hf_config_from_model(model, release_dtype)
+    special = _special_token_ids(tokenizer_files)
+    for key in ("bos_token_id", "eos_token_id"):
+        if key not in config and key in special:
+            config[key] = special[key]
+    generation = dict((model.extra or {}).get("hf", {}).get("generation_config") or {})
+    generation.setdefault("_from_model_config", True)
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if key in config and key not in generation:
+            generation[key] = config[key]
+    return config, generation
+
+
+def _write_description(directory: Path, model, plan: ReleasePlan, source: Path, tokenizer_files: list[Path],
+                       tokenizer_texts: dict[str, str | None]) -> None:
+    """Everything but the weights: config.json, generation_config.json, the tokenizer, README.md."""
+    config, generation = _release_configs(model, plan.release_dtype, tokenizer_files)
+    (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    (directory / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n", encoding="utf-8")
+    for f in tokenizer_files:
+        if tokenizer_texts.get(f.name) is None:
+            shutil.copyfile(f, directory / f.name)
+        else:
+            (directory / f.name).write_text(tokenizer_texts[f.name], encoding="utf-8")
+    if not tokenizer_files:
+        log.warning("No --tokenizer given: the release has no tokenizer files")
+    (directory / "README.md").write_text(_readme(model, config, source, bool(tokenizer_files)), encoding="utf-8")
+
+
 def convert_megatron_to_hf(
     checkpoint: str | Path,
     output: str | Path,
@@ -196,130 +356,21 @@ def convert_megatron_to_hf(
     model = presets.resolve(read_model_config(source))
     model.validate()
     reader = dist_io.CheckpointReader(source / MODEL_SUBDIR)
-    padded = reader.shape(MEGATRON_EMBEDDING)[0]
-    adapter = LlamaStateDictAdapter(model, padded_vocab_size=padded)
+    adapter = LlamaStateDictAdapter(model, padded_vocab_size=reader.shape(MEGATRON_EMBEDDING)[0])
     tokenizer_files = _tokenizer_files(tokenizer) if tokenizer else []
     tokenizer_texts = _tokenizer_texts(tokenizer_files, model.vocab_size, bundled=tokenizer == "llama3")
-
-    # Check the checkpoint against the config before writing anything.
-    shapes = adapter.megatron_shapes()
-    needed_keys = {}
-    for name, shape in shapes.items():
-        key, layer = checkpoint_key(name)
-        needed_keys[key] = shape if layer is None else (model.num_layers, *shape)
-    for key, shape in needed_keys.items():
-        if key not in reader.tensors:
-            raise StateDictMismatchError(f"{reader.directory}: tensor {key!r} is missing (config {source / MODEL_CONFIG_FILE})")
-        stored = reader.shape(key)
-        vocab_table = key in (MEGATRON_EMBEDDING, "output_layer.weight")
-        if (vocab_table and (stored[1:] != shape[1:] or stored[0] < model.vocab_size)) or (not vocab_table and stored != shape):
-            raise StateDictMismatchError(
-                f"{reader.directory}: {key} has shape {list(stored)}, but {source / MODEL_CONFIG_FILE} implies "
-                f"{list(shape)} (config does not match the weights)"
-            )
-    unexpected = sorted(set(reader.tensors) - set(needed_keys))
-    if unexpected:
-        raise StateDictMismatchError(
-            f"{reader.directory}: tensors this Llama config has no place for: {', '.join(unexpected[:5])}"
-        )
-
-    def out_dtype(stored: torch.dtype) -> torch.dtype:
-        return stored if dtype == "auto" else DTYPES[dtype]
-
-    hf_shapes = adapter.hf_shapes()
-    hf_dtypes = {}
-    for name in shapes:
-        for hf_name in adapter.hf_sources(name):
-            hf_dtypes[hf_name] = out_dtype(reader.dtype(checkpoint_key(name)[0]))
-    planned = [PlannedTensor(n, hf_dtypes[n], hf_shapes[n]) for n in hf_shapes]
-    shards = _plan_shards(planned, max_shard_bytes)
-    shard_names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    total = sum(t.nbytes for t in planned)
-    release_dtype = torch_dtype_name(hf_dtypes["model.embed_tokens.weight"])
+    _check_checkpoint(reader, adapter, source / MODEL_CONFIG_FILE)  # before anything is written
+    plan = _plan_release(reader, adapter, dtype, max_shard_bytes)
     log.info(
         "Exporting %s -> %s: %d layers, %s in %d shard(s), dtype %s, RoPE theta %r%s",
-        source, output, model.num_layers, human_bytes(total), len(shards), release_dtype, model.rope_theta,
-        f", llama3 scaling x{model.rope_scaling.factor:g}" if model.rope_scaling else "",
+        source, output, model.num_layers, human_bytes(plan.total_bytes), len(plan.shards), plan.release_dtype,
+        model.rope_theta, f", llama3 scaling x{model.rope_scaling.factor:g}" if model.rope_scaling else "",
     )
-    progress = Progress("megatron-to-hf", total)
-    order = {n: i for i, n in enumerate(hf_shapes)}
-
-    def layer_producer(names: list[str]):
-        """Read one layer (or one non-layer group) and map it: the layer is all a step holds."""
-
-        def produce() -> list[tuple[str, torch.Tensor]]:
-            requests = {}
-            for name in names:
-                key, layer_idx = checkpoint_key(name)
-                shape = reader.shape(key)
-                if layer_idx is None:
-                    requests[name] = (key, (0,) * len(shape), shape)
-                else:
-                    requests[name] = (key, (layer_idx,) + (0,) * (len(shape) - 1), (1, *shape[1:]))
-            loaded = reader.read({key: (off, shp) for key, off, shp in requests.values()})
-            state = {}
-            for name, (key, _, _) in requests.items():
-                tensor = loaded[key]
-                state[name] = tensor[0] if checkpoint_key(name)[1] is not None else tensor
-            del loaded
-            converted = adapter.to_hf(state)
-            del state
-            # The copies into the release layout happen here, off the writing thread.
-            return [(hf_name, converted.pop(hf_name).to(hf_dtypes[hf_name]).contiguous())
-                    for hf_name in sorted(converted, key=order.__getitem__)]
-
-        return produce
-
-    groups = group_by_layer(shapes)
-    hf_nbytes = {t.name: t.nbytes for t in planned}
-    group_bytes = [sum(hf_nbytes[h] for n in names for h in adapter.hf_sources(n)) for names in groups]
-
-    with staged_output(output) as tmp, Prefetcher([layer_producer(g) for g in groups], group_bytes) as prefetch:
-        shard_iter = iter(zip(shard_names, shards))
-        current: ShardWriter | None = None
-        remaining: list[PlannedTensor] = []
-        for index in range(len(groups)):
-            layer = prefetch.take(index)
-            while layer:
-                hf_name, tensor = layer.pop(0)
-                if not remaining:
-                    if current is not None:
-                        current.close()
-                    file_name, remaining = next(shard_iter)
-                    remaining = list(remaining)
-                    current = ShardWriter(tmp / file_name, remaining, {"format": "pt"})
-                current.write(hf_name, tensor)
-                remaining.pop(0)
-                progress.advance(tensor.numel() * tensor.element_size(), hf_name)
-        if current is not None:
-            current.close()
-
-        weight_map = {t.name: file_name for file_name, shard in zip(shard_names, shards) for t in shard}
-        (tmp / "model.safetensors.index.json").write_text(
-            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n", encoding="utf-8"
-        )
-        config = hf_config_from_model(model, release_dtype)
-        special = _special_token_ids(tokenizer_files)
-        for key in ("bos_token_id", "eos_token_id"):
-            if key not in config and key in special:
-                config[key] = special[key]
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-        generation = dict((model.extra or {}).get("hf", {}).get("generation_config") or {})
-        generation.setdefault("_from_model_config", True)
-        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
-            if key in config and key not in generation:
-                generation[key] = config[key]
-        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n", encoding="utf-8")
-        for f in tokenizer_files:
-            if tokenizer_texts.get(f.name) is None:
-                shutil.copyfile(f, tmp / f.name)
-            else:
-                (tmp / f.name).write_text(tokenizer_texts[f.name], encoding="utf-8")
-        if not tokenizer_files:
-            log.warning("No --tokenizer given: the release has no tokenizer files")
-        (tmp / "README.md").write_text(_readme(model, config, source, bool(tokenizer_files)), encoding="utf-8")
-
-    report = ExportReport(output, len(shards), len(planned), total, progress.elapsed())
+    progress = Progress("megatron-to-hf", plan.total_bytes)
+    with staged_output(output) as tmp:
+        _write_weights(tmp, reader, adapter, plan, progress)
+        _write_description(tmp, model, plan, source, tokenizer_files, tokenizer_texts)
+    report = ExportReport(output, len(plan.shards), len(plan.tensors), plan.total_bytes, progress.elapsed())
     log.info("Wrote %s: %d tensors in %d shard(s), %s in %.1f s", output, report.tensors, report.shards,
-             human_bytes(total), report.seconds)
+             human_bytes(report.bytes_written), report.seconds)
     return report

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
-from typing import Iterable, Optional
+from typing import Iterable, Literal, Optional
 
 from megalong.config.parallel import LayoutError, ParallelConfig
 from megalong.model.config import ModelConfig
@@ -46,10 +46,15 @@ class Layout:
             sequence_parallel=self.tensor_parallel > 1, distributed_optimizer=self.distributed_optimizer,
         )
 
-    def describe(self) -> str:
+    def family(self) -> str:
+        """The parallel degrees alone: layouts that differ only in micro-batch, recomputation,
+        optimizer sharding or precision belong to one family."""
         vp = f"x{self.virtual_pipeline}" if self.virtual_pipeline else ""
         return (f"TP={self.tensor_parallel} PP={self.pipeline_parallel}{vp} CP={self.context_parallel} "
-                f"DP={self.data_parallel} mb={self.micro_batch} recompute={self.recompute or 'none'} "
+                f"DP={self.data_parallel}")
+
+    def describe(self) -> str:
+        return (f"{self.family()} mb={self.micro_batch} recompute={self.recompute or 'none'} "
                 f"{'dist-opt' if self.distributed_optimizer else 'replicated-opt'} {self.precision}")
 
     def overrides(self) -> list[str]:
@@ -75,9 +80,15 @@ class Candidate:
     fits: bool
 
 
+# Why a layout was not proposed: it breaks a validity rule, it does not fit in memory, or it
+# fits but another layout is faster.
+RejectionKind = Literal["invalid", "too_large", "slower"]
+
+
 @dataclass
 class Rejection:
     layout: Layout
+    kind: RejectionKind
     reason: str
     memory: Optional[MemoryEstimate] = None
     step_time_s: Optional[float] = None  # for layouts that fit but are slower
@@ -201,15 +212,15 @@ def plan(request: PlanRequest) -> PlanResult:
     for layout in enumerate_layouts(request):
         reason = check_layout(layout, request)
         if reason is not None:
-            rejections.append(Rejection(layout, f"invalid: {reason}"))
+            rejections.append(Rejection(layout, "invalid", f"invalid: {reason}"))
             continue
         candidate = evaluate(layout, request)
         if candidate.fits:
             candidates.append(candidate)
         else:
             rejections.append(Rejection(
-                layout, f"does not fit: needs {candidate.memory.total / GB:.1f} GB > {usable:.1f} GB usable",
-                candidate.memory,
+                layout, "too_large",
+                f"does not fit: needs {candidate.memory.total / GB:.1f} GB > {usable:.1f} GB usable", candidate.memory,
             ))
     # Fastest first; on a tie, less memory, then fewer model-parallel ranks.
     candidates.sort(key=lambda c: (round(c.time.total_s, 6), c.memory.total,
@@ -217,7 +228,7 @@ def plan(request: PlanRequest) -> PlanResult:
     best_time = candidates[0].time.total_s if candidates else None
     for candidate in candidates[1:]:
         rejections.append(Rejection(
-            candidate.layout,
+            candidate.layout, "slower",
             f"slower: {candidate.time.total_s:.2f} s/step vs {best_time:.2f} s/step for the best",
             candidate.memory, candidate.time.total_s,
         ))

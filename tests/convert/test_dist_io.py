@@ -41,3 +41,16 @@ def test_a_damaged_record_is_an_error_naming_the_file(tmp_path):
     reader = dist_io.CheckpointReader(tmp_path / "ckpt")
     with pytest.raises(dist_io.DistCheckpointError, match=data_file.name):
         reader.read({"table": ((0, 0), (4, 6))})
+
+
+def test_torch_checkpoint_modules_load_only_when_used():
+    """Importing them takes about a second, which write_checkpoint overlaps with producing the
+    first piece: the converters must not import them up front."""
+    import subprocess
+    import sys
+
+    script = ("import sys\nimport megalong.convert.hf_to_megatron, megalong.convert.megatron_to_hf\n"
+              "print(sorted(m for m in sys.modules if m.startswith('torch.distributed.checkpoint')))")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

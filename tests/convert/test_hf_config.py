@@ -1,8 +1,13 @@
 """config.json <-> ModelConfig: exact RoPE settings, refusal of what cannot be represented."""
 
+import copy
+import importlib.metadata
+
 import pytest
 
-from megalong.convert.hf_config import UnsupportedConfigError, hf_config_from_model, model_config_from_hf
+from megalong.convert.hf_config import (
+    MIN_TRANSFORMERS_VERSION, UnsupportedConfigError, hf_config_from_model, model_config_from_hf,
+)
 from megalong.model.config import RopeScaling
 
 LLAMA31 = {
@@ -60,6 +65,66 @@ def test_exported_config_loads_in_transformers_with_exact_rope():
     assert (params["factor"], params["low_freq_factor"], params["high_freq_factor"],
             params["original_max_position_embeddings"]) == (8.0, 1.0, 4.0, 8192)
     assert loaded.max_position_embeddings == 524288
+
+
+def test_exported_config_names_the_installed_transformers_version(monkeypatch):
+    back = hf_config_from_model(model_config_from_hf(LLAMA31), "bfloat16")
+    assert back["transformers_version"] == importlib.metadata.version("transformers")
+
+    def not_installed(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", not_installed)
+    back = hf_config_from_model(model_config_from_hf(LLAMA31), "bfloat16")
+    assert back["transformers_version"] == MIN_TRANSFORMERS_VERSION
+
+
+LLAMA3_X8 = LLAMA31["rope_scaling"]  # llama3 scaling x8 (Llama-3.1's)
+NO_TOP_THETA = {k: v for k, v in LLAMA31.items() if k != "rope_theta"}
+
+
+def _transformers_rope(hf: dict) -> tuple[float, RopeScaling | None]:
+    """(theta, scaling) of the RoPE transformers builds for ``hf`` (it edits the dicts it gets)."""
+    from transformers import LlamaConfig
+
+    params = LlamaConfig.from_dict(copy.deepcopy(hf)).rope_parameters
+    if params["rope_type"] == "default":
+        return params["rope_theta"], None
+    return params["rope_theta"], RopeScaling(params["factor"], params["low_freq_factor"], params["high_freq_factor"],
+                                             params["original_max_position_embeddings"])
+
+
+@pytest.mark.parametrize("hf", [
+    {**LLAMA31, "rope_parameters": {**LLAMA3_X8, "rope_theta": 500000.0}},
+    {**LLAMA31, "rope_parameters": dict(LLAMA3_X8)},  # theta from the top level in both
+    {**LLAMA31, "rope_scaling": {"type": "llama3", **{k: v for k, v in LLAMA3_X8.items() if k != "rope_type"}},
+     "rope_parameters": {**LLAMA3_X8, "rope_theta": 500000.0}},
+    {**NO_TOP_THETA, "rope_scaling": {**LLAMA3_X8, "rope_theta": 8e6}, "rope_parameters": {**LLAMA3_X8, "rope_theta": 8e6}},
+    {**LLAMA31, "rope_scaling": None, "rope_parameters": {"rope_type": "default", "rope_theta": 500000.0}},
+    {**LLAMA31, "rope_scaling": {}, "rope_parameters": {**LLAMA3_X8, "rope_theta": 500000.0}},
+    {**LLAMA31, "rope_scaling": {"rope_type": "default"}, "rope_parameters": {"rope_type": "default"}},
+])
+def test_agreeing_rope_layouts_are_read_as_transformers_reads_them(hf):
+    cfg = model_config_from_hf(copy.deepcopy(hf))
+    assert (cfg.rope_theta, cfg.rope_scaling) == _transformers_rope(hf)
+
+
+@pytest.mark.parametrize("hf", [
+    # llama3 x8 rope_scaling next to a default rope_parameters with the same theta: this used to
+    # convert to no scaling, while transformers runs llama3 scaling.
+    {**LLAMA31, "rope_parameters": {"rope_type": "default", "rope_theta": 500000.0}},
+    {**LLAMA31, "rope_parameters": {**LLAMA3_X8, "factor": 4.0, "rope_theta": 500000.0}},
+    {**LLAMA31, "rope_scaling": {"rope_type": "default"}, "rope_parameters": dict(LLAMA3_X8)},
+    # rope_scaling states no theta and there is no top-level one: transformers 5 takes 10,000.
+    {**NO_TOP_THETA, "rope_parameters": {**LLAMA3_X8, "rope_theta": 8e6}},
+])
+def test_conflicting_rope_layouts_are_refused_naming_both(hf):
+    only_parameters = {k: v for k, v in hf.items() if k != "rope_scaling"}
+    # The conflict is real: transformers does not run what rope_parameters alone describes.
+    assert _transformers_rope(hf) != _transformers_rope(only_parameters)
+    with pytest.raises(UnsupportedConfigError, match=r"some/config.json: rope_scaling \(.*\) disagrees with "
+                                                     r"rope_parameters \(.*\)"):
+        model_config_from_hf(copy.deepcopy(hf), "some/config.json")
 
 
 @pytest.mark.parametrize("change, words", [

@@ -1,5 +1,6 @@
 """megalong submit --dry-run: rendered scripts, layout refusals, stage chains (no cluster needed)."""
 
+import dataclasses
 import subprocess
 import sys
 import textwrap
@@ -9,7 +10,9 @@ import pytest
 
 from megalong.cli.main import main
 from megalong.config import LayoutError
-from megalong.slurm import JobOptions, JobShape, check_recipe_layout, render_preprocess, render_train
+from megalong.slurm import (
+    ChainRequest, JobOptions, JobShape, build_chain, check_recipe_layout, render_preprocess, render_train,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -126,6 +129,29 @@ def test_dry_run_prints_the_chain_in_order(tmp_path, capsys, monkeypatch):
     ]
     assert "CONVERT_ARGS=(megatron-to-hf checkpoints/prolong-sft export)" in out
     assert not (tmp_path / "logs").exists()
+
+
+def test_chain_names_each_job_and_runs_extra_stages_on_one_cpu_node(tmp_path):
+    stage1, stage2 = _recipe(tmp_path, "stage1", tp=2, cp=4), _recipe(tmp_path, "stage2", tp=2, cp=4)
+    resources = JobOptions(job_name="ignored", nodes=2, gpus_per_node=8, procs_per_node=8, log_dir="L")
+    request = ChainRequest(resources, recipes=[str(stage1), str(stage2)], name_prefix="pro",
+                           preprocess_args=["--input", "c"], array_tasks=3, convert_args=["megatron-to-hf", "a", "b"])
+    stages = build_chain(request)
+    assert [(s.name, s.log_pattern) for s in stages] == [
+        ("preprocess-array", "L/pro-%A_<task>.out"), ("preprocess-merge", "L/pro-merge-%j.out"),
+        ("pro-stage1", "L/pro-stage1-%j.out"), ("pro-stage2", "L/pro-stage2-%j.out"),
+        ("convert", "L/pro-convert-%j.out"),
+    ]
+    for stage in stages[2:4]:
+        assert "#SBATCH --nodes=2\n" in stage.script and "#SBATCH --gpus-per-node=8\n" in stage.script
+    for stage in stages[:2] + stages[4:]:
+        assert "--gpus-per-node" not in stage.script and "#SBATCH --ntasks=1\n" in stage.script
+    # One training stage is named by the prefix alone, or by its recipe's name without one.
+    assert [s.name for s in build_chain(ChainRequest(resources, recipes=[str(stage1)], name_prefix="pro"))] == ["pro"]
+    assert [s.name for s in build_chain(ChainRequest(resources, recipes=[str(stage1)]))] == ["stage1"]
+    with pytest.raises(LayoutError, match="stage1.yaml"):
+        build_chain(ChainRequest(dataclasses.replace(resources, nodes=1, procs_per_node=2, gpus_per_node=2),
+                                 recipes=[str(stage1)]))
 
 
 def test_cpu_job_needs_procs_per_node(tmp_path, capsys):
