@@ -28,7 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated precisions to consider: bf16, fp8 (default: bf16)")
     parser.add_argument("--loss-chunk-tokens", type=int, default=None,
                         help=f"chunked cross entropy, tokens per chunk; 0 = full logits "
-                             f"(default: the recipe's, else {DEFAULT_LOSS_CHUNK})")
+                             f"(default: the recipe's loss.chunk_tokens, as train uses it; {DEFAULT_LOSS_CHUNK} "
+                             f"with --model)")
     parser.add_argument("--headroom", type=float, default=0.05, help="share of GPU memory kept free (default 0.05)")
     parser.add_argument("--top", type=int, default=3, help="how many layouts to show (default 3)")
     parser.add_argument("--show-rejected", action="store_true", help="list every rejected layout")

@@ -5,8 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from megalong.config.loader import ConfigError
 
-class LayoutError(ValueError):
+
+class LayoutError(ConfigError):
     """A parallel layout that cannot work; raised before any process group exists."""
 
 

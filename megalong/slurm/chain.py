@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
-from megalong.slurm.layout import JobShape, check_recipe_layout, recipe_data
+from megalong.config import load
+from megalong.slurm.layout import JobShape, check_run
 from megalong.slurm.render import JobOptions, render_convert, render_preprocess, render_train
 from megalong.slurm.submit import Stage, submit_chain
 
@@ -36,9 +37,9 @@ class ChainRequest:
     convert_args: Optional[Sequence[str]] = None  # ``megalong convert`` arguments
 
 
-def training_job_name(recipe: str, prefix: Optional[str], many: bool, overrides: Sequence[str] = ()) -> str:
-    """The recipe's ``name`` (else its file name), prefixed; a single stage takes the prefix alone."""
-    name = str(recipe_data(recipe, overrides).get("name") or Path(recipe).stem)
+def training_job_name(run_name: str, prefix: Optional[str], many: bool) -> str:
+    """The recipe's ``name``, prefixed; a single stage takes the prefix alone."""
+    name = run_name
     if prefix:
         return f"{prefix}-{name}" if many else prefix
     return name
@@ -62,13 +63,21 @@ def _preprocess_stages(request: ChainRequest) -> list[Stage]:
             Stage("preprocess-merge", merge, f"{log_dir}/{name}-merge-%j.out")]
 
 
-def _training_stage(request: ChainRequest, recipe: str) -> Stage:
-    """One recipe's job; raises LayoutError when its layout does not fit the job."""
+def _training_stage(request: ChainRequest, recipe: str, first: bool) -> Stage:
+    """One recipe's job; raises LayoutError or ConfigError when the recipe cannot run as this job.
+
+    Its datasets must exist unless the chain preprocesses them first; its initial weights
+    unless an earlier stage of the chain writes them (every stage but the first)."""
     resources = request.resources
     shape = JobShape(nodes=resources.nodes, procs_per_node=resources.procs_per_node,
                      gpus_per_node=resources.gpus_per_node)
-    layout = check_recipe_layout(recipe, shape, request.overrides)
-    name = training_job_name(recipe, request.name_prefix, len(request.recipes) > 1, request.overrides)
+    from megalong.training.config import RunConfig
+
+    run = load(RunConfig, recipe, request.overrides)
+    layout = check_run(run, recipe, shape, check_data=request.preprocess_args is None, check_init=first)
+    # A recipe without a name of its own is known by its file name.
+    run_name = run.name if run.name != RunConfig.name else Path(recipe).stem
+    name = training_job_name(run_name, request.name_prefix, len(request.recipes) > 1)
     log.info("%s: %s as job '%s'", recipe, layout, name)
     script = render_train(recipe, request.overrides, _options(request, name), launcher=request.launcher)
     return Stage(name, script, f"{resources.log_dir}/{name}-%j.out")
@@ -84,7 +93,7 @@ def build_chain(request: ChainRequest) -> list[Stage]:
     """Every job of the chain, rendered, in run order. Raises LayoutError or ConfigError (naming
     the recipe) before anything is submitted."""
     stages = _preprocess_stages(request) if request.preprocess_args is not None else []
-    stages += [_training_stage(request, recipe) for recipe in request.recipes]
+    stages += [_training_stage(request, recipe, first=i == 0) for i, recipe in enumerate(request.recipes)]
     if request.convert_args is not None:
         stages.append(_convert_stage(request))
     return stages

@@ -11,8 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-from megalong.config import ConfigError, LayoutError, ParallelConfig, apply_overrides, from_dict
-from megalong.config.loader import load_yaml
+from megalong.config import ConfigError, LayoutError, load
 
 log = logging.getLogger(__name__)
 
@@ -35,40 +34,31 @@ class JobShape:
         return f"{self.nodes} {node} x {self.procs_per_node} {unit} per node = {self.world_size} processes"
 
 
-def recipe_data(recipe: str | Path, overrides: Iterable[str] = ()) -> dict:
-    """The recipe's YAML as a dict with ``key.sub=value`` overrides applied."""
-    return apply_overrides(load_yaml(recipe), overrides)
+def check_recipe_layout(recipe: str | Path, shape: JobShape, overrides: Iterable[str] = (),
+                        check_data: bool = True, check_init: bool = True) -> str:
+    """Load ``recipe`` (with ``overrides``) and :func:`check_run` it; the layout's description."""
+    from megalong.training.config import RunConfig
+
+    return check_run(load(RunConfig, recipe, overrides), recipe, shape, check_data, check_init)
 
 
-def check_recipe_layout(recipe: str | Path, shape: JobShape, overrides: Iterable[str] = ()) -> str:
-    """Return a one-line description of the layout, or raise LayoutError naming the numbers.
+def check_run(run, recipe: str | Path, shape: JobShape, check_data: bool = True, check_init: bool = True) -> str:
+    """Validate a loaded recipe for a job of ``shape`` exactly as ``megalong train`` will
+    (:meth:`RunConfig.validate`); return a one-line description of the layout.
 
-    Reads only the recipe's ``parallel:`` section (and ``schedule:`` batch sizes when
-    present), so it works before the rest of the configuration is importable.
+    ``check_data`` / ``check_init``: also require the mixture's datasets / the initial weights
+    to exist now (not when an earlier job of the chain produces them). Raises ConfigError or
+    LayoutError naming the recipe, the keys and the numbers.
     """
     if shape.nodes < 1 or shape.procs_per_node < 1:
         raise LayoutError(f"a job needs at least 1 node and 1 process per node, got {shape.describe()}")
-    data = recipe_data(recipe, overrides)
-    section = data.get("parallel") or {}
     try:
-        parallel = from_dict(ParallelConfig, section, source=f"{recipe}: parallel")
-    except ConfigError as err:
-        raise LayoutError(str(err)) from None
-    try:
-        parallel.validate(shape.world_size)
+        run.validate(shape.world_size, check_data=check_data, check_init=check_init)
     except LayoutError as err:
         raise LayoutError(f"{recipe}: the job's {shape.describe()} do not fit the recipe: {err}") from None
-    dp = parallel.data_parallel_size(shape.world_size)
-
-    schedule = data.get("schedule") or {}
-    global_batch, micro_batch = schedule.get("global_batch_size"), schedule.get("micro_batch_size", 1)
-    if isinstance(global_batch, int) and isinstance(micro_batch, int) and micro_batch > 0:
-        if global_batch % (dp * micro_batch) != 0:
-            raise LayoutError(
-                f"{recipe}: schedule.global_batch_size={global_batch} is not divisible by "
-                f"data-parallel size x micro_batch_size = {dp} x {micro_batch} = {dp * micro_batch} "
-                f"(DP={dp} from {shape.describe()} and TP x CP x PP = {parallel.model_parallel_size})"
-            )
+    except (ConfigError, FileNotFoundError) as err:
+        raise ConfigError(f"{recipe}: {err} (with {shape.describe()})") from None
+    parallel = run.parallel
     if shape.gpus_per_node and parallel.tensor_parallel > shape.gpus_per_node:
         log.warning(
             "%s: tensor_parallel=%d spans more than one node (%d GPUs per node): expect it to be slow",

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 from megalong.config.loader import ConfigError
-from megalong.config.parallel import ParallelConfig
+from megalong.config.parallel import LayoutError, ParallelConfig
 from megalong.data.config import DataConfig
 from megalong.model import presets
 from megalong.model.config import SHAPE_FIELDS, ModelConfig
@@ -175,18 +175,19 @@ class RunConfig:
                 )
         return dataclasses.replace(recipe, **merged)
 
-    def validate(self, world_size: int, check_paths: bool = True) -> ModelConfig:
+    def validate(self, world_size: int, check_data: bool = True, check_init: bool = True) -> ModelConfig:
         """Every rule that spans fields, checked before anything heavy starts (``megalong
         train`` before the process groups, ``megalong submit`` before submitting); each error
-        names the keys. Returns the resolved model. ``check_paths`` also requires the
-        mixture's datasets and the initial weights to exist."""
+        names the keys. Returns the resolved model. ``check_data`` / ``check_init`` also require
+        the mixture's datasets / the initial weights to exist (``megalong submit`` skips them
+        for files an earlier job of its chain will write)."""
         parallel, data, schedule = self.parallel, self.data, self.schedule
         parallel.validate(world_size)
-        if check_paths and self.init.weights:
+        if check_init and self.init.weights:
             from megalong.checkpoint.layout import resolve
 
             resolve(self.init.weights)  # names the path and what it lacks
-        model = self.resolved_model() if check_paths or not self.init.weights else presets.resolve(self.model)
+        model = self.resolved_model() if check_init or not self.init.weights else presets.resolve(self.model)
         if all(getattr(model, name) is not None for name in SHAPE_FIELDS):
             model.validate(parallel.tensor_parallel, parallel.pipeline_parallel * (parallel.virtual_pipeline or 1))
             if data.seq_length > model.max_position_embeddings:
@@ -204,10 +205,10 @@ class RunConfig:
         dp = parallel.data_parallel_size(world_size)
         per_step = schedule.micro_batch_size * dp
         if schedule.micro_batch_size < 1 or schedule.global_batch_size % per_step:
-            raise ConfigError(
+            raise LayoutError(
                 f"schedule.global_batch_size={schedule.global_batch_size} is not divisible by "
-                f"schedule.micro_batch_size x data-parallel size = {schedule.micro_batch_size} x {dp} "
-                f"(DP = {world_size} processes / TP x CP x PP = {parallel.model_parallel_size})"
+                f"data-parallel size x schedule.micro_batch_size = {dp} x {schedule.micro_batch_size} = {per_step} "
+                f"(DP={dp}: {world_size} processes / TP x CP x PP = {parallel.model_parallel_size})"
             )
         if schedule.train_steps < 1:
             raise ConfigError(f"schedule.train_steps must be >= 1, got {schedule.train_steps}")
@@ -222,7 +223,7 @@ class RunConfig:
         if not self.data_factory:
             if not data.has_mixture:
                 raise ConfigError("no training data: set data.mixture or data.domains (or data_factory)")
-            if check_paths:
+            if check_data:
                 missing = data.missing_datasets()
                 if missing:
                     raise ConfigError(

@@ -10,6 +10,7 @@ def test_plan_from_recipe_prints_best_layouts_and_rejections(tmp_path, capsys):
         "parallel:\n  tensor_parallel: 1\n"
         "data:\n  seq_length: 524288\n"
         "schedule:\n  global_batch_size: 16\n"
+        "loss:\n  chunk_tokens: 8192\n"  # as the ProLong recipes: train's default (0) is planned as 0
         "optimizer:\n  lr: 5.0e-6\n"  # sections the planner does not read are ignored
     )
     code = main(["plan", str(recipe), "--nodes", "1", "--gpus-per-node", "8", "--gpu", "h100", "--gpu-memory", "80GB"])
@@ -44,11 +45,16 @@ def test_plan_errors_name_the_problem(tmp_path, capsys):
 
 def test_recipe_overrides_and_incomplete_models(tmp_path, capsys):
     recipe = tmp_path / "r.yaml"
-    recipe.write_text("model:\n  preset: llama3-8b\ndata:\n  seq_length: 65536\ntraining:\n  global_batch_size: 64\n")
+    recipe.write_text("model:\n  preset: llama3-8b\ndata:\n  seq_length: 65536\nschedule:\n  global_batch_size: 64\n")
     code = main(["plan", str(recipe), "data.seq_length=131072", "--nodes", "1", "--gpus-per-node", "8",
                  "--gpu", "h200", "--top", "1"])
     out = capsys.readouterr().out
     assert code == 0 and "131,072 tokens x 64 sequences" in out
+    # The recipe is read as `megalong train` reads it: a section train does not know is refused.
+    loose = tmp_path / "loose.yaml"
+    loose.write_text("model:\n  preset: llama3-8b\ntraining:\n  global_batch_size: 64\n")
+    assert main(["plan", str(loose), "--nodes", "1", "--gpus-per-node", "8", "--gpu", "h200"]) == 2
+    assert "unknown key(s) training" in capsys.readouterr().err
     shapeless = tmp_path / "s.yaml"
     shapeless.write_text("model:\n  num_layers: 2\n")
     assert main(["plan", str(shapeless), "--nodes", "1", "--gpus-per-node", "8", "--seq-length", "8192",

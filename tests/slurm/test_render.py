@@ -1,6 +1,7 @@
 """megalong submit --dry-run: rendered scripts, layout refusals, stage chains (no cluster needed)."""
 
 import dataclasses
+import re
 import subprocess
 import sys
 import textwrap
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from megalong.cli.main import main
-from megalong.config import LayoutError
+from megalong.config import ConfigError, LayoutError
 from megalong.slurm import (
     ChainRequest, JobOptions, JobShape, build_chain, check_recipe_layout, render_preprocess, render_train,
 )
@@ -18,10 +19,15 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _recipe(tmp_path, name="stage1", tp=2, pp=1, cp=4, gbs=64, mbs=1) -> Path:
+    """A ProLong-shaped recipe whose datasets exist (empty files: only their presence is checked)."""
+    for suffix in (".bin", ".idx"):
+        (tmp_path / f"text_document{suffix}").write_bytes(b"")
     path = tmp_path / f"{name}.yaml"
     path.write_text(textwrap.dedent(f"""\
         name: {name}
+        model: {{preset: llama3-8b, max_position_embeddings: 65536}}
         parallel: {{tensor_parallel: {tp}, pipeline_parallel: {pp}, context_parallel: {cp}}}
+        data: {{data_root: {tmp_path}, seq_length: 65536, domains: [{{name: text, weight: 1, paths: [text_document]}}]}}
         schedule: {{global_batch_size: {gbs}, micro_batch_size: {mbs}}}
         """))
     return path
@@ -53,7 +59,8 @@ def test_layout_fits_and_refusals_name_the_numbers(tmp_path):
 def test_bad_parallel_key_names_file_and_key(tmp_path):
     path = tmp_path / "typo.yaml"
     path.write_text("parallel: {tensor_paralel: 2}\n")
-    with pytest.raises(LayoutError, match=r"typo.yaml: parallel.*tensor_paralel"):
+    # A misspelt key is a configuration error (the whole recipe is loaded, as train loads it).
+    with pytest.raises(ConfigError, match=r"typo.yaml.*parallel.*tensor_paralel"):
         check_recipe_layout(path, JobShape(1, 8, 8))
 
 
@@ -166,3 +173,19 @@ def test_shipped_templates_are_valid_bash():
         assert out.returncode == 0, f"{template}: {out.stderr}"
     out = subprocess.run(["bash", "-n", str(REPO / "slurm" / "local_cluster.sh")], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
+
+
+@pytest.mark.parametrize("override,message", [
+    ("data.seq_lenght=1024", r"data: unknown key\(s\) seq_lenght"),
+    ("data.data_root=/nowhere", r"indexed dataset\(s\) of the mixture not found: text: /nowhere/text_document"),
+    ("data.seq_length=1004", r"data.seq_length=1004 is not divisible by 2 x parallel.context_parallel = 8"),
+], ids=["misspelt-key", "missing-dataset", "seq-vs-cp"])
+def test_submit_validates_the_recipe_as_train_does(tmp_path, capsys, monkeypatch, override, message):
+    recipe = _recipe(tmp_path, tp=2, cp=4)
+    monkeypatch.chdir(tmp_path)
+    rc = main(["submit", str(recipe), "--nodes", "1", "--gpus-per-node", "8", "--log-dir", "logs", "--set", override])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "refused, nothing was submitted" in err
+    assert re.search(message, err), err
+    assert not (tmp_path / "logs").exists()

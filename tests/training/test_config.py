@@ -37,7 +37,7 @@ def test_prolong_recipes_carry_the_published_numbers():
 
 def test_tiny_cpu_recipe_is_valid_for_two_processes():
     run = load(RunConfig, EXAMPLES / "tiny_cpu.yaml")
-    run.validate(world_size=2, check_paths=False)  # its data is the quickstart's output
+    run.validate(world_size=2, check_data=False)  # its data is the quickstart's output
     assert run.runtime.device == "cpu"
 
 
@@ -47,14 +47,14 @@ def test_tiny_cpu_recipe_is_valid_for_two_processes():
     (["parallel.sequence_parallel=true"], 2, r"parallel.sequence_parallel=true needs tensor_parallel > 1"),
     (["data.seq_length=16384"], 2, r"data.seq_length=16,384 exceeds model.max_position_embeddings=8,192"),
     (["schedule.global_batch_size=6", "schedule.micro_batch_size=2"], 2,
-     r"schedule.global_batch_size=6 is not divisible by schedule.micro_batch_size x data-parallel size = 2 x 2"),
+     r"schedule.global_batch_size=6 is not divisible by data-parallel size x schedule.micro_batch_size = 2 x 2 = 4"),
     (["parallel.tensor_parallel=2"], 3, r"world size 3 is not divisible by TP x CP x PP"),
     (["model.num_query_groups=3"], 2, r"model.num_attention_heads=4 is not divisible by model.num_query_groups=3"),
 ], ids=["seq-vs-cp", "sp-without-tp", "seq-beyond-positions", "batch-vs-dp", "world-size", "model-shape"])
 def test_a_configuration_that_cannot_work_is_refused_naming_the_keys(overrides, world, message):
     run = load(RunConfig, EXAMPLES / "tiny_cpu.yaml", overrides)
     with pytest.raises((ConfigError, LayoutError), match=message):
-        run.validate(world_size=world, check_paths=False)
+        run.validate(world_size=world, check_data=False)
 
 
 def test_missing_datasets_and_misspelled_keys_are_refused(tmp_path):
