@@ -32,7 +32,8 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megalong.model.attention.blocks import plan_blocks  # noqa: E402
-from megalong.model.attention.layout import DocumentLayout, local_positions  # noqa: E402
+from megalong.data.cp_shard import load_balanced_index  # noqa: E402
+from megalong.model.attention.layout import DocumentLayout  # noqa: E402
 from megalong.model.attention.local import sdpa_attention  # noqa: E402
 from megalong.model.attention.ring import needed_steps, ring_attention  # noqa: E402
 
@@ -80,7 +81,7 @@ def main(argv=None) -> int:
     flop_ratio = float((lengths ** 2).sum() / seq ** 2)
     documents = DocumentLayout.from_sample_cu_seqlens([cu], seq)
     causal = DocumentLayout.causal(1, seq)
-    pos = local_positions(seq, 1, 0)
+    pos = load_balanced_index(seq, 1, 0)
     tile_ratio = plan_blocks(pos, documents.doc_ids, pos, documents.doc_ids, args.tile).visible_pairs / \
         plan_blocks(pos, causal.doc_ids, pos, causal.doc_ids, args.tile).visible_pairs
 

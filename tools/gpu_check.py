@@ -37,7 +37,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megalong.model.attention.layout import DocumentLayout, local_positions  # noqa: E402
+from megalong.data.cp_shard import load_balanced_index  # noqa: E402
+from megalong.model.attention.layout import DocumentLayout  # noqa: E402
 from megalong.model.attention.local import flash_attn_available, flash_attention, sdpa_attention  # noqa: E402
 from megalong.model.attention.reference import reference_attention  # noqa: E402
 from megalong.model.attention.te import transformer_engine_available  # noqa: E402
@@ -154,7 +155,7 @@ def _cp_worker(args, device_type: str, one_gpu_per_rank: bool) -> list:
     scale = 1.0 / math.sqrt(args.head_dim)
     ref_out, ref_grads = run_with_grads(lambda q_, k_, v_: sdpa_attention(q_, k_, v_, layout, scale),
                                         q, k, v, grad, torch.float32)
-    index = local_positions(seq, cp, rank).to(device)
+    index = load_balanced_index(seq, cp, rank).to(device)
     shard = [x.index_select(0, index) for x in (q, k, v, grad)]
     results = []
     runs = [("ring (PyTorch blocks)", lambda q_, k_, v_: ring_attention(q_, k_, v_, layout, group, scale))]

@@ -114,8 +114,8 @@ def resolve(path: str | Path) -> Path:
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist")
     raise FileNotFoundError(
-        f"{path} is not a megalong checkpoint: a weights or iter_* directory has {MODEL_CONFIG_FILE} and "
-        f"{MODEL_SUBDIR}/, a save directory has a {LATEST_FILE} marker"
+        f"{path} is not a megalong weights or checkpoint directory: a weights or iter_* directory has "
+        f"{MODEL_CONFIG_FILE} and {MODEL_SUBDIR}/, a save directory has a {LATEST_FILE} marker"
     )
 
 

@@ -23,7 +23,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from megalong.checkpoint.layout import MODEL_CONFIG_FILE, MODEL_SUBDIR, read_model_config
+from megalong.checkpoint.layout import MODEL_CONFIG_FILE, MODEL_SUBDIR, read_model_config, resolve
 from megalong.convert import dist_io
 from megalong.convert.adapter import (
     HF_EMBEDDING, MEGATRON_EMBEDDING, MEGATRON_OUTPUT, LlamaStateDictAdapter, StateDictMismatchError, checkpoint_key,
@@ -54,24 +54,6 @@ class ExportReport:
     tensors: int
     bytes_written: int
     seconds: float
-
-
-def resolve_checkpoint_dir(path: str | Path) -> Path:
-    """A weights directory, a training checkpoint ``iter_*`` directory, or a save dir with ``latest``."""
-    path = Path(path)
-    if (path / MODEL_CONFIG_FILE).is_file():
-        return path
-    latest = path / "latest"
-    if latest.is_file():
-        marker = latest.read_text(encoding="utf-8").strip()
-        candidate = path / (f"iter_{int(marker):07d}" if marker.isdigit() else marker)
-        if (candidate / MODEL_CONFIG_FILE).is_file():
-            log.info("%s/latest points at %s", path, candidate)
-            return candidate
-        raise FileNotFoundError(f"{latest} points at {candidate}, which has no {MODEL_CONFIG_FILE}")
-    raise FileNotFoundError(
-        f"{path} is not a megalong weights or checkpoint directory ({path / MODEL_CONFIG_FILE} is missing)"
-    )
 
 
 def _tokenizer_files(spec: str) -> list[Path]:
@@ -352,7 +334,9 @@ def convert_megatron_to_hf(
     output = Path(output)
     if output.exists():
         raise FileExistsError(f"output {output} already exists; choose a new path or remove it first")
-    source = resolve_checkpoint_dir(checkpoint)
+    source = resolve(checkpoint)
+    if source != Path(checkpoint):
+        log.info("%s means checkpoint %s", checkpoint, source)
     model = presets.resolve(read_model_config(source))
     model.validate()
     reader = dist_io.CheckpointReader(source / MODEL_SUBDIR)

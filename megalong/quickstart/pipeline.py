@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-import yaml
-
+from megalong.checkpoint.layout import iteration_dir
+from megalong.config.loader import dump_yaml, from_dict
 from megalong.quickstart.corpus import build_corpus
 
 log = logging.getLogger(__name__)
@@ -116,7 +116,7 @@ class Quickstart:
         return self.out / "runs" / stage
 
     def final_checkpoint(self, stage: str, steps: int) -> Path:
-        return self.run_dir(stage) / f"iter_{steps:07d}"
+        return iteration_dir(self.run_dir(stage), steps)
 
     @property
     def export_dir(self) -> Path:
@@ -144,10 +144,15 @@ class Quickstart:
         log.info("%s: done in %.0f s", title, self.timings[title])
 
     def _write_recipe(self, name: str, recipe: dict) -> Path:
+        """Write ``recipe`` as `megalong train` will read it: built into a RunConfig first, so a
+        wrong key or type fails here, naming it."""
+        from megalong.training.config import RunConfig
+
+        run = from_dict(RunConfig, recipe, f"quickstart recipe {name}")
         path = self.out / "recipes" / f"{name}.yaml"
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(yaml.safe_dump(recipe, sort_keys=False))
+        tmp.write_text(dump_yaml(run))
         os.replace(tmp, path)
         return path
 

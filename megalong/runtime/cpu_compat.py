@@ -13,8 +13,9 @@ Instead of copying any of that code, this module redirects those calls to the CP
 * the ``torch.cuda`` RNG, device and synchronisation functions, and Megatron-Core's
   private CUDA RNG helpers, are pointed at the CPU generator.
 
-It is activated once per process by :func:`enable`, only when no GPU is in use, and
-logs one line saying so. It is never active on a GPU machine.
+It is activated once per process by :func:`enable`, only when no GPU is in use (on a
+machine with GPUs, ``runtime.device: cpu`` hides them from the process), logs one line
+saying so, and :func:`disable` undoes every patch.
 """
 
 from __future__ import annotations
@@ -28,7 +29,10 @@ from torch.overrides import TorchFunctionMode
 log = logging.getLogger(__name__)
 
 _CPU = torch.device("cpu")
+# The process-wide redirection (a torch-function mode is global to the process anyway) and
+# what it replaced, so that disable() can put everything back.
 _active_mode: "_CudaToCpuMode | None" = None
+_originals: list[tuple[object, str, object]] = []
 
 
 def _to_cpu_device(device):
@@ -116,37 +120,36 @@ class _NoOpStream:
         return lambda *a, **k: None
 
 
-def _patch_torch_cuda() -> None:
-    cuda = torch.cuda
-    cuda.current_device = lambda: 0
-    cuda.set_device = lambda *a, **k: None
-    cuda.device_count = lambda: 0
-    cuda.synchronize = lambda *a, **k: None
-    cuda.empty_cache = lambda: None
-    # torch.manual_seed itself calls torch.cuda.manual_seed_all: seed the CPU generator directly.
-    cuda.manual_seed = _cpu_manual_seed
-    cuda.manual_seed_all = lambda seed: None
-    cuda.get_rng_state = _cpu_get_rng_state
-    cuda.set_rng_state = _cpu_set_rng_state
-    cuda.random.get_rng_state = _cpu_get_rng_state
-    cuda.random.set_rng_state = _cpu_set_rng_state
-    cuda.current_stream = lambda *a, **k: _NoOpStream()
-    cuda.default_stream = lambda *a, **k: _NoOpStream()
-    cuda.stream = lambda *a, **k: contextlib.nullcontext()
-    cuda.Stream = _NoOpStream
-    cuda.Event = _NoOpStream
-    cuda.memory_allocated = lambda *a, **k: 0
-    cuda.max_memory_allocated = lambda *a, **k: 0
-    cuda.memory_reserved = lambda *a, **k: 0
-    cuda.max_memory_reserved = lambda *a, **k: 0
-    cuda.reset_peak_memory_stats = lambda *a, **k: None
+def _cuda_replacements() -> dict:
+    """``torch.cuda`` attributes and their CPU stand-ins (the GPUs, if any, are hidden)."""
+    return {
+        "is_available": lambda: False,
+        "current_device": lambda: 0,
+        "set_device": lambda *a, **k: None,
+        "device_count": lambda: 0,
+        "synchronize": lambda *a, **k: None,
+        "empty_cache": lambda: None,
+        # torch.manual_seed itself calls torch.cuda.manual_seed_all: seed the CPU generator directly.
+        "manual_seed": _cpu_manual_seed,
+        "manual_seed_all": lambda seed: None,
+        "get_rng_state": _cpu_get_rng_state,
+        "set_rng_state": _cpu_set_rng_state,
+        "current_stream": lambda *a, **k: _NoOpStream(),
+        "default_stream": lambda *a, **k: _NoOpStream(),
+        "stream": lambda *a, **k: contextlib.nullcontext(),
+        "Stream": _NoOpStream,
+        "Event": _NoOpStream,
+        "memory_allocated": lambda *a, **k: 0,
+        "max_memory_allocated": lambda *a, **k: 0,
+        "memory_reserved": lambda *a, **k: 0,
+        "max_memory_reserved": lambda *a, **k: 0,
+        "reset_peak_memory_stats": lambda *a, **k: None,
+    }
 
 
-def _patch_megatron_rng() -> None:
-    from megatron.core.tensor_parallel import random as mcore_random
-
-    mcore_random._get_cuda_rng_state = _cpu_get_rng_state
-    mcore_random._set_cuda_rng_state = _cpu_set_rng_state
+def _patch(owner, name: str, value) -> None:
+    _originals.append((owner, name, getattr(owner, name)))
+    setattr(owner, name, value)
 
 
 def is_active() -> bool:
@@ -154,20 +157,38 @@ def is_active() -> bool:
 
 
 def enable() -> None:
-    """Activate the CPU redirection for this process (idempotent).
+    """Activate the CPU redirection for this process (idempotent); :func:`disable` undoes it.
 
-    Refuses on a machine where CUDA is available: there the real CUDA paths must run.
+    On a machine with GPUs the GPUs are hidden from this process's torch and Megatron-Core
+    (``torch.cuda.is_available()`` answers False), as ``CUDA_VISIBLE_DEVICES=`` would.
     """
     global _active_mode
     if _active_mode is not None:
         return
-    if torch.cuda.is_available():
-        raise RuntimeError("cpu_compat.enable() called on a machine with a GPU; use the CUDA path")
-    _patch_torch_cuda()
-    _patch_megatron_rng()
+    had_gpu = torch.cuda.is_available()
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    for name, value in _cuda_replacements().items():
+        _patch(torch.cuda, name, value)
+    _patch(torch.cuda.random, "get_rng_state", _cpu_get_rng_state)
+    _patch(torch.cuda.random, "set_rng_state", _cpu_set_rng_state)
+    _patch(mcore_random, "_get_cuda_rng_state", _cpu_get_rng_state)
+    _patch(mcore_random, "_set_cuda_rng_state", _cpu_set_rng_state)
     _active_mode = _CudaToCpuMode()
     _active_mode.__enter__()
     log.info(
-        "No GPU in use: running Megatron-Core on the CPU (CUDA device calls redirected to CPU, "
-        "gloo backend, fp32)."
+        "No GPU in use%s: running Megatron-Core on the CPU (CUDA device calls redirected to CPU, "
+        "gloo backend, fp32).", " (runtime.device=cpu: this machine's GPUs are hidden)" if had_gpu else "",
     )
+
+
+def disable() -> None:
+    """Undo :func:`enable`: leave the torch-function mode and restore every patched function."""
+    global _active_mode
+    if _active_mode is None:
+        return
+    _active_mode.__exit__(None, None, None)
+    _active_mode = None
+    while _originals:
+        owner, name, value = _originals.pop()
+        setattr(owner, name, value)

@@ -90,7 +90,7 @@ def _optimizer_metadata(optimizer_format: str) -> dict:
     return {"distrib_optim_sharding_type": optimizer_format, "chained_optim_avoid_prefix": True}
 
 
-def _rng_state() -> dict:
+def _rng_state(on_gpu: bool) -> dict:
     from megatron.core import tensor_parallel
 
     state = {
@@ -99,18 +99,18 @@ def _rng_state() -> dict:
         "torch": torch.get_rng_state(),
         "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
     }
-    if torch.cuda.is_available():
+    if on_gpu:
         state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
-def _restore_rng(state: dict) -> None:
+def _restore_rng(state: dict, on_gpu: bool) -> None:
     from megatron.core import tensor_parallel
 
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
+    if "cuda" in state and on_gpu:
         torch.cuda.set_rng_state(state["cuda"])
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
@@ -125,8 +125,11 @@ def save_checkpoint(
     optimizer_format: str = "fully_reshardable",
     keep_last: int = 0,
     async_queue=None,
+    on_gpu: bool = False,
 ) -> Path:
     """Save a complete training checkpoint (collective: every rank calls it).
+
+    ``on_gpu`` (the runtime's answer) adds the CUDA generator to the saved RNG states.
 
     With ``async_queue`` (Megatron-Core's ``AsyncCallsQueue``) the model and optimizer
     tensors are written in the background; the checkpoint is renamed into place and
@@ -148,7 +151,7 @@ def save_checkpoint(
     _barrier()
 
     # Small files first, synchronously (their content is fixed now).
-    torch.save(_rng_state(), tmp / RNG_SUBDIR / f"rank_{_rank():05d}.pt")
+    torch.save(_rng_state(on_gpu), tmp / RNG_SUBDIR / f"rank_{_rank():05d}.pt")
     if _rank() == 0:
         layout.write_model_config(tmp, model_config)
         (tmp / RUN_CONFIG_FILE).write_text(dump_yaml(run_config), encoding="utf-8")
@@ -268,6 +271,7 @@ def load_checkpoint(
     optimizer=None,
     optimizer_format: str = "fully_reshardable",
     restore_rng_for_layout: Optional[str] = None,
+    on_gpu: bool = False,
 ) -> TrainState:
     """Load weights (and the optimizer state and RNG when asked) saved at any layout.
 
@@ -304,7 +308,7 @@ def load_checkpoint(
     if restore_rng_for_layout is not None:
         rng_file = directory / RNG_SUBDIR / f"rank_{_rank():05d}.pt"
         if state.layout == restore_rng_for_layout and rng_file.is_file():
-            _restore_rng(torch.load(rng_file, weights_only=False))
+            _restore_rng(torch.load(rng_file, weights_only=False), on_gpu)
         elif _rank() == 0:
             log.info(
                 "Random-number states not restored: the checkpoint was saved at layout %s, this job "

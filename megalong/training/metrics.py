@@ -26,8 +26,8 @@ log = logging.getLogger(__name__)
 KNOWN_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "H800": 989.0, "A100": 312.0, "B200": 2250.0, "GB200": 2450.0}
 
 
-def detect_peak_tflops() -> Optional[float]:
-    if not torch.cuda.is_available():
+def detect_peak_tflops(on_gpu: bool) -> Optional[float]:
+    if not on_gpu:
         return None
     name = torch.cuda.get_device_name()
     for key, value in KNOWN_PEAK_TFLOPS.items():
@@ -52,9 +52,9 @@ def training_flops(model: ModelConfig, num_tokens: int, attention_cost: int, pad
     return 3.0 * forward
 
 
-def peak_memory_gib() -> float:
+def peak_memory_gib(on_gpu: bool) -> float:
     """Peak memory of this process: GPU allocator peak on GPUs, max resident set on CPU."""
-    if torch.cuda.is_available():
+    if on_gpu:
         return torch.cuda.max_memory_allocated() / 2**30
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / (2**30 if sys.platform == "darwin" else 2**20)
@@ -97,11 +97,12 @@ class MetricsWriter:
     def __init__(self, enabled: bool, train_steps: int, log_interval: int = 1,
                  tensorboard_dir: Optional[str] = None, metrics_file: Optional[str] = None,
                  wandb_project: Optional[str] = None, wandb_run_name: Optional[str] = None,
-                 peak_tflops: Optional[float] = None, run_config: Optional[dict] = None):
+                 peak_tflops: Optional[float] = None, run_config: Optional[dict] = None, on_gpu: bool = False):
         self.enabled = enabled
+        self.on_gpu = on_gpu
         self.train_steps = train_steps
         self.log_interval = max(1, log_interval)
-        self.peak_tflops = peak_tflops if peak_tflops is not None else detect_peak_tflops()
+        self.peak_tflops = peak_tflops if peak_tflops is not None else detect_peak_tflops(on_gpu)
         self._tb = None
         self._wandb = None
         self._file = None
@@ -131,7 +132,7 @@ class MetricsWriter:
         values = {
             "loss": m.loss, "lr": m.lr, "grad_norm": m.grad_norm, "step_time_s": m.step_time,
             "tokens_per_s": m.tokens_per_second, "tflops_per_device": m.tflops_per_device,
-            "memory_gib": peak_memory_gib(), "loss_tokens": m.loss_tokens,
+            "memory_gib": peak_memory_gib(self.on_gpu), "loss_tokens": m.loss_tokens,
         }
         if self.peak_tflops:
             values["mfu"] = m.tflops_per_device / self.peak_tflops

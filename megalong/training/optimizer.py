@@ -41,7 +41,7 @@ def wrap_with_ddp(model_chunks: list, run: RunConfig, on_gpu: bool) -> list:
     ]
 
 
-def build_optimizer(model_chunks: list, run: RunConfig):
+def build_optimizer(model_chunks: list, run: RunConfig, on_gpu: bool):
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
     params_dtype = torch.bfloat16 if run.model.params_dtype == "bf16" else torch.float32
@@ -57,8 +57,7 @@ def build_optimizer(model_chunks: list, run: RunConfig):
         bf16=params_dtype == torch.bfloat16,
         params_dtype=params_dtype,
         use_distributed_optimizer=run.parallel.distributed_optimizer,
-        overlap_param_gather=(run.runtime.overlap_param_gather and torch.cuda.is_available()
-                              and run.parallel.distributed_optimizer),
+        overlap_param_gather=run.runtime.overlap_param_gather and on_gpu and run.parallel.distributed_optimizer,
         decoupled_weight_decay=True,
     )
     return get_megatron_optimizer(config, model_chunks)

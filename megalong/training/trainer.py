@@ -82,7 +82,7 @@ class Trainer:
                      run.loss.chunk_tokens)
         self.padded_vocab = chunks[0].vocab_size
         self.model = wrap_with_ddp(chunks, run, self.runtime.on_gpu)
-        self.optimizer = build_optimizer(self.model, run)
+        self.optimizer = build_optimizer(self.model, run, self.runtime.on_gpu)
         self.scheduler = build_scheduler(self.optimizer, run)
 
         config = get_model_config(self.model[0])
@@ -143,7 +143,7 @@ class Trainer:
                     f"a new data mix is a new stage: start it with init.weights={resume}"
                 )
             self.state = ckpt.load_checkpoint(resume, self.model, self.optimizer, fmt,
-                                              restore_rng_for_layout=self.layout)
+                                              restore_rng_for_layout=self.layout, on_gpu=self.runtime.on_gpu)
             self.scheduler.load_state_dict(self.state.scheduler)
             self.state.layout = self.layout
             if self.is_logging_rank:
@@ -260,7 +260,7 @@ class Trainer:
             return ckpt.save_checkpoint(
                 run.checkpoint.save_dir, self.state, self.model, self.optimizer, self.model_config, run,
                 optimizer_format=run.checkpoint.optimizer_format, keep_last=run.checkpoint.keep_last,
-                async_queue=self.async_queue,
+                async_queue=self.async_queue, on_gpu=self.runtime.on_gpu,
             )
         finally:
             if deferred_gather:
@@ -283,6 +283,7 @@ class Trainer:
         return MetricsWriter(
             self.is_logging_rank, self.run.schedule.train_steps, lc.log_interval, tb, mf,
             lc.wandb_project, lc.wandb_run_name, lc.peak_tflops, run_config=dataclasses.asdict(self.run),
+            on_gpu=self.runtime.on_gpu,
         )
 
     def fit(self) -> int:

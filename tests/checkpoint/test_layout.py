@@ -43,7 +43,7 @@ def test_a_broken_marker_or_a_stranger_path_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"latest names 'iter_0000030', which is not a complete"):
         layout.resolve(save)
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="empty is not a megalong checkpoint"):
+    with pytest.raises(FileNotFoundError, match="empty is not a megalong weights or checkpoint directory"):
         layout.resolve(tmp_path / "empty")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         layout.resolve(tmp_path / "nowhere")

@@ -1,14 +1,9 @@
 import pytest
 import torch
 
-from megalong.data.cp_shard import (
-    load_balanced_index,
-    pad_documents_for_thd,
-    shard_for_cp,
-    shard_thd_for_cp,
-    thd_index,
-    unshard_from_cp,
-)
+from megalong.data.cp_shard import load_balanced_index, shard_for_cp
+from megalong.model.attention.thd_relayout import thd_index
+from tests.data.cp_helpers import pad_documents_for_thd, shard_thd_for_cp, unshard_from_cp
 
 
 def _batch(seq_length=16):

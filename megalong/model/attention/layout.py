@@ -4,9 +4,9 @@ Attention inside a packed sequence is allowed from query ``i`` to key ``j`` exac
 both belong to the same document and ``j`` is not after ``i``. Everything megalong's
 attention needs to know about a micro-batch is therefore, for each token it holds, its
 global position in the sequence and its document id. This module computes both for any
-context-parallel rank in Megatron's load-balanced layout: the sequence is cut into
-``2 * cp`` equal chunks and rank ``r`` holds chunks ``r`` and ``2 * cp - 1 - r`` (so every
-rank gets the same share of causal work).
+context-parallel rank in Megatron's load-balanced layout (owned by
+:func:`megalong.data.cp_shard.load_balanced_index`: rank ``r`` holds chunks ``r`` and
+``2 * cp - 1 - r`` of ``2 * cp``, so every rank gets the same share of causal work).
 """
 
 from __future__ import annotations
@@ -16,37 +16,12 @@ from typing import Sequence
 
 import torch
 
-
-def check_divisible(seq_length: int, cp_size: int) -> None:
-    if seq_length % (2 * cp_size):
-        raise ValueError(
-            f"sequence length {seq_length} must be divisible by 2 x context_parallel = {2 * cp_size} "
-            "(Megatron's load-balanced layout cuts the sequence into 2 x CP equal chunks)"
-        )
-
-
-def cp_chunk_ids(cp_size: int, cp_rank: int) -> tuple[int, int]:
-    """The two chunks (of ``2 * cp_size``) that CP rank ``cp_rank`` holds, in order."""
-    return cp_rank, 2 * cp_size - 1 - cp_rank
-
-
-def local_positions(seq_length: int, cp_size: int, cp_rank: int) -> torch.Tensor:
-    """Global positions (int64 [seq_length / cp_size]) of the tokens CP rank ``cp_rank`` holds."""
-    if cp_size == 1:
-        # Without context parallelism the tokens are in order and any length works.
-        return torch.arange(seq_length)
-    check_divisible(seq_length, cp_size)
-    chunk = seq_length // (2 * cp_size)
-    first, second = cp_chunk_ids(cp_size, cp_rank)
-    return torch.cat([
-        torch.arange(first * chunk, (first + 1) * chunk),
-        torch.arange(second * chunk, (second + 1) * chunk),
-    ])
+from megalong.data.cp_shard import load_balanced_index
 
 
 def rank_concat_order(seq_length: int, cp_size: int) -> torch.Tensor:
     """Global positions of the sequence formed by concatenating every rank's local tokens."""
-    return torch.cat([local_positions(seq_length, cp_size, r) for r in range(cp_size)])
+    return torch.cat([load_balanced_index(seq_length, cp_size, r) for r in range(cp_size)])
 
 
 def document_ids(cu_seqlens: torch.Tensor, seq_length: int) -> torch.Tensor:
@@ -102,14 +77,14 @@ class DocumentLayout:
     def positions(self, cp_size: int, cp_rank: int, device=None) -> torch.Tensor:
         key = ("pos", cp_size, cp_rank, str(device))
         if key not in self._cache:
-            self._cache[key] = local_positions(self.seq_length, cp_size, cp_rank).to(device)
+            self._cache[key] = load_balanced_index(self.seq_length, cp_size, cp_rank).to(device)
         return self._cache[key]
 
     def local_doc_ids(self, cp_size: int, cp_rank: int, device=None) -> torch.Tensor:
         """Document ids [batch, S / cp] of the tokens CP rank ``cp_rank`` holds."""
         key = ("doc", cp_size, cp_rank, str(device))
         if key not in self._cache:
-            pos = local_positions(self.seq_length, cp_size, cp_rank)
+            pos = load_balanced_index(self.seq_length, cp_size, cp_rank)
             self._cache[key] = self.doc_ids[:, pos].contiguous().to(device)
         return self._cache[key]
 

@@ -20,8 +20,22 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from megalong.data.cp_shard import thd_index
-from megalong.model.attention.layout import DocumentLayout, local_positions
+from megalong.data.cp_shard import load_balanced_index
+from megalong.model.attention.layout import DocumentLayout
+
+
+def thd_index(cu_seqlens_padded: torch.Tensor, cp_size: int, cp_rank: int) -> torch.Tensor:
+    """Positions a CP rank keeps in TE's THD layout: pieces r and 2cp-1-r of every padded document."""
+    cu = torch.as_tensor(cu_seqlens_padded).to(torch.int64).tolist()
+    parts = []
+    for start, end in zip(cu[:-1], cu[1:]):
+        length = end - start
+        if length % (2 * cp_size):
+            raise ValueError(f"document of padded length {length} is not a multiple of 2 x cp = {2 * cp_size}")
+        piece = length // (2 * cp_size)
+        for chunk in (cp_rank, 2 * cp_size - 1 - cp_rank):
+            parts.append(torch.arange(start + chunk * piece, start + (chunk + 1) * piece))
+    return torch.cat(parts)
 
 
 @dataclass(frozen=True)
@@ -53,7 +67,7 @@ def thd_plan(layout: DocumentLayout, cp_size: int, cp_rank: int) -> ThdPlan:
     sbhd_rank = torch.empty(total, dtype=torch.int64)
     sbhd_slot = torch.empty(total, dtype=torch.int64)
     for r in range(cp_size):
-        pos = local_positions(seq, cp_size, r)
+        pos = load_balanced_index(seq, cp_size, r)
         flat = (torch.arange(batch)[None, :] * seq + pos[:, None]).reshape(-1)  # (s, b) order
         sbhd_rank[flat] = r
         sbhd_slot[flat] = torch.arange(flat.numel())

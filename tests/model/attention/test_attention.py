@@ -7,7 +7,8 @@ import torch
 
 from megalong.model.attention import packed_seq_params_for, resolve_backend
 from megalong.model.attention.blocks import plan_blocks
-from megalong.model.attention.layout import DocumentLayout, document_ids, local_positions
+from megalong.data.cp_shard import load_balanced_index
+from megalong.model.attention.layout import DocumentLayout, document_ids
 from megalong.model.attention.local import sdpa_attention
 from megalong.model.attention.reference import reference_attention
 from megalong.model.attention.ring import ring_attention
@@ -51,7 +52,7 @@ def test_block_skipping_follows_documents():
     seq = 1024
     # 16 documents of 64 tokens: only diagonal tiles of 64 are visible.
     layout = DocumentLayout.from_sample_cu_seqlens([torch.arange(0, seq + 1, 64)], seq)
-    pos = local_positions(seq, 1, 0)
+    pos = load_balanced_index(seq, 1, 0)
     plan = plan_blocks(pos, layout.doc_ids, pos, layout.doc_ids, tile=64)
     assert plan.visible_pairs == 16 and plan.total_pairs == 256
     # One document: plain causal, the lower triangle of tiles.
@@ -63,7 +64,7 @@ def test_block_skipping_follows_documents():
 def test_cp_rank_sees_no_key_of_a_later_chunk():
     # Rank 0 of CP=2 holds chunks 0 and 3; rank 1's chunks 1 and 2 lie between them.
     layout = DocumentLayout.causal(1, 16)
-    q_pos, k_pos = local_positions(16, 2, 0), local_positions(16, 2, 1)
+    q_pos, k_pos = load_balanced_index(16, 2, 0), load_balanced_index(16, 2, 1)
     plan = plan_blocks(q_pos, layout.local_doc_ids(2, 0), k_pos, layout.local_doc_ids(2, 1), tile=4)
     assert [row[:2] for row in plan.rows] == [(4, 8)]  # only chunk 3 looks at rank 1's keys
 

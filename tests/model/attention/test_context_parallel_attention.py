@@ -42,7 +42,8 @@ def _cp_attention_worker(cp_sizes, cases) -> dict:
 def _check_cases(cp_size: int, group, cases) -> list:
     import torch.distributed as dist
 
-    from megalong.model.attention.layout import DocumentLayout, local_positions
+    from megalong.data.cp_shard import load_balanced_index
+    from megalong.model.attention.layout import DocumentLayout
     from megalong.model.attention.local import sdpa_attention
     from megalong.model.attention.reference import reference_attention
     from megalong.model.attention.ring import ring_attention
@@ -62,7 +63,7 @@ def _check_cases(cp_size: int, group, cases) -> list:
         reference = reference_attention(*full, layout.doc_ids, scale)
         reference.backward(grad_out)
 
-        index = local_positions(SEQ_LENGTH, cp_size, rank)
+        index = load_balanced_index(SEQ_LENGTH, cp_size, rank)
         shard = [t[index].clone().requires_grad_() for t in (q, k, v)]
         if comm == "ring":
             out = ring_attention(*shard, layout, group, scale, tile)
@@ -83,8 +84,9 @@ def _check_cases(cp_size: int, group, cases) -> list:
 
 def _thd_relayout_errors(cp_size: int, rank: int, group) -> dict:
     """The exchange into Transformer Engine's THD CP layout, checked against cp_shard's padding."""
-    from megalong.data.cp_shard import pad_documents_for_thd, shard_thd_for_cp
-    from megalong.model.attention.layout import DocumentLayout, local_positions
+    from tests.data.cp_helpers import pad_documents_for_thd, shard_thd_for_cp
+    from megalong.data.cp_shard import load_balanced_index
+    from megalong.model.attention.layout import DocumentLayout
     from megalong.model.attention.thd_relayout import from_thd, thd_plan, to_thd
 
     cu_seqlens, x, _, _, _ = make_inputs(SEQ_LENGTH, 2, 3, 1, 4, seed=11)
@@ -105,7 +107,7 @@ def _thd_relayout_errors(cp_size: int, rank: int, group) -> dict:
     expected = torch.where((shard_ids >= 0)[:, None, None], x_flat[shard_ids.clamp_min(0)], torch.zeros(()))
 
     plan = thd_plan(layout, cp_size, rank)
-    pos = local_positions(seq, cp_size, rank)
+    pos = load_balanced_index(seq, cp_size, rank)
     local = x[pos].clone().requires_grad_()
     thd = to_thd(local, plan, group)
     (thd * w).sum().backward()
