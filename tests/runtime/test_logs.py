@@ -1,63 +1,13 @@
 """Logs a person reads once: rank 0's INFO lines, every rank's warnings tagged with its rank."""
 
 import logging
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from megalong.runtime import read_launch_env
-from megalong.runtime.logs import ALL_RANKS_ENV, launch_rank, setup_logging
-
-ROOT = Path(__file__).resolve().parents[2]
-
-# The parent sets INFO, as the `megalong` command does, then starts two processes (each
-# imports torch: about 5 s per run on two cores); a line of dashes separates the runs.
-TWO_RUNS = """
-import sys
 from megalong.runtime.launch import run_processes
-from megalong.runtime.logs import ALL_RANKS_ENV, setup_logging
+from megalong.runtime.logs import ALL_RANKS_ENV, launch_rank, setup_logging
 from tests.runtime.log_workers import speak
-
-setup_logging("INFO")
-run_processes(speak, 2)
-print("-----", file=sys.stderr, flush=True)
-run_processes(speak, 2, env={ALL_RANKS_ENV: "1"})
-"""
-
-
-@pytest.fixture(scope="module")
-def two_runs() -> tuple[list[str], list[str]]:
-    result = subprocess.run([sys.executable, "-c", TWO_RUNS], cwd=ROOT, capture_output=True, text=True,
-                            timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert result.returncode == 0, result.stderr
-    default, all_ranks = result.stderr.split("-----\n")
-    return default.splitlines(), all_ranks.splitlines()
-
-
-def _lines_with(lines: list[str], text: str) -> list[str]:
-    return [line for line in lines if text in line]
-
-
-def test_two_process_job_prints_info_once_and_tags_warnings(two_runs):
-    lines, _ = two_runs
-    (start,) = _lines_with(lines, "the job starts")
-    assert start.split()[1:3] == ["INFO", "megalong.test_logs:"]  # rank 0 speaks for the job: no tag
-    assert _lines_with(lines, "details of rank 0") and not _lines_with(lines, "details of rank 1")
-    (odd,) = _lines_with(lines, "rank 1 sees something odd")
-    assert odd.startswith("[rank 1] ") and " WARNING " in odd
-    (library,) = _lines_with(lines, "UserWarning: a library warns on rank 1")  # Python warnings too
-    assert library.startswith("[rank 1] ") and " WARNING py.warnings:" in library
-
-
-def test_all_ranks_on_request_each_line_tagged(two_runs):
-    _, lines = two_runs
-    assert sorted(line.split()[:2] for line in _lines_with(lines, "the job starts")) == [
-        ["[rank", "0]"], ["[rank", "1]"]]
-    (detail,) = _lines_with(lines, "details of rank 1")
-    assert detail.startswith("[rank 1] ")
 
 
 @pytest.fixture
@@ -68,6 +18,25 @@ def restore_root_logger():
     root.handlers[:] = handlers
     root.setLevel(level)
     logging.captureWarnings(False)
+
+
+def _lines_with(lines: list[str], text: str) -> list[str]:
+    return [line for line in lines if text in line]
+
+
+def test_two_process_job_prints_info_once_and_tags_warnings(capfd, restore_root_logger):
+    # The parent logs at INFO, as under the `megalong` command; the processes (spawned, each
+    # imports torch: 10-30 s on two shared cores) write to the same stderr.
+    setup_logging("INFO", environ={})
+    run_processes(speak, 2)
+    lines = capfd.readouterr().err.splitlines()
+    (start,) = _lines_with(lines, "the job starts")
+    assert start.split()[1:3] == ["INFO", "megalong.test_logs:"]  # rank 0 speaks for the job: no tag
+    assert _lines_with(lines, "details of rank 0") and not _lines_with(lines, "details of rank 1")
+    (odd,) = _lines_with(lines, "rank 1 sees something odd")
+    assert odd.startswith("[rank 1] ") and " WARNING " in odd
+    (library,) = _lines_with(lines, "UserWarning: a library warns on rank 1")  # Python warnings too
+    assert library.startswith("[rank 1] ") and " WARNING py.warnings:" in library
 
 
 def _say(capsys) -> str:
@@ -88,6 +57,13 @@ def test_slurm_rank_is_known_before_torch_distributed(capsys, restore_root_logge
     err = _say(capsys)
     assert "an info line" not in err
     assert err.startswith("[rank 3] ") and "WARNING megalong.test_logs: a warning line" in err
+
+
+def test_all_ranks_on_request_every_line_tagged(capsys, restore_root_logger):
+    setup_logging("INFO", environ={"RANK": "1", "WORLD_SIZE": "2", ALL_RANKS_ENV: "1"})
+    err = _say(capsys).splitlines()
+    assert err[0].startswith("[rank 1] ") and err[0].endswith("INFO megalong.test_logs: an info line")
+    assert err[1].startswith("[rank 1] ") and err[1].endswith("WARNING megalong.test_logs: a warning line")
 
 
 def test_setting_up_again_replaces_the_handler(capsys, restore_root_logger):
