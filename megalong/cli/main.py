@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import os
 import sys
 
@@ -42,7 +41,9 @@ def _build_parser() -> argparse.ArgumentParser:
         prog="megalong",
         description="Long-context training of Llama-3 on Megatron-Core (the ProLong recipe).",
     )
-    parser.add_argument("--log-level", default="INFO", help="logging level (default: INFO)")
+    parser.add_argument("--log-level", default="INFO",
+                        help="logging level (default: INFO); in a multi-process job ranks other than 0 "
+                             "show only warnings and errors unless MEGALONG_LOG_ALL_RANKS=1")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in SUBCOMMANDS.items():
         sub.add_parser(name, help=help_text, add_help=False)
@@ -58,14 +59,12 @@ def main(argv: list[str] | None = None) -> int:
         for key, value in SUBCOMMAND_ENV.get(top_args.command, {}).items():
             os.environ.setdefault(key, value)
 
+    from megalong.runtime.logs import setup_logging
     from megalong.runtime.warnings_filter import quiet_known_warnings
 
     quiet_known_warnings()
-    logging.basicConfig(
-        level=getattr(logging, str(top_args.log_level).upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
+    # Under torchrun/srun: INFO from rank 0 only, warnings from every rank tagged with it.
+    setup_logging(top_args.log_level)
     if top_args.command is None:
         parser.print_help()
         return 2
@@ -73,7 +72,11 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(module_name)
     sub_parser = argparse.ArgumentParser(prog=f"megalong {top_args.command}", description=help_text)
     module.add_arguments(sub_parser)
-    sub_args = sub_parser.parse_args(rest)
+    try:
+        # Options anywhere, also between positionals: `train RECIPE --print-config key=value ...`
+        sub_args = sub_parser.parse_intermixed_args(rest)
+    except TypeError:  # argparse cannot intermix a subcommand that has subcommands of its own
+        sub_args = sub_parser.parse_args(rest)
     return int(module.run(sub_args) or 0)
 
 

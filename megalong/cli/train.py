@@ -20,11 +20,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--exit-duration-minutes", type=float, default=None,
                         help="save and exit with code 3 after this many minutes (runtime.exit_duration_minutes)")
     parser.add_argument("--print-config", action="store_true",
-                        help="print the resolved configuration and exit without training")
+                        help="print the resolved configuration and exit without training; values the "
+                             "recipe and overrides leave to the defaults end with '# default'")
 
 
 def run(args: argparse.Namespace) -> int:
-    from megalong.config import ConfigError, LayoutError, dump_yaml, load
+    from megalong.config import ConfigError, LayoutError, load
     from megalong.runtime.distributed import shutdown
     from megalong.training import RunConfig, train
 
@@ -41,7 +42,11 @@ def run(args: argparse.Namespace) -> int:
         log.error("%s", err)
         return 2
     if args.print_config:
-        print(dump_yaml(config), end="")
+        try:
+            print(_config_with_defaults_marked(config, args.recipe, overrides), end="")
+        except ConfigError as err:
+            log.error("%s", err)
+            return 2
         return 0
     try:
         return train(config)
@@ -50,3 +55,21 @@ def run(args: argparse.Namespace) -> int:
         return 2
     finally:
         shutdown()
+
+
+def _config_with_defaults_marked(config, recipe: str, overrides: list[str]) -> str:
+    """The run's YAML with the model's preset filled in (as training starts with it);
+    values from the preset say so, values from the dataclass defaults say ``# default``."""
+    import dataclasses
+
+    from megalong.config import ConfigError, dump_yaml
+    from megalong.config.loader import load_given
+    from megalong.model import presets
+
+    try:
+        model = presets.resolve(config.model)
+    except presets.UnknownPresetError as err:
+        raise ConfigError(f"{recipe}: model.preset: {err}") from None
+    notes = {f"model.{f.name}": f"from preset {config.model.preset}" for f in dataclasses.fields(model)
+             if getattr(config.model, f.name) is None and getattr(model, f.name) is not None}
+    return dump_yaml(dataclasses.replace(config, model=model), given=load_given(recipe, overrides), notes=notes)

@@ -9,6 +9,7 @@ silently ignored).
 from __future__ import annotations
 
 import dataclasses
+import json
 import types
 import typing
 from pathlib import Path
@@ -171,11 +172,15 @@ def load_yaml(path: str | Path) -> dict:
     return data or {}
 
 
+def load_given(path: str | Path | None = None, overrides: Iterable[str] = ()) -> dict:
+    """The values a recipe (optional) and its overrides give, before any default is filled in."""
+    return apply_overrides(load_yaml(path) if path is not None else {}, overrides)
+
+
 def load(cls: Type[T], path: str | Path | None = None, overrides: Iterable[str] = ()) -> T:
     """Load ``cls`` from a YAML recipe (optional) plus command-line overrides."""
-    data = load_yaml(path) if path is not None else {}
     overrides = list(overrides)
-    data = apply_overrides(data, overrides)
+    data = load_given(path, overrides)
     source = str(path) if path is not None else "<defaults>"
     if overrides:
         source += " + overrides"
@@ -187,5 +192,64 @@ def to_dict(obj) -> dict:
     return dataclasses.asdict(obj)
 
 
-def dump_yaml(obj) -> str:
-    return yaml.safe_dump(to_dict(obj), sort_keys=False)
+def dump_yaml(obj, given: Mapping[str, Any] | None = None, notes: Mapping[str, str] | None = None) -> str:
+    """YAML of a config dataclass; loading it gives ``obj`` back.
+
+    With ``given`` (the mapping ``obj`` was built from, see :func:`load_given`), every value
+    that is not in it, so came from a dataclass default, ends with ``# default``; ``notes``
+    replaces that word for some keys, by dotted path (``{"model.num_layers": "from preset"}``).
+    """
+    if given is None:
+        return yaml.safe_dump(to_dict(obj), sort_keys=False)
+    return "".join(line + "\n" for line in _marked_lines(obj, given, notes or {}, ""))
+
+
+_NOT_GIVEN = object()
+
+
+def _plain(value):
+    """``value`` with dataclasses turned into dicts and tuples into lists, for yaml.safe_dump."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def _entry_lines(key: str, value) -> list[str]:
+    """``key: value`` as YAML lines whose first line can end with a comment."""
+    if isinstance(value, str) and not value.isprintable():
+        return [f"{key}: {json.dumps(value)}"]  # one line: a JSON string is a YAML scalar
+    text = yaml.safe_dump({key: _plain(value)}, sort_keys=False, width=float("inf"))
+    return text.splitlines()
+
+
+def _marked_lines(obj, given, notes: Mapping[str, str], prefix: str) -> list[str]:
+    """YAML lines of dataclass ``obj``; ``given`` is the mapping it was built from (or None)."""
+    lines = []
+    for f in dataclasses.fields(obj):
+        if not f.init:
+            continue
+        value = getattr(obj, f.name)
+        sub = given.get(f.name, _NOT_GIVEN) if isinstance(given, Mapping) else _NOT_GIVEN
+        path = prefix + f.name
+        if dataclasses.is_dataclass(value) and dataclasses.fields(value):
+            lines.append(f"{f.name}:")
+            lines += ["  " + line for line in _marked_lines(value, sub, notes, path + ".")]
+        elif (isinstance(value, (list, tuple)) and value
+              and all(dataclasses.is_dataclass(v) and dataclasses.fields(v) for v in value)):
+            lines.append(f"{f.name}:")
+            items = sub if isinstance(sub, (list, tuple)) and len(sub) == len(value) else [None] * len(value)
+            for i, (item, item_given) in enumerate(zip(value, items)):
+                first, *rest = _marked_lines(item, item_given, notes, f"{path}[{i}].")
+                lines += ["- " + first] + ["  " + line for line in rest]
+        else:
+            entry = _entry_lines(f.name, value)
+            if path in notes:
+                entry[0] += f"  # {notes[path]}"
+            elif sub is _NOT_GIVEN:
+                entry[0] += "  # default"
+            lines += entry
+    return lines

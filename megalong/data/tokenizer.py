@@ -61,7 +61,7 @@ def bundled_llama3_dir() -> Path:
 
 
 class Tokenizer:
-    """Common surface of all backends (see the module docstring and CONTRACTS.md)."""
+    """Common surface of all backends (see the module docstring)."""
 
     kind: str = "base"
 

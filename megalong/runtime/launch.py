@@ -7,6 +7,7 @@ like under torchrun; the function's return value on every rank is handed back.
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import socket
@@ -23,7 +24,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(local_rank: int, fn, world_size: int, port: int, args, env, result_dir: str) -> None:
+def _entry(local_rank: int, fn, world_size: int, port: int, args, env, result_dir: str, log_level: int) -> None:
     os.environ.update(
         RANK=str(local_rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(local_rank),
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
@@ -31,9 +32,11 @@ def _entry(local_rank: int, fn, world_size: int, port: int, args, env, result_di
         OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
     )
     os.environ.update(env or {})
+    from megalong.runtime.logs import setup_logging
     from megalong.runtime.warnings_filter import quiet_known_warnings
 
     quiet_known_warnings()
+    setup_logging(log_level)  # the parent's level; INFO from rank 0 only, tagged warnings
     import torch
 
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
@@ -59,12 +62,14 @@ def run_processes(
     """Run ``fn(*args)`` in ``world_size`` spawned processes; return each rank's result.
 
     ``fn`` must be importable (a module-level function). An exception on any rank is
-    re-raised here with that rank's traceback.
+    re-raised here with that rank's traceback. The processes log at this process's level
+    (rank 0's INFO lines, every rank's warnings: see :mod:`megalong.runtime.logs`).
     """
     with tempfile.TemporaryDirectory(prefix="megalong-procs-") as result_dir:
         mp.start_processes(
             _entry,
-            args=(fn, world_size, free_port(), tuple(args), dict(env or {}), result_dir),
+            args=(fn, world_size, free_port(), tuple(args), dict(env or {}), result_dir,
+                  logging.getLogger().getEffectiveLevel()),
             nprocs=world_size,
             join=True,
             start_method="spawn",

@@ -1,7 +1,10 @@
-"""Reference attention: the whole [S, S] document mask, written out. For tests only.
+"""Reference attention: the whole [S, S] document mask, written out.
 
-It is O(S^2) in memory on purpose: nothing clever, so it can be trusted as the
-definition every fast backend is checked against.
+``document_causal_mask`` is the definition of who may attend to whom (same document, not
+in the future); the fast paths use it too, on one tile of queries and keys at a time
+(``blocks.py``, ``local.py``). ``reference_attention`` applies it to whole sequences and is
+O(S^2) in memory on purpose: nothing clever, so it can be trusted as the definition the
+tests and ``tools/gpu_check.py`` check every fast backend against. Training never calls it.
 """
 
 from __future__ import annotations

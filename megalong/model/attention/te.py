@@ -1,10 +1,15 @@
 """Transformer Engine's fused attention on packed (THD) documents. GPU only, imported lazily.
 
 The input arrives in Megatron's [s, b, h, d] layout with RoPE already applied at global
-positions; it is flattened sample-major into THD ("total tokens, heads, dim") and the
-documents of all samples become TE's variable-length sequences (``cu_seqlens``), so no
-padding is needed when CP = 1. Under context parallelism this kernel runs after the
-all-to-all of the Ulysses mode (each rank then holds whole sequences).
+positions. Two kernels, chosen by ``core.DocumentAttention``:
+
+* CP = 1 (``TEDocumentKernel``): q/k/v are flattened sample-major into THD ("total
+  tokens, heads, dim") and the documents of all samples become TE's variable-length
+  sequences (``cu_seqlens``); no padding is needed.
+* CP > 1 (``TEContextParallelKernel``): TE's own context parallelism, its ring ("p2p")
+  or all-to-all, on TE's per-document THD layout (every document padded to a multiple of
+  2 x CP, tokens exchanged into that layout by ``thd_relayout``). megalong's own ring and
+  all-to-all are not used with this backend.
 
 Not run on a GPU in this repository's CI: ``tools/gpu_check.py`` checks it against the
 PyTorch backend on a GPU machine.
@@ -36,10 +41,11 @@ def _te_document_attention(query_heads: int, kv_heads: int, head_dim: int, layer
 
 
 class TEDocumentKernel(torch.nn.Module):
-    """Wraps ``transformer_engine.pytorch.DotProductAttention`` in THD / padding_causal mode.
+    """Wraps ``transformer_engine.pytorch.DotProductAttention`` in THD / padding_causal mode
+    over whole sequences (CP = 1).
 
-    TE modules are built for a fixed number of heads; the Ulysses mode changes the head
-    count per rank, so one TE module is built per (query heads, KV heads) on first use.
+    TE modules are built for a fixed number of heads, and only when a forward pass reaches
+    them (TE is imported lazily): one per (query heads, KV heads) seen.
     """
 
     def __init__(self, head_dim: int, softmax_scale: float, layer_number: int):
