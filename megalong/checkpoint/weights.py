@@ -61,19 +61,49 @@ def save_weights(model_chunks: list, directory: str | Path, model: ModelConfig) 
     return final
 
 
-def load_weights(model_chunks: list, directory: str | Path, strict: bool = True) -> None:
-    """Load weights saved at any parallel layout into this rank's chunks (collective)."""
+class CheckpointMismatchError(ValueError):
+    """A checkpoint whose tensors do not fit the model it is loaded into."""
+
+
+# Transformer Engine's modules (and Megatron-Core's linears) keep per-module state such as FP8
+# scaling history under this name; the local layers have none, or None. A checkpoint written
+# with one backend loads into the other without it (TE rebuilds it), as Megatron-Core's own
+# cross-spec loading tolerates; every other mismatch is an error.
+EXTRA_STATE_SUFFIX = "_extra_state"
+
+
+def _refuse_mismatch(keys, what: str, path) -> None:
+    real = sorted(k for k in keys if not k.endswith(EXTRA_STATE_SUFFIX))
+    if real:
+        shown = ", ".join(real[:8]) + (f" and {len(real) - 8} more" if len(real) > 8 else "")
+        raise CheckpointMismatchError(f"{path}: {what}: {shown}")
+
+
+def load_model_state(model_chunks: list, path: str | Path) -> None:
+    """Load a Megatron-Core distributed checkpoint of the model (``<checkpoint>/model``) into
+    this rank's chunks, at any parallel layout and across backends (collective).
+
+    Only ``_extra_state`` entries may be missing on either side; any other key the model wants
+    and the checkpoint lacks, or the checkpoint has and the model lacks, is an error naming it.
+    """
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
-    path = resolve(directory) / MODEL_SUBDIR
     sharded = sharded_model_state(model_chunks)
-    state = dist_checkpointing.load(
-        sharded, str(path),
-        strict=StrictHandling.RAISE_ALL if strict else StrictHandling.LOG_ALL,
-    )
-    if len(model_chunks) == 1:
-        model_chunks[0].load_state_dict(state)
-    else:
-        for i, chunk in enumerate(model_chunks):
-            chunk.load_state_dict(state[f"model{i}"])
+    # Megatron-Core's names: "missing" are in the checkpoint but not asked for, "unexpected"
+    # are asked for but not in the checkpoint.
+    state, in_checkpoint_only, in_model_only = dist_checkpointing.load(
+        sharded, str(path), strict=StrictHandling.RETURN_ALL)
+    _refuse_mismatch(in_model_only, "the model has tensors the checkpoint lacks", path)
+    _refuse_mismatch(in_checkpoint_only, "the checkpoint has tensors the model has no place for", path)
+    states = [state] if len(model_chunks) == 1 else [state[f"model{i}"] for i in range(len(model_chunks))]
+    for chunk, chunk_state in zip(model_chunks, states):
+        result = chunk.load_state_dict(chunk_state, strict=False)
+        _refuse_mismatch(result.missing_keys, "not loaded", path)
+        _refuse_mismatch(result.unexpected_keys, "loaded but not used", path)
+
+
+def load_weights(model_chunks: list, directory: str | Path) -> None:
+    """Load the weights of the checkpoint ``directory`` means (:func:`megalong.checkpoint.layout.resolve`),
+    saved at any parallel layout and with either backend, into this rank's chunks (collective)."""
+    load_model_state(model_chunks, resolve(directory) / MODEL_SUBDIR)

@@ -128,6 +128,33 @@ def layer_spec(choice: ModelChoice, model: ModelConfig):
     return spec
 
 
+def final_norm_module(choice: ModelChoice, layer):
+    """The decoder's final norm, chosen for the backend.
+
+    Megatron-Core's TransformerBlock, given a layer spec, builds its final norm as TENorm
+    whenever Transformer Engine is importable, whatever the layers are; TE's norm carries an
+    ``_extra_state`` the local model lacks. Choosing it here keeps a model's modules a
+    function of ``transformer_impl`` alone (checkpoints of either still load into the other:
+    see :func:`megalong.checkpoint.weights.load_model_state`).
+    """
+    if choice.transformer_impl == "transformer_engine":
+        from megatron.core.extensions.transformer_engine import TENorm
+
+        return TENorm
+    return layer.submodules.input_layernorm
+
+
+def block_spec(choice: ModelChoice, model: ModelConfig, config, vp_stage):
+    """The decoder block of this rank's model chunk: its layers and its final norm."""
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+
+    layer = layer_spec(choice, model)
+    return TransformerBlockSubmodules(
+        layer_specs=[layer] * get_num_layers_to_build(config, vp_stage=vp_stage),
+        layer_norm=final_norm_module(choice, layer),
+    )
+
+
 def validate_layout(model: ModelConfig, parallel: ParallelConfig, world_size: int) -> ModelConfig:
     """Check a model and a layout against each other and the world size, before any
     process group exists; returns the resolved model config. Errors name the values."""
@@ -151,7 +178,6 @@ def build_model(model: ModelConfig, parallel: ParallelConfig, *, on_gpu: bool, l
     model = validate_layout(model, parallel, torch.distributed.get_world_size())
     choice = choose_implementation(model, on_gpu)
     config = transformer_config(model, parallel, choice)
-    spec = layer_spec(choice, model)
     vocab = model.padded_vocab_size(parallel.tensor_parallel)
 
     chunks = []
@@ -163,7 +189,7 @@ def build_model(model: ModelConfig, parallel: ParallelConfig, *, on_gpu: bool, l
             real_vocab_size=model.vocab_size,
             loss_chunk_tokens=loss_chunk_tokens,
             config=config,
-            transformer_layer_spec=spec,
+            transformer_layer_spec=block_spec(choice, model, config, vp_stage if parallel.virtual_pipeline else None),
             vocab_size=vocab,
             max_sequence_length=model.max_position_embeddings,
             pre_process=pre_process,

@@ -297,13 +297,7 @@ def load_checkpoint(
         )
         loaded = dist_checkpointing.load(optimizer_state, str(optimizer_path), strict=StrictHandling.RAISE_ALL)
         torch_adam.load_state_dict(optimizer, loaded)
-    loaded = dist_checkpointing.load(_model_sharded_state(model_chunks), str(model_path), strict=StrictHandling.RAISE_ALL)
-    chunks = [unwrap(c) for c in model_chunks]
-    if len(chunks) == 1:
-        chunks[0].load_state_dict(loaded)
-    else:
-        for i, chunk in enumerate(chunks):
-            chunk.load_state_dict(loaded[f"model{i}"])
+    weights.load_model_state([unwrap(c) for c in model_chunks], model_path)
 
     if restore_rng_for_layout is not None:
         rng_file = directory / RNG_SUBDIR / f"rank_{_rank():05d}.pt"

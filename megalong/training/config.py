@@ -212,6 +212,11 @@ class RunConfig:
             )
         if schedule.train_steps < 1:
             raise ConfigError(f"schedule.train_steps must be >= 1, got {schedule.train_steps}")
+        if schedule.warmup_steps() >= schedule.train_steps:
+            raise ConfigError(
+                f"the learning-rate warmup ({schedule.warmup_steps()} steps, from schedule.lr_warmup_steps or "
+                f"schedule.lr_warmup_fraction) must be shorter than schedule.train_steps={schedule.train_steps}"
+            )
         if not 0 <= self.optimizer.min_lr <= self.optimizer.lr:
             raise ConfigError(
                 f"optimizer.min_lr={self.optimizer.min_lr} must lie between 0 and optimizer.lr={self.optimizer.lr}"

@@ -50,7 +50,9 @@ def test_tiny_cpu_recipe_is_valid_for_two_processes():
      r"schedule.global_batch_size=6 is not divisible by data-parallel size x schedule.micro_batch_size = 2 x 2 = 4"),
     (["parallel.tensor_parallel=2"], 3, r"world size 3 is not divisible by TP x CP x PP"),
     (["model.num_query_groups=3"], 2, r"model.num_attention_heads=4 is not divisible by model.num_query_groups=3"),
-], ids=["seq-vs-cp", "sp-without-tp", "seq-beyond-positions", "batch-vs-dp", "world-size", "model-shape"])
+    (["schedule.train_steps=5"], 2, r"warmup \(5 steps.*must be shorter than schedule.train_steps=5"),
+], ids=["seq-vs-cp", "sp-without-tp", "seq-beyond-positions", "batch-vs-dp", "world-size", "model-shape",
+        "warmup-vs-steps"])
 def test_a_configuration_that_cannot_work_is_refused_naming_the_keys(overrides, world, message):
     run = load(RunConfig, EXAMPLES / "tiny_cpu.yaml", overrides)
     with pytest.raises((ConfigError, LayoutError), match=message):
