@@ -1,4 +1,5 @@
-"""Acceptance on the real local cluster: training jobs, preemption + requeue, preprocessing arrays.
+"""Acceptance on the real local cluster: training through a time limit, a preemption by
+slurmctld and a cancellation (srun and torchrun launchers), conversion, preprocessing arrays.
 
 Every job is submitted with ``megalong submit`` exactly as a user would (CPU processes
 instead of GPUs). Needs ``megalong train`` and ``megalong preprocess`` in this build.
@@ -15,7 +16,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from tests.slurm.cluster import REPO, Trigger, fire_triggers, sbatch_wrap, wait_for_job, wait_for_log_line
+from tests.slurm.cluster import (REPO, Trigger, fire_triggers, job_records, sbatch_wrap, wait_for_job,
+                                 wait_for_log_line)
 
 pytest.importorskip("megalong.cli.train", reason="megalong train is not in this build")
 pytest.importorskip("megalong.cli.preprocess", reason="megalong preprocess is not in this build")
@@ -183,7 +185,8 @@ def test_uninterrupted_job_and_slurmctld_preemption_resumes_to_the_same_losses(t
     log_text, resumed_at = _completed_once_requeued(preempted, slurm_env)
     assert resumed_at > PERIODIC_SAVE, log_text[-3000:]  # from the checkpoint saved on SIGTERM
     assert re.search(r"Stopping after step \d+: received SIGTERM", log_text), log_text[-3000:]
-    (urgent,) = (wait_for_job(job, slurm_env)[0] for job in training_jobs.urgent)
+    (urgent_id,) = training_jobs.urgent
+    (urgent,) = wait_for_job(urgent_id, slurm_env)
     assert urgent["JobState"] == "COMPLETED", urgent
     _assert_same_losses(preempted.save_dir, reference.save_dir)
 
@@ -202,6 +205,9 @@ def test_time_limit_warning_requeues_torchrun_job_then_conversion_runs(training_
     convert_id, convert_log = training_jobs.convert
     (convert,) = wait_for_job(convert_id, slurm_env, timeout_s=120)
     assert convert["JobState"] == "COMPLETED", convert_log.read_text()[-3000:]
+    # afterok waited through the requeue: the conversion read the final checkpoint.
+    (tl_record,) = job_records(tl.id, slurm_env)
+    assert convert["StartTime"] >= tl_record["EndTime"], (convert, tl_record)
     assert "conversion ended with exit code 0" in convert_log.read_text()
     config = json.loads((training_jobs.hf_dir / "config.json").read_text())
     assert config["num_hidden_layers"] == 4 and config["hidden_size"] == 128
