@@ -22,6 +22,8 @@ MUNGE_SOCKET="$MUNGE_DIR/munge.socket.2"
 # the node's memory and jobs would run one at a time.
 MEM_PER_CPU_MB="${MEGALONG_SLURM_MEM_PER_CPU_MB:-2048}"
 START_TIMEOUT_S="${MEGALONG_SLURM_START_TIMEOUT_S:-60}"
+# Seconds a preempted job of the 'preemptible' partition gets to save before it is requeued.
+PREEMPT_GRACE_S="${MEGALONG_SLURM_PREEMPT_GRACE_S:-60}"
 # CPU slots the node offers. At least 4 even on a 2-core machine, so that two 2-process test
 # jobs (e.g. a reference run and a preempted run) share the cores instead of queueing
 # one behind the other; slurmd is told to trust this number (config_overrides).
@@ -70,12 +72,12 @@ daemons_up() {
 
 node_state() { SLURM_CONF="$CONF" sinfo -h -N -o '%T' 2>/dev/null | head -n1; }
 
-write_conf() {
+conf_text() {
     local host cpus mem
     host="$(hostname -s)"
     cpus="$CPU_SLOTS"
     mem=$(( cpus * MEM_PER_CPU_MB ))
-    cat > "$CONF" <<EOF
+    cat <<EOF
 # Written by slurm/local_cluster.sh: a one-node test cluster, all state in $STATE_DIR.
 ClusterName=megalong-local
 SlurmctldHost=$host
@@ -107,10 +109,23 @@ ReturnToService=2
 SlurmdParameters=config_overrides
 SlurmdTimeout=60
 InactiveLimit=0
-KillWait=10
+# Seconds between SIGTERM and SIGKILL when a job ends (scancel, time limit): training saves a
+# checkpoint in that time. Slurm's default.
+KillWait=30
 MinJobAge=300
-NodeName=$host NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem State=UNKNOWN
-PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP
+# Preemption as sites run it: jobs of a higher PriorityTier partition preempt jobs of
+# lower tiers whose partition allows it. 'preemptible' jobs are requeued after GraceTime
+# seconds (SIGTERM to their steps at the start of the grace time); 'debug' (the default)
+# is never preempted, so other work on this cluster is never disturbed.
+PreemptType=preempt/partition_prio
+PreemptMode=REQUEUE
+# One made-up countable resource (like a site's GPUs): a 'preemptible' job holding the
+# token must make way for an 'urgent' job asking for it, whatever else the node is running.
+GresTypes=token
+NodeName=$host NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem Gres=token:1 State=UNKNOWN
+PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP PriorityTier=1 PreemptMode=OFF
+PartitionName=preemptible Nodes=$host MaxTime=INFINITE State=UP PriorityTier=1 PreemptMode=REQUEUE GraceTime=$PREEMPT_GRACE_S
+PartitionName=urgent Nodes=$host MaxTime=INFINITE State=UP PriorityTier=2 PreemptMode=OFF
 EOF
 }
 
@@ -142,6 +157,10 @@ start() {
     [[ "$(id -u)" == 0 ]] || die "must run as root (slurmd starts jobs as their owners)"
     if daemons_up; then
         say "already running (state in $STATE_DIR); node is $(node_state)"
+        # One started by another version of this script (or other MEGALONG_SLURM_* settings)
+        # may lack settings the tests rely on (partitions, preemption).
+        [[ "$(conf_text)" == "$(cat "$CONF")" ]] \
+            || say "warning: it runs another configuration than this script writes; to change: $0 stop && $0 start"
         return 0
     fi
     # A second slurmctld on a busy port fails silently in the background: look first.
@@ -156,7 +175,7 @@ start() {
     mkdir -p "$STATE_DIR/state" "$STATE_DIR/spool" "$STATE_DIR/log"
     chmod 0755 "$STATE_DIR"
     : > "$PIDS"
-    write_conf
+    conf_text > "$CONF"
     start_munge
     slurmctld -f "$CONF" || die "slurmctld failed; see $STATE_DIR/log/slurmctld.log"
     wait_for_file "$STATE_DIR/slurmctld.pid" slurmctld

@@ -4,13 +4,19 @@ A signal handler only sets a flag; the training loop asks :meth:`StopWatch.shoul
 after every step. That question is a collective (a max all-reduce of one number), so
 every rank stops at the same step even when the signal reached only some of them, and
 the checkpoint that follows is consistent.
+
+SLURM sends its signals to every process of a job step, helper processes included: a
+checkpoint save runs inside :func:`stop_signals_deferred` so that the helpers it starts
+survive them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import time
+from multiprocessing import resource_tracker
 
 import torch
 
@@ -63,3 +69,24 @@ class StopWatch:
         if value == 1:
             return f"time limit of {self.exit_duration_s / 60:g} minutes reached (--exit-duration-minutes)"
         return None
+
+
+@contextlib.contextmanager
+def stop_signals_deferred():
+    """Hold SIGTERM/SIGUSR1 back from this thread while the block runs (a checkpoint save).
+
+    Processes started inside the block inherit the block and never see these signals:
+    Megatron-Core's checkpoint writers and the manager process it spawns for their results
+    would otherwise die of a signal sent to the whole job step (a preemption, SLURM's
+    time-limit warning), and every later save would fail. This process still gets them,
+    at the latest when the block ends.
+    """
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        # Starting multiprocessing's resource tracker (done on the first spawn) unblocks
+        # SIGTERM on its way out: start it here, then block again.
+        resource_tracker.ensure_running()
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)

@@ -28,7 +28,7 @@ from megalong.training.config import RunConfig
 from megalong.training.loss import masked_loss_sum
 from megalong.training.metrics import MetricsWriter, StepMetrics, training_flops
 from megalong.training.optimizer import build_optimizer, build_scheduler, current_lr, wrap_with_ddp
-from megalong.training.signals import REQUEUE_EXIT_CODE, StopWatch
+from megalong.training.signals import REQUEUE_EXIT_CODE, StopWatch, stop_signals_deferred
 
 log = logging.getLogger(__name__)
 
@@ -257,11 +257,12 @@ class Trainer:
             for chunk in self.model:
                 chunk.disable_forward_pre_hook(param_sync=True)
         try:
-            return ckpt.save_checkpoint(
-                run.checkpoint.save_dir, self.state, self.model, self.optimizer, self.model_config, run,
-                optimizer_format=run.checkpoint.optimizer_format, keep_last=run.checkpoint.keep_last,
-                async_queue=self.async_queue, on_gpu=self.runtime.on_gpu,
-            )
+            with stop_signals_deferred():
+                return ckpt.save_checkpoint(
+                    run.checkpoint.save_dir, self.state, self.model, self.optimizer, self.model_config, run,
+                    optimizer_format=run.checkpoint.optimizer_format, keep_last=run.checkpoint.keep_last,
+                    async_queue=self.async_queue, on_gpu=self.runtime.on_gpu,
+                )
         finally:
             if deferred_gather:
                 for chunk in self.model:

@@ -6,7 +6,9 @@ import os
 import re
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 REPO = Path(__file__).resolve().parents[2]
 CLUSTER_SCRIPT = REPO / "slurm" / "local_cluster.sh"
@@ -71,6 +73,60 @@ def all_job_ids(env: dict) -> set[str]:
 
 
 def sbatch(script: Path, env: dict, *args: str) -> str:
-    out = subprocess.run(["sbatch", "--parsable", *args, str(script)], capture_output=True, text=True, env=env)
+    return _sbatch_parsable([*args, str(script)], env)
+
+
+def sbatch_wrap(env: dict, command: str, *args: str) -> str:
+    """Submit a one-line job (``sbatch --wrap``); its job id."""
+    return _sbatch_parsable([*args, "--wrap", command], env)
+
+
+def _sbatch_parsable(args: list[str], env: dict) -> str:
+    out = subprocess.run(["sbatch", "--parsable", *args], capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr
     return out.stdout.strip().split(";")[0]
+
+
+@dataclass
+class Trigger:
+    """Run ``action`` once ``pattern`` shows in a job's log (preempt it mid-training, ...)."""
+
+    job: str
+    log: Path
+    pattern: str
+    action: Callable[[], None]
+    fired: bool = False
+
+
+def _logged(log: Path, pattern: str) -> bool:
+    return log.exists() and re.search(pattern, log.read_text(errors="ignore")) is not None
+
+
+def fire_triggers(triggers: list[Trigger], env: dict, timeout_s: float = 300.0) -> None:
+    """Watch every trigger's log at once, so that jobs running side by side are each acted
+    on in time. A trigger whose job ends before its line shows stays unfired (tests check)."""
+    waiting = list(triggers)
+    deadline = time.monotonic() + timeout_s
+    while waiting and time.monotonic() < deadline:
+        for trigger in list(waiting):
+            ended = any(r.get("JobState") in TERMINAL for r in job_records(trigger.job, env))
+            if _logged(trigger.log, trigger.pattern):
+                trigger.action()
+                trigger.fired = True
+                waiting.remove(trigger)
+            elif ended:
+                waiting.remove(trigger)
+        time.sleep(0.3)
+
+
+def wait_for_log_line(log: Path, pattern: str, timeout_s: float = 120.0) -> str:
+    """The log's text once ``pattern`` shows in it (a job's state can be final before its
+    batch script has written its last lines)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if _logged(log, pattern):
+            return log.read_text(errors="ignore")
+        time.sleep(0.3)
+    tail = log.read_text(errors="ignore")[-3000:] if log.exists() else "(no log)"
+    raise AssertionError(f"{log} never showed {pattern!r} within {timeout_s:.0f} s:\n{tail}")
+
