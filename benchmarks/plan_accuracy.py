@@ -110,13 +110,13 @@ def _gpu_rank(seq_lengths):
 def run_gpu() -> None:
     import torch
 
-    from megalong.model.llama import transformer_engine_available
+    from megalong.model.backends import transformer_engine_version
     from megalong.runtime.launch import run_processes
 
     if not torch.cuda.is_available():
         print("no GPU visible; run without --gpu for the CPU check")
         return
-    if not transformer_engine_available():
+    if transformer_engine_version() is None:
         print("Transformer Engine is not installed: the GPU profile models TE kernels, nothing to compare")
         return
     rows = run_processes(_gpu_rank, 1, args=((8192, 16384, 32768),))[0]

@@ -126,13 +126,9 @@ class MegalongModel:
         from megalong.model.llama import build_model
         from megalong.runtime import init_distributed, set_seed
 
-        if device == "cpu" and torch.cuda.is_available():
-            raise ValueError(
-                "the megalong runner uses the GPU when one is visible; use --device auto/cuda, "
-                "or hide the GPUs (CUDA_VISIBLE_DEVICES=) to run on the CPU"
-            )
         self.path = Path(path)
-        self.config = read_model_config(self.path)
+        # The weights' shape; FP8 and the layer implementations are chosen for this machine.
+        self.config = read_model_config(self.path).for_inference()
         # One process, no model parallelism: the evaluation holds the whole model.
         self.runtime = init_distributed(ParallelConfig(), device=device)
         # Megatron-Core's attention forks its model-parallel RNG tracker even without dropout.

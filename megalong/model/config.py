@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Literal, Optional
@@ -71,6 +72,13 @@ class ModelConfig:
     recompute: Optional[Literal["selective", "full"]] = None
     recompute_num_layers: int = 1
     extra: dict = field(default_factory=dict)
+
+    def for_inference(self) -> "ModelConfig":
+        """The same weights, built to run anywhere: how the layers ran in training (FP8,
+        recomputation, a forced layer or attention implementation) is a training setting, not
+        a property of the weights. TE's FP8 layers need token counts divisible by 8/16, which
+        arbitrary prompts and one-token decode steps are not."""
+        return dataclasses.replace(self, fp8=None, recompute=None, transformer_impl="auto", attention_backend="auto")
 
     @property
     def head_dim(self) -> int:

@@ -8,7 +8,6 @@ otherwise. Which one is used is explicit in the config (``transformer_impl``) an
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 from dataclasses import dataclass
 
@@ -16,14 +15,10 @@ import torch
 import torch.nn.functional as F
 
 from megalong.config.parallel import ParallelConfig
-from megalong.model import attention, presets, rope
+from megalong.model import attention, backends, presets, rope
 from megalong.model.config import ModelConfig
 
 log = logging.getLogger(__name__)
-
-
-def transformer_engine_available() -> bool:
-    return importlib.util.find_spec("transformer_engine") is not None
 
 
 @dataclass(frozen=True)
@@ -37,14 +32,14 @@ class ModelChoice:
 def choose_implementation(model: ModelConfig, on_gpu: bool) -> ModelChoice:
     impl = model.transformer_impl
     if impl == "auto":
-        impl = "transformer_engine" if (on_gpu and transformer_engine_available()) else "local"
+        impl = "transformer_engine" if (on_gpu and backends.transformer_engine_version() is not None) else "local"
     if impl == "transformer_engine":
         if not on_gpu:
             raise ValueError("model.transformer_impl=transformer_engine needs a GPU; use 'local' on CPU")
-        if not transformer_engine_available():
+        if backends.transformer_engine_version() is None:
             raise ValueError(
-                "model.transformer_impl=transformer_engine but Transformer Engine is not installed "
-                "(pip install 'megalong[gpu]')"
+                "model.transformer_impl=transformer_engine but transformer_engine.pytorch does not import here "
+                "(pip install 'megalong[gpu]', built for this CUDA and torch)"
             )
     if model.fp8 is not None and impl != "transformer_engine":
         raise ValueError("model.fp8 needs Transformer Engine layers (transformer_impl=transformer_engine)")

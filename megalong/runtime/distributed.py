@@ -109,6 +109,62 @@ class Runtime:
         return self.parallel.data_parallel_size(self.world_size)
 
 
+def set_cuda_device_max_connections(parallel: ParallelConfig, environ=None) -> None:
+    """Set ``CUDA_DEVICE_MAX_CONNECTIONS=1`` when the layout overlaps communication with compute.
+
+    With one hardware queue, kernels start in the order they are issued, which is what
+    Megatron-Core's tensor-parallel linears (their gradient all-reduce or sequence-parallel
+    reduce-scatter) and context-parallel attention count on to overlap communication with
+    the next computation; without it they still compute correctly but lose the overlap. CUDA
+    reads the variable when the context is created, so this runs before anything touches the
+    GPU (on the CPU it changes nothing). A value the user set is kept, with a warning.
+    """
+    env = os.environ if environ is None else environ
+    if parallel.tensor_parallel == 1 and parallel.context_parallel == 1:
+        return
+    current = env.get("CUDA_DEVICE_MAX_CONNECTIONS")
+    if current is None:
+        env["CUDA_DEVICE_MAX_CONNECTIONS"] = "1"
+    elif current != "1":
+        log.warning("CUDA_DEVICE_MAX_CONNECTIONS=%s: tensor/context parallelism overlaps communication "
+                    "only with 1; keeping your value", current)
+    if torch.cuda.is_initialized() and current is None:
+        log.warning("CUDA was initialised before CUDA_DEVICE_MAX_CONNECTIONS could be set: set it to 1 "
+                    "before starting Python to keep tensor/context-parallel communication overlapped")
+
+
+def resolve_device(requested: str) -> str:
+    """``runtime.device`` as this process will run it: "auto" is the GPU when one is visible."""
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("runtime.device=cuda was asked for but no GPU is visible")
+    return requested
+
+
+def local_world_size(environ: Mapping[str, str] | None = None) -> Optional[int]:
+    """Processes on this node, as the launcher says (torchrun, srun); None when unknown."""
+    env = os.environ if environ is None else environ
+    for name in ("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE"):
+        value = env.get(name, "")
+        if value.isdigit():
+            return int(value)
+    return None
+
+
+def check_ranks_fit_gpus(local_rank: int, ranks_on_node: Optional[int], gpus: int) -> None:
+    """One GPU per process: NCCL refuses two ranks on one GPU ("Duplicate GPU detected"), so
+    say so before any process group exists."""
+    needed = max(local_rank + 1, ranks_on_node or 0)
+    if needed > gpus:
+        found = f"{ranks_on_node} processes on this node" if ranks_on_node else f"a process with local rank {local_rank}"
+        raise RuntimeError(
+            f"{found} but {gpus} GPU(s) visible: megalong runs one process per GPU (NCCL refuses two "
+            f"processes on one GPU); start {gpus} process(es) per node (torchrun --nproc-per-node={gpus}, "
+            f"srun --ntasks-per-node={gpus}) or make more GPUs visible"
+        )
+
+
 def _free_port() -> int:
     import socket
 
@@ -131,12 +187,10 @@ def init_distributed(
     launch = read_launch_env(environ)
     parallel.validate(launch.world_size)
 
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device(device)
     if device == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError("device=cuda was asked for but no GPU is visible")
-        torch.cuda.set_device(launch.local_rank % torch.cuda.device_count())
+        check_ranks_fit_gpus(launch.local_rank, local_world_size(), torch.cuda.device_count())
+        torch.cuda.set_device(launch.local_rank)
         torch_device = torch.device("cuda", torch.cuda.current_device())
         backend = "nccl"
     else:

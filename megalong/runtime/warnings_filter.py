@@ -19,8 +19,6 @@ _NOISE = (
     # Megatron-Core's collectives use torch's older names for these two.
     r".*`torch.distributed.all_gather_into_tensor` is deprecated.*",
     r".*`torch.distributed.reduce_scatter_tensor` is deprecated.*",
-    # A CUDA queue setting: meaningless on CPU; the SLURM templates set it on GPUs.
-    r".*CUDA_DEVICE_MAX_CONNECTIONS.*",
     # The distributed optimizer's zero_grad reads .grad of its parameter shards (views);
     # harmless, and it shows on CPU only because the CPU redirection sees every tensor access.
     r".*\.grad attribute of a Tensor that is not a leaf Tensor.*",

@@ -11,13 +11,17 @@ def train(run: RunConfig, stream=None) -> int:
     group, model or data exists. ``stream`` (optional) replaces the one built from
     ``run.data``: a :class:`megalong.training.batches.TrainingStream`.
     """
-    from megalong.runtime.distributed import init_distributed, read_launch_env
+    from megalong.model.backends import check_for_machine
+    from megalong.runtime.distributed import (
+        init_distributed, read_launch_env, resolve_device, set_cuda_device_max_connections,
+    )
     from megalong.training.trainer import Trainer
 
-    run.validate(read_launch_env().world_size)
-    runtime = init_distributed(
-        run.parallel, device=run.runtime.device, timeout_minutes=run.runtime.distributed_timeout_minutes
-    )
+    set_cuda_device_max_connections(run.parallel)  # before anything creates a CUDA context
+    model = run.validate(read_launch_env().world_size)
+    device = resolve_device(run.runtime.device)
+    check_for_machine(model, run.parallel, on_gpu=device == "cuda")
+    runtime = init_distributed(run.parallel, device=device, timeout_minutes=run.runtime.distributed_timeout_minutes)
     return Trainer(run, runtime, stream=stream).setup().fit()
 
 

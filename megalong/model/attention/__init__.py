@@ -11,35 +11,48 @@ Public surface (see docs/attention.md):
 
 from __future__ import annotations
 
-import importlib.util
+import logging
 
 # Megatron-Core is imported only by the parts that need it (the layer-spec module and
 # PackedSeqParams), so the kernels, the ring and the all-to-all load without it.
 
+log = logging.getLogger(__name__)
 
 
-def _installed(package: str) -> bool:
-    return importlib.util.find_spec(package) is not None
 
-
-def resolve_backend(requested: str, on_gpu: bool) -> str:
+def resolve_backend(requested: str, on_gpu: bool, params_dtype: str = "bf16") -> str:
     """The kernel for whole-sequence attention: "te", "flash" or "sdpa".
 
-    ``auto``: Transformer Engine on a GPU when installed, else flash-attn on a GPU when
-    installed, else PyTorch SDPA. An explicit choice that cannot run is an error.
+    ``auto``: on a GPU with bf16 parameters, Transformer Engine when it imports, else
+    flash-attn when it imports; otherwise PyTorch SDPA (the only one that takes fp32). An
+    explicit choice that cannot run here is an error saying why.
     """
+    from megalong.model import backends
+
     if requested == "auto":
-        if on_gpu and _installed("transformer_engine"):
+        if not on_gpu:
+            return "sdpa"
+        if params_dtype != "bf16":
+            log.info("attention_backend=auto with %s parameters: PyTorch SDPA (flash-attn and Transformer "
+                     "Engine attention run only in 16-bit)", params_dtype)
+            return "sdpa"
+        if backends.transformer_engine_version() is not None:
             return "te"
-        if on_gpu and _installed("flash_attn"):
+        if backends.flash_attn_usable():
             return "flash"
         return "sdpa"
     if requested in ("te", "flash"):
-        package = {"te": "transformer_engine", "flash": "flash_attn"}[requested]
         if not on_gpu:
             raise ValueError(f"model.attention_backend={requested} needs a GPU; use sdpa (or auto) on CPU")
-        if not _installed(package):
-            raise ValueError(f"model.attention_backend={requested} but {package} is not installed")
+        problem = backends.attention_backend_problem(requested, params_dtype)
+        if problem:
+            raise ValueError(problem)
+        usable = (backends.transformer_engine_version() is not None if requested == "te"
+                  else backends.flash_attn_usable())
+        if not usable:
+            package = {"te": "transformer_engine.pytorch", "flash": "flash_attn"}[requested]
+            raise ValueError(f"model.attention_backend={requested} but {package} does not import here "
+                             "(pip install 'megalong[gpu]', built for this CUDA and torch)")
         return requested
     if requested == "sdpa":
         return "sdpa"
@@ -59,7 +72,7 @@ def core_attention_spec(choice, model_cfg):
 
     from megalong.model.attention.core import DocumentAttention
 
-    backend = resolve_backend(model_cfg.attention_backend, choice.on_gpu)
+    backend = resolve_backend(model_cfg.attention_backend, choice.on_gpu, model_cfg.params_dtype)
     return ModuleSpec(module=DocumentAttention, params={"backend": backend, "cp_comm": model_cfg.cp_comm})
 
 

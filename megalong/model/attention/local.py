@@ -15,7 +15,6 @@ a subset of heads).
 
 from __future__ import annotations
 
-import importlib.util
 
 import torch
 import torch.nn.functional as F
@@ -84,10 +83,6 @@ def cached_decode_attention(query, key, value, softmax_scale: float) -> torch.Te
         attn_mask=allowed, scale=softmax_scale, enable_gqa=hq != key.shape[2],
     )
     return out.permute(2, 0, 1, 3).reshape(sq, b, hq * d)
-
-
-def flash_attn_available() -> bool:
-    return importlib.util.find_spec("flash_attn") is not None
 
 
 def flash_attention(query, key, value, layout: DocumentLayout, softmax_scale: float) -> torch.Tensor:

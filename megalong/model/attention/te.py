@@ -17,15 +17,10 @@ PyTorch backend on a GPU machine.
 
 from __future__ import annotations
 
-import importlib.util
 
 import torch
 
 from megalong.model.attention.layout import DocumentLayout
-
-
-def transformer_engine_available() -> bool:
-    return importlib.util.find_spec("transformer_engine") is not None
 
 
 def _te_document_attention(query_heads: int, kv_heads: int, head_dim: int, layer_number: int,
