@@ -24,12 +24,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from megalong.config import ConfigError
     from megalong.quickstart.pipeline import Quickstart, QuickstartConfig, StepFailed
 
     config = QuickstartConfig(out_dir=args.out, size=args.size, nproc=args.nproc, workers=args.workers)
     try:
         report = Quickstart(config).run()
-    except StepFailed as err:
+    except (StepFailed, ConfigError, FileNotFoundError) as err:
         log.error("%s", err)
         log.error("fix the cause and run the same command again: finished steps are kept")
         return 1

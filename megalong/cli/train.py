@@ -22,11 +22,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved configuration and exit without training; values the "
                              "recipe and overrides leave to the defaults end with '# default'")
+    parser.add_argument("--check", action="store_true",
+                        help="validate the recipe as training would (layout, model, batch sizes, datasets, "
+                             "initial weights) and exit without training")
+    parser.add_argument("--world-size", type=int, default=None,
+                        help="with --check: the number of processes to check the layout for "
+                             "(default: the launcher's, else 1)")
 
 
 def run(args: argparse.Namespace) -> int:
-    from megalong.config import ConfigError, LayoutError, load
-    from megalong.runtime.distributed import shutdown
+    from megalong.checkpoint.weights import CheckpointMismatchError
+    from megalong.config import ConfigError, load
+    from megalong.runtime.distributed import read_launch_env, shutdown
     from megalong.training import RunConfig, train
 
     # Megatron-Core logs its internals (bucket layouts, full configs) at INFO: keep the
@@ -48,13 +55,37 @@ def run(args: argparse.Namespace) -> int:
             log.error("%s", err)
             return 2
         return 0
+    if args.check:
+        return _check(config, args.world_size)
     try:
         return train(config)
-    except (ConfigError, LayoutError) as err:
-        log.error("%s", err)
+    except ConfigError as err:
+        # The configuration is the same on every rank, so is this error: say it once.
+        if read_launch_env().rank == 0:
+            log.error("%s", err)
+        return 2
+    except (FileNotFoundError, CheckpointMismatchError) as err:
+        log.error("%s", err)  # may differ per rank: each rank's line carries its rank
         return 2
     finally:
         shutdown()
+
+
+def _check(config, world_size) -> int:
+    from megalong.config import ConfigError
+    from megalong.runtime.distributed import read_launch_env
+
+    world_size = world_size or read_launch_env().world_size
+    try:
+        model = config.validate(world_size)
+    except (ConfigError, FileNotFoundError) as err:
+        log.error("%s", err)
+        return 2
+    print(f"OK: {config.name}: {config.parallel.describe(world_size)}; {model.preset or 'model'} with "
+          f"{model.num_layers} layers at {config.data.seq_length:,} tokens; "
+          + ("data from " + config.data_factory if config.data_factory else
+             f"{len(config.data.mixture_spec().domains)} data domain(s) found"))
+    return 0
 
 
 def _config_with_defaults_marked(config, recipe: str, overrides: list[str]) -> str:

@@ -144,11 +144,13 @@ class Quickstart:
         log.info("%s: done in %.0f s", title, self.timings[title])
 
     def _write_recipe(self, name: str, recipe: dict) -> Path:
-        """Write ``recipe`` as `megalong train` will read it: built into a RunConfig first, so a
-        wrong key or type fails here, naming it."""
+        """Write ``recipe`` as `megalong train` will read it, after checking it as training will
+        (keys, layout, datasets, initial weights): a problem is one line here, not an error in
+        every training process."""
         from megalong.training.config import RunConfig
 
         run = from_dict(RunConfig, recipe, f"quickstart recipe {name}")
+        run.validate(self.config.nproc)
         path = self.out / "recipes" / f"{name}.yaml"
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")

@@ -9,15 +9,6 @@ import pytest
 from megalong.quickstart.report import read_losses
 
 
-@pytest.fixture(scope="module")
-def quickstart_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("quickstart") / "run"
-    command = [shutil.which("megalong") or "megalong", "quickstart", "--size", "smoke", "--out", str(out)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    return out, result
-
-
 def test_every_artifact_exists(quickstart_run):
     out, result = quickstart_run
     for prefix in ("code/code_text_document", "books/books_text_document", "web/web_text_document",

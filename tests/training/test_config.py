@@ -63,10 +63,13 @@ def test_missing_datasets_and_misspelled_keys_are_refused(tmp_path):
     with pytest.raises(ConfigError, match=r"data: unknown key\(s\) seq_lenght; valid keys for DataConfig"):
         load(RunConfig, EXAMPLES / "tiny_cpu.yaml", ["data.seq_lenght=128"])
     run = load(RunConfig, EXAMPLES / "tiny_cpu.yaml", [f"data.data_root={tmp_path}"])
-    with pytest.raises(ConfigError, match=rf"1 indexed dataset\(s\) of the mixture not found: text: {tmp_path}/text_document"):
+    with pytest.raises(ConfigError, match=rf"3 indexed dataset\(s\) of the mixture not found: "
+                                          rf"code_repos: {tmp_path}/code/code_text_document.bin/.idx; books"):
         run.validate(world_size=2)
-    for suffix in (".bin", ".idx"):
-        (tmp_path / f"text_document{suffix}").write_bytes(b"")
+    for name in ("code", "books", "web"):
+        (tmp_path / name).mkdir()
+        for suffix in (".bin", ".idx"):
+            (tmp_path / name / f"{name}_text_document{suffix}").write_bytes(b"")
     run.validate(world_size=2)  # the files exist: only their presence is checked here
     missing_init = load(RunConfig, EXAMPLES / "tiny_cpu.yaml", [f"data.data_root={tmp_path}",
                                                               f"init.weights={tmp_path / 'stage1'}"])
