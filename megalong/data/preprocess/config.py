@@ -45,6 +45,9 @@ class PreprocessConfig:
     repo_max_bytes: int = 0
     # Keep <output_prefix>.work/ after a successful merge (for inspection).
     keep_work: bool = False
+    # Replace a dataset already at output_prefix that this run did not make (without it, an
+    # existing output is refused: an unrelated file, or a dataset built from other inputs).
+    overwrite: bool = False
 
     def __post_init__(self) -> None:
         if self.input_format not in INPUT_FORMATS:
