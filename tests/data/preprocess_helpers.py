@@ -1,6 +1,7 @@
 """Shared helpers for the preprocessing tests."""
 
 import json
+import multiprocessing
 from pathlib import Path
 
 import numpy as np
@@ -60,3 +61,33 @@ def file_bytes(prefix) -> tuple[bytes, bytes]:
 
 def as_arrays(docs):
     return [np.asarray(d) for d in docs]
+
+
+def in_child_process(function, *args, timeout: float = 60, **kwargs):
+    """``function(*args, **kwargs)`` in a forked child process: its result, or its exception
+    raised here. A child still running after ``timeout`` seconds is killed and TimeoutError
+    raised, so a hang (a reader blocked on a named pipe, in C code no signal interrupts)
+    fails the test instead of stopping the suite."""
+    context = multiprocessing.get_context("fork")
+    receiver, sender = context.Pipe(duplex=False)
+
+    def child():
+        try:
+            outcome = (True, function(*args, **kwargs))
+        except BaseException as err:  # sent back and raised in the test
+            outcome = (False, err)
+        sender.send(outcome)
+
+    process = context.Process(target=child, daemon=True)
+    process.start()
+    sender.close()
+    try:
+        if not receiver.poll(timeout):
+            raise TimeoutError(f"{function.__name__} still running after {timeout} s")
+        succeeded, value = receiver.recv()
+    finally:
+        process.kill()
+        process.join()
+    if not succeeded:
+        raise value
+    return value
