@@ -1,7 +1,9 @@
 """Shared helpers for the preprocessing tests."""
 
+import ctypes
 import json
 import multiprocessing
+import os
 from pathlib import Path
 
 import numpy as np
@@ -63,22 +65,43 @@ def as_arrays(docs):
     return [np.asarray(d) for d in docs]
 
 
-def in_child_process(function, *args, timeout: float = 60, **kwargs):
+def drop_read_override() -> None:
+    """Give up, in this process, the two capabilities that let root read any file
+    (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH): file modes then apply to root too. Meant for a
+    child process; nothing to do for other users."""
+    if os.geteuid() != 0:
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this process
+    sets = (ctypes.c_uint32 * 6)()  # {effective, permitted, inheritable} for capabilities 0-31, then 32-63
+    if libc.capget(header, sets) != 0:
+        raise OSError(ctypes.get_errno(), "capget failed")
+    keep = ~((1 << 1) | (1 << 2)) & 0xFFFFFFFF  # CAP_DAC_OVERRIDE = 1, CAP_DAC_READ_SEARCH = 2
+    sets[0] &= keep
+    sets[1] &= keep
+    if libc.capset(header, sets) != 0:
+        raise OSError(ctypes.get_errno(), "capset failed")
+
+
+def in_child_process(function, *args, timeout: float = 60, read_override: bool = True, **kwargs):
     """``function(*args, **kwargs)`` in a forked child process: its result, or its exception
     raised here. A child still running after ``timeout`` seconds is killed and TimeoutError
     raised, so a hang (a reader blocked on a named pipe, in C code no signal interrupts)
-    fails the test instead of stopping the suite."""
+    fails the test instead of stopping the suite. ``read_override=False``: the child first
+    gives up root's power to read any file (drop_read_override)."""
     context = multiprocessing.get_context("fork")
     receiver, sender = context.Pipe(duplex=False)
 
     def child():
         try:
+            if not read_override:
+                drop_read_override()
             outcome = (True, function(*args, **kwargs))
         except BaseException as err:  # sent back and raised in the test
             outcome = (False, err)
         sender.send(outcome)
 
-    process = context.Process(target=child, daemon=True)
+    process = context.Process(target=child)  # not a daemon: it may start worker processes
     process.start()
     sender.close()
     try:
