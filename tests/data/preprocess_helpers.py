@@ -51,10 +51,10 @@ def expected(texts, bos=True, eos=True):
     return [([tok.bos_id] if bos else []) + tok.encode(t) + ([tok.eos_id] if eos else []) for t in texts]
 
 
-def preprocess(inputs, prefix, **settings) -> dict:
+def preprocess(inputs, prefix, stage="all", **settings) -> dict | None:
     cfg = PreprocessConfig(inputs=[str(p) for p in inputs], output_prefix=str(prefix), tokenizer="llama3",
                            **{"workers": 1, **settings})
-    return run(cfg, llama3(), progress_stream=open("/dev/null", "w"))
+    return run(cfg, llama3(), stage=stage, progress_stream=open("/dev/null", "w"))
 
 
 def file_bytes(prefix) -> tuple[bytes, bytes]:

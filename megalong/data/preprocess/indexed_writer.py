@@ -45,14 +45,20 @@ def tmp_tag() -> str:
 _TMP_NAME = re.compile(r"^(?P<target>.+)\.tmp\.(?P<host>.+)\.(?P<pid>\d+)$")
 
 
-def _process_alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this host can still write (a zombie, killed but not yet
+    reaped by its parent, cannot). In doubt: True."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # alive, owned by someone else
+        pass
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:  # "pid (name) state ..."
+            return handle.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):
         return True
-    return True
 
 
 def remove_stale_temps(directory: str | Path, is_ours: Callable[[str], bool]) -> tuple[list[tuple[Path, int]], list[Path]]:
@@ -75,7 +81,7 @@ def remove_stale_temps(directory: str | Path, is_ours: Callable[[str], bool]) ->
         if match is None or not is_ours(match["target"]):
             continue
         path = Path(directory) / name
-        if match["host"] != host or _process_alive(int(match["pid"])):
+        if match["host"] != host or process_alive(int(match["pid"])):
             kept.append(path)
             continue
         try:
