@@ -246,10 +246,6 @@ def tokenize_shards(cfg: PreprocessConfig, plan: dict, tokenizer, task_index: in
             results = [(i, pool.apply_async(_run_shard, (i, shards[i]))) for i in pending]
             while results:
                 time.sleep(0.2)
-                with counters.get_lock():
-                    now = list(counters)
-                progress.update(now[0] - seen[0], now[1] - seen[1], now[2] - seen[2])
-                seen = now
                 still = []
                 for shard_id, result in results:
                     if result.ready():
@@ -258,6 +254,12 @@ def tokenize_shards(cfg: PreprocessConfig, plan: dict, tokenizer, task_index: in
                     else:
                         still.append((shard_id, result))
                 results = still
+                # Read after the results: a finished shard has counted all of its work by then,
+                # so the last line shows everything.
+                with counters.get_lock():
+                    now = list(counters)
+                progress.update(now[0] - seen[0], now[1] - seen[1], now[2] - seen[2])
+                seen = now
             pool.close()
         except BaseException:
             pool.terminate()
