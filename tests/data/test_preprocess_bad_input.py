@@ -1,5 +1,6 @@
-"""Bad records are skipped and counted with file:line, or stop the run in strict mode;
-either way no partial .bin/.idx is ever left at the output prefix."""
+"""Bad input (records, files, files of code repositories) is skipped and counted with its
+location, or stops the run in strict mode; either way no partial .bin/.idx is ever left at the
+output prefix, and nothing makes a reader wait forever."""
 
 import contextlib
 import gzip
@@ -231,7 +232,8 @@ def test_named_pipes_in_input_directories_are_counted_not_waited_for(tmp_path):
         in_child_process(preprocess, [inputs], tmp_path / "strict", strict=True)
     assert read_dataset(tmp_path / "out") == expected(GOOD[:1])
     assert sidecar["skipped"] == {"unreadable_file": 3}
-    assert {e["path"] for e in sidecar["skip_examples"]} == {str(inputs / n) for n in ("b.jsonl", "c.jsonl.gz", "d.parquet")}
+    pipes = ("b.jsonl", "c.jsonl.gz", "d.parquet")
+    assert {e["path"] for e in sidecar["skip_examples"]} == {str(inputs / name) for name in pipes}
     assert all("named pipe" in e["detail"] for e in sidecar["skip_examples"])
     assert read_dataset(tmp_path / "t") == expected(GOOD[1:2])
     assert texts["skip_examples"] == [{"reason": "unreadable_file", "path": str(tmp_path / "texts" / "b.txt"),
@@ -244,7 +246,6 @@ def _repositories(root: Path) -> Path:
     code = root / "repos" / "code"
     (code / "pkg").mkdir(parents=True)
     (code / "a_main.py").write_text("print('main')\n")                     # 32 bytes with its header
-    (code / "b_fifo.py").unlink(missing_ok=True)
     os.mkfifo(code / "b_fifo.py")                                           # not_regular_file
     (code / "c_loop_one.py").symlink_to(code / "c_loop_two.py")             # a loop of file links
     (code / "c_loop_two.py").symlink_to(code / "c_loop_one.py")
@@ -289,5 +290,6 @@ def test_cli_summary_names_a_file_per_repository_reason(tmp_path):
         "preprocess", "--input", str(repos), "--input-format", "code-repos", "--output-prefix", str(tmp_path / "out"),
         "--tokenizer", "llama3", "--workers", "1", "--repo-max-bytes", "60"])
     assert code == 0
-    assert f"not_regular_file: not a regular file (named pipe, socket, device) e.g. {repos / 'code' / 'b_fifo.py'}" in out
+    pipe = repos / "code" / "b_fifo.py"
+    assert f"not_regular_file: not a regular file (named pipe, socket, device) e.g. {pipe}" in out
     assert f"repo_cap: past the repository cap (repo_max_bytes) e.g. {repos / 'code' / 'pkg' / 'd_util.py'}" in out

@@ -61,7 +61,8 @@ def process_alive(pid: int) -> bool:
         return True
 
 
-def remove_stale_temps(directory: str | Path, is_ours: Callable[[str], bool]) -> tuple[list[tuple[Path, int]], list[Path]]:
+def remove_stale_temps(directory: str | Path,
+                       is_ours: Callable[[str], bool]) -> tuple[list[tuple[Path, int]], list[Path]]:
     """Delete the temporary files in ``directory`` that killed writers left behind: names
     ``<target>.tmp.<host>.<pid>`` (see tmp_tag) with ``is_ours(target)``, written on this host by
     a process that no longer exists. A writer removes its temporaries itself unless it is

@@ -114,8 +114,9 @@ def _refuse_foreign_outputs(cfg: PreprocessConfig) -> None:
     it were ours: refused always."""
     work_dir = Path(cfg.work_dir)
     if work_dir.is_dir():
-        foreign = sorted(p.name for p in work_dir.iterdir() if not p.name.startswith("plan.json.tmp."))
-        if foreign:  # (plan.json.tmp.*: a concurrent array task writing the same plan)
+        # plan.json(.tmp.*): a concurrent array task writing the same plan just now.
+        foreign = sorted(p.name for p in work_dir.iterdir() if not p.name.startswith("plan.json"))
+        if foreign:
             raise FileExistsError(
                 f"{work_dir} exists without a plan.json (it holds {', '.join(foreign[:3])}"
                 f"{' ...' if len(foreign) > 3 else ''}), so it is not the work of a run that can be resumed; "
@@ -127,9 +128,8 @@ def _refuse_foreign_outputs(cfg: PreprocessConfig) -> None:
         return
     what = "files not made by megalong preprocess"
     try:
-        settings = json.loads(sidecar_path.read_text(encoding="utf-8"))["settings"]
-        differing = sorted(k for k in settings.keys() | cfg.plan_settings().keys()
-                           if settings.get(k) != cfg.plan_settings().get(k))
+        theirs, ours = json.loads(sidecar_path.read_text(encoding="utf-8"))["settings"], cfg.plan_settings()
+        differing = sorted(k for k in theirs.keys() | ours.keys() if theirs.get(k) != ours.get(k))
         what = f"a dataset made with other settings ({', '.join(differing)})" if differing else "a dataset"
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         pass
