@@ -30,7 +30,8 @@ class PreprocessConfig:
     max_tokens: int = 0
     # Drop exact duplicates (identical text); the first occurrence in input order is kept.
     dedup: bool = False
-    # Stop at the first bad record (naming file:line) instead of skipping and counting it.
+    # Stop at the first bad input (naming file:line, or the file) instead of skipping and counting
+    # it; documents dropped by the length or dedup filters never stop a run.
     strict: bool = False
     # Worker processes (0 = all CPUs this process may use).
     workers: int = 0
