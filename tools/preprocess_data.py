@@ -40,6 +40,9 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--add-bos", action="store_true", help="start every document with BOS (not in Megatron-LM)")
     parser.add_argument("--output-prefix", required=True, help="writes <prefix>_<key>_document.{bin,idx,json}")
     parser.add_argument("--workers", type=int, default=1, help="worker processes")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace existing outputs at the prefix (not in Megatron-LM, which always does; "
+                             "megalong refuses outputs it did not make)")
     parser.add_argument("--partitions", type=int, help="accepted for compatibility; shards are automatic")
     parser.add_argument("--log-interval", type=int, help="accepted for compatibility")
     for flag, note in IGNORED_WITH_NOTE.items():
@@ -59,6 +62,8 @@ def megalong_argv(args: argparse.Namespace, passthrough: list[str]) -> list[str]
         argv.append("--no-bos")
     if not args.append_eod:
         argv.append("--no-eos")
+    if args.overwrite:
+        argv.append("--overwrite")
     return argv + passthrough
 
 

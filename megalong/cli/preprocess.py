@@ -35,6 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                          "directory; 'code-repos' = one document per sub-directory (repository)")
     io.add_argument("--text-key", "--json-keys", dest="text_key", help="JSON key / Parquet column of the text (default: text)")
     io.add_argument("--output-prefix", help="writes PREFIX.bin, PREFIX.idx, PREFIX.json (work files in PREFIX.work/)")
+    io.add_argument("--overwrite", action="store_true", default=None,
+                    help="replace outputs already at PREFIX that this run did not make (default: refuse)")
     io.add_argument("--tokenizer", help="'llama3', a tiktoken/sentencepiece tokenizer.model, a tokenizer.json or an "
                                         "HF model directory (default: llama3)")
     policy = parser.add_argument_group("document policy")
@@ -46,7 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     policy.add_argument("--max-tokens", type=int, help="drop documents longer than this (0 = no limit)")
     policy.add_argument("--dedup", action="store_true", default=None, help="drop exact duplicate texts (first one kept)")
     policy.add_argument("--strict", action="store_true", default=None,
-                        help="stop at the first bad record with its file:line (default: skip, count and report)")
+                        help="stop at the first bad record or unreadable file, with its file:line (default: skip, "
+                             "count and report; length and dedup filters never stop a run)")
     policy.add_argument("--text-suffixes", nargs="+", metavar="SUFFIX", help="--input-format text: only these file suffixes")
     policy.add_argument("--repo-max-file-bytes", type=int, help="--input-format code-repos: leave out larger files (default 1000000)")
     policy.add_argument("--repo-max-bytes", type=int, help="--input-format code-repos: cap per repository (0 = none)")
@@ -66,7 +69,7 @@ def build_config(args: argparse.Namespace):
     from megalong.data.preprocess import PreprocessConfig
 
     data = load_yaml(args.config) if args.config else {}
-    for name in _FIELDS + ("add_bos", "add_eos", "dedup", "strict", "keep_work"):
+    for name in _FIELDS + ("add_bos", "add_eos", "dedup", "strict", "keep_work", "overwrite"):
         value = getattr(args, name, None)
         if value is not None:
             data[name] = value
@@ -119,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _print_summary(prefix: str, sidecar: dict) -> None:
-    from megalong.data.preprocess.report import REASONS, format_location
+    from megalong.data.preprocess.report import REASONS, REPO_FILE_REASONS, format_location
 
     print(f"wrote {prefix}.bin/.idx: {sidecar['documents']:,} documents, {sidecar['tokens']:,} tokens "
           f"(lengths {sidecar['min_length']}..{sidecar['max_length']}); details in {prefix}.json")
@@ -130,8 +133,11 @@ def _print_summary(prefix: str, sidecar: dict) -> None:
             where = f" e.g. {format_location(example)}" if example else ""
             print(f"  {count:>10,}  {reason}: {REASONS.get(reason, reason)}{where}")
     if sidecar.get("repo_files_skipped"):
-        parts = ", ".join(f"{k} {v:,}" for k, v in sidecar["repo_files_skipped"].items())
-        print(f"files left out of repository documents: {parts}")
+        print("files left out of repository documents:")
+        for reason, count in sidecar["repo_files_skipped"].items():
+            example = next((e for e in sidecar.get("repo_file_examples", []) if e["reason"] == reason), None)
+            where = f" e.g. {example['path']}" if example else ""
+            print(f"  {count:>10,}  {reason}: {REPO_FILE_REASONS.get(reason, reason)}{where}")
 
 
 if __name__ == "__main__":  # pragma: no cover

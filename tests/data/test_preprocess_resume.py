@@ -12,6 +12,7 @@ import pytest
 
 from megalong.cli.main import main
 from megalong.data.preprocess import IncompleteError, PlanMismatchError
+from megalong.data.preprocess.indexed_writer import process_alive
 from tests.data.preprocess_helpers import file_bytes, preprocess, write_jsonl
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -53,7 +54,12 @@ def test_resume_after_kill_gives_the_same_bytes_without_redoing_shards(tmp_path)
         process.send_signal(signal.SIGKILL)
     finally:
         process.wait()
-    time.sleep(0.3)  # workers die with their parent (PR_SET_PDEATHSIG)
+    # Workers die with their parent (PR_SET_PDEATHSIG); wait for those that had files open, as
+    # a resume leaves a live process's temporary files alone.
+    deadline = time.monotonic() + 30
+    while any(process_alive(int(p.name.rsplit(".", 1)[1])) for p in work_dir.glob("*.tmp.*")):
+        assert time.monotonic() < deadline, "workers outlived their killed parent"
+        time.sleep(0.05)
     plan = json.loads((work_dir / "plan.json").read_text())
     finished_before = _shard_files(work_dir)
     done = [name for name in finished_before if name.endswith(".json")]
@@ -62,6 +68,8 @@ def test_resume_after_kill_gives_the_same_bytes_without_redoing_shards(tmp_path)
 
     # Resume (in this process, one worker: the worker count is not part of the plan).
     sidecar = preprocess([corpus], prefix, shard_size_mb=0.05, keep_work=True)
+    # The killed workers' half-written shards were removed, not left behind.
+    assert not list(work_dir.glob("*.tmp.*")) and not list(prefix.parent.glob("*.tmp.*"))
     after = _shard_files(work_dir)
     for name, state in finished_before.items():
         if name.replace(".bin", ".json").replace(".idx", ".json") in done:

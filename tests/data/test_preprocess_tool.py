@@ -26,6 +26,15 @@ def test_megatron_flags_and_names(tmp_path):
     assert read_dataset(tmp_path / "corpus_content_document") == expected(texts, bos=False, eos=True)
     args, rest = tool.parse(["--input", "x", "--output-prefix", "p"])
     assert "--no-eos" in tool.megalong_argv(args, rest) and "--no-bos" in tool.megalong_argv(args, rest)
+    # Megatron-LM overwrites outputs; megalong refuses unless told, and the tool passes that on.
+    assert _rerun_without_eod(tool, source, tmp_path) == 1
+    assert _rerun_without_eod(tool, source, tmp_path, "--overwrite") == 0
+    assert read_dataset(tmp_path / "corpus_content_document") == expected(texts, bos=False, eos=False)
+
+
+def _rerun_without_eod(tool, source, tmp_path, *extra):
+    return tool.main(["--input", str(source), "--json-keys", "content", "--tokenizer-model", "llama3",
+                      "--output-prefix", str(tmp_path / "corpus"), "--workers", "1", *extra])
 
 
 def test_cli_yaml_config_with_flag_override_and_merge_by_prefix_only(tmp_path):

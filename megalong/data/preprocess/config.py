@@ -30,7 +30,8 @@ class PreprocessConfig:
     max_tokens: int = 0
     # Drop exact duplicates (identical text); the first occurrence in input order is kept.
     dedup: bool = False
-    # Stop at the first bad record (naming file:line) instead of skipping and counting it.
+    # Stop at the first bad input (naming file:line, or the file) instead of skipping and counting
+    # it; documents dropped by the length or dedup filters never stop a run.
     strict: bool = False
     # Worker processes (0 = all CPUs this process may use).
     workers: int = 0
@@ -45,6 +46,9 @@ class PreprocessConfig:
     repo_max_bytes: int = 0
     # Keep <output_prefix>.work/ after a successful merge (for inspection).
     keep_work: bool = False
+    # Replace a dataset already at output_prefix that this run did not make (without it, an
+    # existing output is refused: an unrelated file, or a dataset built from other inputs).
+    overwrite: bool = False
 
     def __post_init__(self) -> None:
         if self.input_format not in INPUT_FORMATS:

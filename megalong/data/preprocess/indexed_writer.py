@@ -19,9 +19,11 @@ Megatron-Core's.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import struct
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -38,6 +40,61 @@ _CHUNK = 1 << 20  # documents per streamed block when writing the index
 # output file system, and a name of its own per writer means no two can ever mix their bytes.
 def tmp_tag() -> str:
     return f"{socket.gethostname()}.{os.getpid()}"  # at call time: forked workers have their own pid
+
+
+_TMP_NAME = re.compile(r"^(?P<target>.+)\.tmp\.(?P<host>.+)\.(?P<pid>\d+)$")
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this host can still write (a zombie, killed but not yet
+    reaped by its parent, cannot). In doubt: True."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        pass
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:  # "pid (name) state ..."
+            return handle.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return True
+
+
+def remove_stale_temps(directory: str | Path,
+                       is_ours: Callable[[str], bool]) -> tuple[list[tuple[Path, int]], list[Path]]:
+    """Delete the temporary files in ``directory`` that killed writers left behind: names
+    ``<target>.tmp.<host>.<pid>`` (see tmp_tag) with ``is_ours(target)``, written on this host by
+    a process that no longer exists. A writer removes its temporaries itself unless it is
+    killed outright (SIGKILL, out of memory, a node failure), so such a file has no owner
+    and no use: work is only ever resumed from finished files, never from a temporary.
+    Left alone: temporaries of live processes (a concurrent task on this host; a reused pid
+    errs on the safe side) and of other hosts, whose processes cannot be seen from here.
+    Returns ([(removed path, bytes)], [kept paths])."""
+    host = socket.gethostname()
+    removed, kept = [], []
+    try:
+        names = sorted(os.listdir(directory))
+    except OSError:
+        return removed, kept
+    for name in names:
+        match = _TMP_NAME.match(name)
+        if match is None or not is_ours(match["target"]):
+            continue
+        path = Path(directory) / name
+        if match["host"] != host or process_alive(int(match["pid"])):
+            kept.append(path)
+            continue
+        try:
+            size = path.stat().st_size
+            path.unlink()
+        except FileNotFoundError:  # removed meanwhile by a concurrent task
+            continue
+        except OSError:  # not ours to remove after all (permissions): leave it
+            kept.append(path)
+            continue
+        removed.append((path, size))
+    return removed, kept
 
 
 def bin_path(prefix: str | Path) -> Path:

@@ -48,6 +48,15 @@ def _copy_kept(writer: IndexedDatasetWriter, prefix: Path, lengths: np.ndarray, 
                 writer.append_from(handle, lengths[first:last])
 
 
+def _add_examples(kept: list[dict], new: list[dict]) -> None:
+    """Append ``new`` examples, keeping at most 5 x EXAMPLES_PER_REASON per reason in all."""
+    per_reason = Counter(example["reason"] for example in kept)
+    for example in new:
+        if per_reason[example["reason"]] < 5 * EXAMPLES_PER_REASON:
+            per_reason[example["reason"]] += 1
+            kept.append(example)
+
+
 def merge_shards(work_dir: str | Path, num_shards: int, output_prefix: str | Path, dedup: bool) -> dict:
     """Write the merged dataset atomically; return the counts for the sidecar."""
     work_dir = Path(work_dir)
@@ -56,7 +65,7 @@ def merge_shards(work_dir: str | Path, num_shards: int, output_prefix: str | Pat
     skipped: Counter = Counter()
     repo_file_skips: Counter = Counter()
     examples: list[dict] = []
-    examples_per_reason: Counter = Counter()
+    repo_file_examples: list[dict] = []
     input_bytes = 0
     writer = IndexedDatasetWriter(output_prefix)
     try:
@@ -66,10 +75,8 @@ def merge_shards(work_dir: str | Path, num_shards: int, output_prefix: str | Pat
             skipped.update(stats["skipped"])
             repo_file_skips.update(stats.get("repo_files_skipped", {}))
             input_bytes += stats["input_bytes"]
-            for example in stats["skip_examples"]:
-                if examples_per_reason[example["reason"]] < 5 * EXAMPLES_PER_REASON:
-                    examples_per_reason[example["reason"]] += 1
-                    examples.append(example)
+            _add_examples(examples, stats["skip_examples"])
+            _add_examples(repo_file_examples, stats.get("repo_file_examples", []))
             dtype, lengths = read_index(prefix)
             if keep_masks is None:
                 with open(bin_path(prefix), "rb") as handle:
@@ -106,6 +113,7 @@ def merge_shards(work_dir: str | Path, num_shards: int, output_prefix: str | Pat
         "skipped_total": int(sum(skipped.values())),
         "skip_examples": resolve_examples(examples),
         "repo_files_skipped": dict(sorted(repo_file_skips.items())),
+        "repo_file_examples": repo_file_examples,
     }
 
 

@@ -10,6 +10,10 @@ Work files live in ``<output_prefix>.work/``:
 
 The merge writes ``<prefix>.bin``, ``<prefix>.idx`` and finally the ``<prefix>.json``
 sidecar (its presence marks a complete dataset), then removes the work directory.
+
+Outputs already at the prefix are only replaced by the run that planned them (its plan is
+in the work directory) or with ``overwrite``. Every run starts by deleting the temporary
+files that killed runs on this host left behind (indexed_writer.remove_stale_temps).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import time
 from pathlib import Path
 
 from megalong.data.preprocess.config import PreprocessConfig
+from megalong.data.preprocess.indexed_writer import bin_path, idx_path, remove_stale_temps
 from megalong.data.preprocess.merge import merge_shards
 from megalong.data.preprocess.progress import ProgressLine
 from megalong.data.preprocess.sources import Shard, plan_shards
@@ -56,8 +61,10 @@ def array_task_from_env(environ=os.environ) -> tuple[int, int]:
 
 
 def _input_fingerprint(shards: list[Shard]) -> dict:
-    """Size and modification time of every input file that shards address by offset or row."""
-    files = sorted({item[0] for s in shards if s.kind in ("jsonl-range", "jsonl-stream", "parquet") for item in s.items})
+    """Size and modification time of every input file that shards address by offset or row,
+    and of what was found unreadable (if it is fixed, the plan is out of date)."""
+    kinds = ("jsonl-range", "jsonl-stream", "parquet", "unreadable")
+    files = sorted({item[0] for s in shards if s.kind in kinds for item in s.items})
     return {name: _file_state(name) for name in files}
 
 
@@ -90,6 +97,7 @@ def load_or_create_plan(cfg: PreprocessConfig, tokenizer) -> dict:
                 f"input files changed since {work_dir} was planned (e.g. {changed[0]}); "
                 f"delete {work_dir} to start over with the new inputs")
         return plan
+    _refuse_foreign_outputs(cfg)
     shards = plan_shards(cfg)
     plan = {"version": PLAN_VERSION, "settings": settings, "tokenizer": identity,
             "inputs": _input_fingerprint(shards), "shards": [s.to_dict() for s in shards]}
@@ -97,6 +105,58 @@ def load_or_create_plan(cfg: PreprocessConfig, tokenizer) -> dict:
     # Array tasks may race here; they compute identical plans and the rename is atomic.
     write_json_atomic(plan_path, plan)
     return plan
+
+
+def _refuse_foreign_outputs(cfg: PreprocessConfig) -> None:
+    """Before a new plan: outputs at the prefix were not made by this run (a run that made
+    them would have left its plan), so they are refused unless ``overwrite``. A work directory
+    without a plan cannot be checked against this run, nor be deleted after the merge as if
+    it were ours: refused always."""
+    work_dir = Path(cfg.work_dir)
+    if work_dir.is_dir():
+        # plan.json(.tmp.*): a concurrent array task writing the same plan just now.
+        foreign = sorted(p.name for p in work_dir.iterdir() if not p.name.startswith("plan.json"))
+        if foreign:
+            raise FileExistsError(
+                f"{work_dir} exists without a plan.json (it holds {', '.join(foreign[:3])}"
+                f"{' ...' if len(foreign) > 3 else ''}), so it is not the work of a run that can be resumed; "
+                "remove it, or choose another --output-prefix")
+    sidecar_path = Path(f"{cfg.output_prefix}.json")
+    existing = [str(p) for p in (bin_path(cfg.output_prefix), idx_path(cfg.output_prefix), sidecar_path)
+                if os.path.lexists(p)]
+    if not existing:
+        return
+    what = "files not made by megalong preprocess"
+    try:
+        theirs, ours = json.loads(sidecar_path.read_text(encoding="utf-8"))["settings"], cfg.plan_settings()
+        differing = sorted(k for k in theirs.keys() | ours.keys() if theirs.get(k) != ours.get(k))
+        what = f"a dataset made with other settings ({', '.join(differing)})" if differing else "a dataset"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass
+    if not cfg.overwrite:
+        raise FileExistsError(
+            f"{', '.join(existing)} already exist{'s' if len(existing) == 1 else ''} ({what}), and no "
+            f"plan in {work_dir} shows that this run made them; pass --overwrite to replace them, or "
+            "choose another --output-prefix")
+    log.warning("--overwrite: %s (%s) will be replaced when this run merges", ", ".join(existing), what)
+
+
+def remove_leftover_temps(cfg: PreprocessConfig) -> None:
+    """Delete the temporary files killed runs on this host left at the prefix and in the work
+    directory; say which ones of other processes are left alone."""
+    prefix = Path(cfg.output_prefix)
+    outputs = {f"{prefix.name}{ext}" for ext in (".bin", ".idx", ".lengths", ".json")}
+    removed, kept = remove_stale_temps(prefix.parent, outputs.__contains__)
+    work_removed, work_kept = remove_stale_temps(cfg.work_dir, lambda name: True)  # all of it is ours
+    removed, kept = removed + work_removed, kept + work_kept
+    if removed:
+        log.info("removed %d temporary file%s (%.1f MB) left by killed runs on this host: %s%s",
+                 len(removed), "s" if len(removed) > 1 else "", sum(size for _, size in removed) / 1e6,
+                 ", ".join(str(path) for path, _ in removed[:5]), " ..." if len(removed) > 5 else "")
+    if kept:
+        log.info("left alone %d temporary file%s of processes that are running or on other hosts "
+                 "(remove them once no run on %s is active): %s%s", len(kept), "s" if len(kept) > 1 else "",
+                 cfg.output_prefix, ", ".join(map(str, kept[:5])), " ..." if len(kept) > 5 else "")
 
 
 def config_from_plan(output_prefix: str, **overrides) -> PreprocessConfig:
@@ -186,10 +246,6 @@ def tokenize_shards(cfg: PreprocessConfig, plan: dict, tokenizer, task_index: in
             results = [(i, pool.apply_async(_run_shard, (i, shards[i]))) for i in pending]
             while results:
                 time.sleep(0.2)
-                with counters.get_lock():
-                    now = list(counters)
-                progress.update(now[0] - seen[0], now[1] - seen[1], now[2] - seen[2])
-                seen = now
                 still = []
                 for shard_id, result in results:
                     if result.ready():
@@ -198,6 +254,12 @@ def tokenize_shards(cfg: PreprocessConfig, plan: dict, tokenizer, task_index: in
                     else:
                         still.append((shard_id, result))
                 results = still
+                # Read after the results: a finished shard has counted all of its work by then,
+                # so the last line shows everything.
+                with counters.get_lock():
+                    now = list(counters)
+                progress.update(now[0] - seen[0], now[1] - seen[1], now[2] - seen[2])
+                seen = now
             pool.close()
         except BaseException:
             pool.terminate()
@@ -273,6 +335,7 @@ def run(cfg: PreprocessConfig, tokenizer, stage: str = "all", task_index: int = 
     if (cfg.add_bos and tokenizer.bos_id is None) or (cfg.add_eos and tokenizer.eos_id is None):
         raise ValueError(f"the tokenizer {tokenizer.path} has no {'BOS' if cfg.add_bos and tokenizer.bos_id is None else 'EOS'} "
                          "token; turn that part of the BOS/EOS policy off (--no-bos / --no-eos)")
+    remove_leftover_temps(cfg)
     if already_complete(cfg):
         log.info("%s.bin/.idx/.json already exist with these settings: nothing to do", cfg.output_prefix)
         return json.loads(Path(f"{cfg.output_prefix}.json").read_text(encoding="utf-8"))

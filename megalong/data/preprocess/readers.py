@@ -2,7 +2,9 @@
 ``(text, where)`` pairs, ``where`` being ``(path, "line"|"offset"|"row"|"file", value)``.
 
 Bad records are reported to the SkipLog (which raises in strict mode) and never yielded.
-Blank lines of a JSONL file are not records and are passed over silently.
+Blank lines of a JSONL file are not records and are passed over silently, and so is a UTF-8
+byte-order mark at the start of a file (editors on Windows write one). Files are opened
+only if they are regular files (files.open_regular): a named pipe would block forever.
 """
 
 from __future__ import annotations
@@ -10,16 +12,17 @@ from __future__ import annotations
 import gzip
 import io
 import json
-from collections import Counter
 from pathlib import Path
 from typing import Iterator
 
 from megalong.data.preprocess.code_repos import repo_document
 from megalong.data.preprocess.config import PreprocessConfig
+from megalong.data.preprocess.files import open_regular
 from megalong.data.preprocess.report import BadInputError, SkipLog
 from megalong.data.preprocess.sources import Shard
 
 Where = tuple
+BOM = b"\xef\xbb\xbf"
 
 
 def _check_text(text, skips: SkipLog, path: str, loc: dict) -> str | None:
@@ -51,6 +54,9 @@ def _parse_line(raw: bytes, key: str, skips: SkipLog, path: str, loc: dict) -> s
     except ValueError as err:
         skips.skip("malformed_json", path, str(err), **loc)
         return None
+    except RecursionError:  # valid JSON nested deeper than Python's parser recurses
+        skips.skip("too_deeply_nested", path, "", **loc)
+        return None
     if not isinstance(record, dict):
         skips.skip("not_an_object", path, f"got {type(record).__name__}", **loc)
         return None
@@ -59,7 +65,7 @@ def _parse_line(raw: bytes, key: str, skips: SkipLog, path: str, loc: dict) -> s
 
 def _jsonl_range(path: str, start: int, end: int, key: str, skips: SkipLog) -> Iterator[tuple[str, Where]]:
     try:
-        handle = open(path, "rb")
+        handle = open_regular(path)
     except OSError as err:
         skips.skip("unreadable_file", path, err.strerror or str(err))
         return
@@ -73,6 +79,8 @@ def _jsonl_range(path: str, start: int, end: int, key: str, skips: SkipLog) -> I
             if position >= end:
                 break
             line_start, position = position, position + len(raw)
+            if line_start == 0:
+                raw = raw.removeprefix(BOM)
             if raw.isspace():
                 continue
             text = _parse_line(raw, key, skips, path, {"offset": line_start})
@@ -80,21 +88,28 @@ def _jsonl_range(path: str, start: int, end: int, key: str, skips: SkipLog) -> I
                 yield text, (path, "offset", line_start)
 
 
-def _open_compressed(path: str):
+def _decompressed(path: str, raw):
+    """A binary reader of the decompressed bytes of ``raw`` (left open when it is closed)."""
     if path.endswith(".gz"):
-        return gzip.open(path, "rb")
+        return gzip.GzipFile(fileobj=raw, mode="rb")
     import zstandard
 
-    raw = open(path, "rb")
-    return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True), 1 << 20)
+    return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, closefd=False), 1 << 20)
 
 
 def _jsonl_stream(path: str, key: str, skips: SkipLog) -> Iterator[tuple[str, Where]]:
+    try:
+        compressed = open_regular(path)
+    except OSError as err:
+        skips.skip("unreadable_file", path, err.strerror or str(err))
+        return
     line_number = 0
     try:
-        with _open_compressed(path) as handle:
+        with compressed, _decompressed(path, compressed) as handle:
             for raw in handle:
                 line_number += 1
+                if line_number == 1:
+                    raw = raw.removeprefix(BOM)
                 if raw.isspace():
                     continue
                 text = _parse_line(raw, key, skips, path, {"line": line_number})
@@ -102,7 +117,7 @@ def _jsonl_stream(path: str, key: str, skips: SkipLog) -> Iterator[tuple[str, Wh
                     yield text, (path, "line", line_number)
     except BadInputError:
         raise
-    except Exception as err:  # truncated or corrupt stream (gzip, zstandard.ZstdError), unreadable file
+    except Exception as err:  # truncated or corrupt stream (gzip, zstandard.ZstdError), read error
         if not isinstance(err, (OSError, EOFError, ValueError)) and not type(err).__module__.startswith("zstandard"):
             raise
         # The lines read before the damage are kept; the rest of the file is reported.
@@ -144,12 +159,13 @@ def _parquet(items: list, key: str, skips: SkipLog) -> Iterator[tuple[str, Where
 def _text_files(items: list, skips: SkipLog) -> Iterator[tuple[str, Where]]:
     for (path,) in items:
         try:
-            data = Path(path).read_bytes()
+            with open_regular(path) as handle:
+                data = handle.read()
         except OSError as err:
             skips.skip("unreadable_file", path, err.strerror or str(err))
             continue
         try:
-            text = data.decode("utf-8")
+            text = data.removeprefix(BOM).decode("utf-8")
         except UnicodeDecodeError as err:
             skips.skip("not_utf8", path, f"byte {err.start}")
             continue
@@ -161,9 +177,7 @@ def _text_files(items: list, skips: SkipLog) -> Iterator[tuple[str, Where]]:
 
 def _code_repos(items: list, cfg: PreprocessConfig, skips: SkipLog) -> Iterator[tuple[str, Where]]:
     for (path,) in items:
-        file_skips: Counter = Counter()
-        text = repo_document(Path(path), cfg.repo_max_file_bytes, cfg.repo_max_bytes, file_skips)
-        skips.repo_file_skips.update(file_skips)
+        text = repo_document(Path(path), cfg.repo_max_file_bytes, cfg.repo_max_bytes, skips.leave_out_repo_file)
         if not text:
             skips.skip("empty_text", path, "no usable source file in the repository")
             continue
@@ -183,5 +197,8 @@ def iter_documents(shard: Shard, cfg: PreprocessConfig, skips: SkipLog) -> Itera
         yield from _text_files(shard.items, skips)
     elif shard.kind == "code-repos":
         yield from _code_repos(shard.items, cfg, skips)
+    elif shard.kind == "unreadable":  # found unreadable while planning
+        for path, reason, detail in shard.items:
+            skips.skip(reason, path, detail)
     else:
         raise ValueError(f"unknown shard kind {shard.kind!r}")

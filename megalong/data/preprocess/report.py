@@ -2,7 +2,11 @@
 
 Every record that does not become a document is counted by reason; the first few of each
 reason per shard keep their location (``file:line``, ``file:row``, or the file) so the
-report can point at them. In strict mode the first one stops the run with its location.
+report can point at them. In strict mode the first bad one stops the run with its location;
+records dropped by a filter the user asked for (length, duplicates) are not bad input and
+never stop it. Files left out of a code repository's document are counted the same way,
+by reason with the first paths; of those only files and directories that cannot be read
+are bad input (the other reasons are the repository policy).
 """
 
 from __future__ import annotations
@@ -21,14 +25,38 @@ REASONS = {
     "not_utf8": "the bytes are not valid UTF-8",
     "empty_text": "the text is empty or only whitespace",
     "unreadable_file": "the file could not be read or decompressed",
+    "unreadable_directory": "the directory could not be listed: the files in it are missing",
+    "too_deeply_nested": "the JSON nests deeper than the parser can follow",
     "too_short": "fewer tokens than min_tokens",
     "too_long": "more tokens than max_tokens",
     "duplicate": "exact duplicate of an earlier document",
 }
+# Dropped by the user's own filters: counted, but never a reason for --strict to stop.
+FILTER_REASONS = frozenset({"too_short", "too_long", "duplicate"})
+
+# Why a file of a code repository is left out of the repository's document.
+REPO_FILE_REASONS = {
+    "binary": "binary (known suffix, a NUL byte, or not UTF-8)",
+    "generated": "generated (lock file, minified, protobuf output, a do-not-edit marker)",
+    "symlink": "a symbolic link (never followed)",
+    "not_regular_file": "not a regular file (named pipe, socket, device)",
+    "empty": "empty or only whitespace",
+    "too_large": "larger than repo_max_file_bytes",
+    "repo_cap": "past the repository cap (repo_max_bytes)",
+    "unreadable": "the file could not be read",
+    "unreadable_directory": "the directory could not be listed: the files in it are missing",
+}
+# Input errors, not policy: --strict stops at them.
+REPO_FILE_ERRORS = frozenset({"unreadable", "unreadable_directory"})
 
 
 class BadInputError(ValueError):
     """A bad record in strict mode (or an unusable input); the message starts with its location."""
+
+
+def _strict_stop(where: str, what: str, detail: str) -> BadInputError:
+    return BadInputError(f"{where}: {what}" + (f" ({detail})" if detail else "")
+                         + " [--strict stops at the first bad input; without it such input is skipped and counted]")
 
 
 class SkipLog:
@@ -37,17 +65,17 @@ class SkipLog:
         self.counts: Counter = Counter()
         self.examples: list[dict] = []
         self.repo_file_skips: Counter = Counter()
+        self.repo_file_examples: list[dict] = []
 
     def skip(self, reason: str, path: str, detail: str = "", *, line: int | None = None,
              offset: int | None = None, row: int | None = None, count: int = 1) -> None:
         """Record ``count`` skipped records; ``offset`` (a byte offset of a line) is turned
         into a line number only when needed (in strict mode now, else when reporting)."""
-        if self.strict:
+        if self.strict and reason not in FILTER_REASONS:
             if offset is not None:
                 line = line_numbers(path, [offset])[offset]
             where = format_location({"path": path, "line": line, "row": row})
-            raise BadInputError(f"{where}: {REASONS.get(reason, reason)}" + (f" ({detail})" if detail else "")
-                                + " [--strict stops at the first bad record; without it such records are skipped and counted]")
+            raise _strict_stop(where, REASONS.get(reason, reason), detail)
         self.counts[reason] += count
         if self.counts[reason] - count < EXAMPLES_PER_REASON:
             example = {"reason": reason, "path": path, "detail": detail[:200]}
@@ -56,9 +84,18 @@ class SkipLog:
                     example[key] = value
             self.examples.append(example)
 
+    def leave_out_repo_file(self, reason: str, path, detail: str = "") -> None:
+        """A file (or directory) of a code repository left out of its document."""
+        if self.strict and reason in REPO_FILE_ERRORS:
+            raise _strict_stop(str(path), REPO_FILE_REASONS[reason], detail)
+        self.repo_file_skips[reason] += 1
+        if self.repo_file_skips[reason] <= EXAMPLES_PER_REASON:
+            self.repo_file_examples.append({"reason": reason, "path": str(path), "detail": detail[:200]})
+
     def to_dict(self) -> dict:
         return {"skipped": dict(sorted(self.counts.items())), "skip_examples": self.examples,
-                "repo_files_skipped": dict(sorted(self.repo_file_skips.items()))}
+                "repo_files_skipped": dict(sorted(self.repo_file_skips.items())),
+                "repo_file_examples": self.repo_file_examples}
 
 
 def format_location(example: dict) -> str:

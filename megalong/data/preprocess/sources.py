@@ -8,18 +8,23 @@ gets the same shards: a resumed run, or each task of a SLURM job array.
   ranges need no pre-scan of the file);
 * compressed JSONL (.gz, .zst) cannot be seeked: one shard per file;
 * Parquet is cut at row groups;
-* text files and code repositories are grouped whole.
+* text files and code repositories are grouped whole;
+* what cannot be read at all (a directory that cannot be listed, a dangling link, a named
+  pipe) gets a shard of kind ``unreadable``, so the worker reports it like any bad input:
+  counted with its path, or the stop of a ``--strict`` run.
 """
 
 from __future__ import annotations
 
 import glob
 import os
+import stat
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from megalong.data.preprocess.code_repos import list_repo_files
 from megalong.data.preprocess.config import PreprocessConfig
+from megalong.data.preprocess.files import not_regular_error, walk_files
 
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 COMPRESSIONS = (".gz", ".zst", ".zstd")
@@ -32,9 +37,9 @@ class InputError(ValueError):
 
 @dataclass
 class Shard:
-    kind: str  # jsonl-range | jsonl-stream | parquet | text-files | code-repos
+    kind: str  # jsonl-range | jsonl-stream | parquet | text-files | code-repos | unreadable
     # jsonl-range: [[path, start, end]]; jsonl-stream: [[path]]; parquet: [[path, row_group]];
-    # text-files / code-repos: [[path], ...]
+    # text-files / code-repos: [[path], ...]; unreadable: [[path, skip reason, detail]]
     items: list = field(default_factory=list)
     input_bytes: int = 0
 
@@ -69,12 +74,14 @@ def _expand(pattern: str) -> list[Path]:
     return [path]
 
 
-def _walk_files(directory: Path) -> list[Path]:
-    files = []
-    for root, dirs, names in os.walk(directory):
-        dirs.sort()
-        files.extend(Path(root) / n for n in sorted(names))
-    return sorted(files, key=lambda p: str(p))
+def _unreadable(path, reason: str, err: OSError) -> Shard:
+    return Shard("unreadable", [[str(path), reason, err.strerror or str(err)]], 0)
+
+
+def _walk_files(directory: Path, unreadable: list[Shard]) -> list[Path]:
+    """Files under ``directory``; each directory that cannot be listed becomes an
+    ``unreadable`` shard in ``unreadable``."""
+    return walk_files(directory, lambda err: unreadable.append(_unreadable(err.filename, "unreadable_directory", err)))
 
 
 def _size(path: Path) -> int:
@@ -95,46 +102,53 @@ def plan_shards(cfg: PreprocessConfig) -> list[Shard]:
     if not cfg.inputs:
         raise InputError("no inputs given")
     # First find every unit of input and its size, then cut shards of the chosen size.
-    entries: list[tuple] = []  # ("file", path, size) or (kind, [(path, size), ...])
+    # entries: ("file", path, size), ("group", kind, [(path, size), ...]) or ("unreadable", shard)
+    entries: list[tuple] = []
     for pattern in cfg.inputs:
         for path in _expand(pattern):
             fmt = cfg.input_format
+            unreadable: list[Shard] = []
             if fmt in ("text", "code-repos"):
                 if not path.is_dir():
                     raise InputError(f"input {path}: input_format {fmt} expects a directory")
-                entries.append(_grouped_units(path, fmt, cfg))
+                entries.append(("group", *_grouped_units(path, fmt, cfg, unreadable)))
+                entries += [("unreadable", shard) for shard in unreadable]
                 continue
-            files = _walk_files(path) if path.is_dir() else [path]
+            files = _walk_files(path, unreadable) if path.is_dir() else [path]
             chosen = [f for f in files if (fmt in ("auto", "jsonl") and _is_jsonl(f.name))
                       or (fmt in ("auto", "parquet") and _is_parquet(f.name))]
-            if not chosen:
+            if not chosen and not unreadable:
                 raise InputError(
                     f"input {path}: no JSONL (.jsonl/.json[.gz|.zst]) or Parquet files found"
                     + ("; for a directory of text files pass --input-format text, for a directory of "
                        "repositories --input-format code-repos" if path.is_dir() else "")
                 )
             entries += [("file", f, _size(f)) for f in chosen]
-    total = sum(e[2] if e[0] == "file" else sum(size for _, size in e[1]) for e in entries)
+            entries += [("unreadable", shard) for shard in unreadable]
+    total = sum(e[2] if e[0] == "file" else sum(size for _, size in e[2]) if e[0] == "group" else 0
+                for e in entries)
     target = int(cfg.shard_size_mb * (1 << 20)) if cfg.shard_size_mb else auto_shard_bytes(total)
     target = max(1, target)
     shards: list[Shard] = []
     for entry in entries:
         if entry[0] == "file":
             shards += _plan_file(entry[1], target)
+        elif entry[0] == "group":
+            shards += _group(entry[1], entry[2], target)
         else:
-            shards += _group(entry[0], entry[1], target)
+            shards.append(entry[1])
     return shards
 
 
 def _plan_file(path: Path, target: int) -> list[Shard]:
     name = str(path)
     try:
-        size = path.stat().st_size
-    except OSError:
-        # A dangling link or vanished file: one shard whose reader reports it as unreadable.
-        if path.name.endswith(COMPRESSIONS):
-            return [Shard("jsonl-stream", [[name]], 0)]
-        return [Shard("jsonl-range", [[name, 0, 1]], 0)]
+        info = path.stat()
+        if not stat.S_ISREG(info.st_mode):  # a named pipe would block every reader (and pyarrow here)
+            raise not_regular_error(path, info.st_mode)
+    except OSError as err:  # a dangling link, a vanished file, a named pipe
+        return [_unreadable(path, "unreadable_file", err)]
+    size = info.st_size
     if _is_parquet(path.name):
         import pyarrow.parquet as pq
 
@@ -161,11 +175,17 @@ def _plan_file(path: Path, target: int) -> list[Shard]:
             for start in range(0, size, target)]
 
 
-def _grouped_units(directory: Path, fmt: str, cfg: PreprocessConfig) -> tuple[str, list]:
+def _grouped_units(directory: Path, fmt: str, cfg: PreprocessConfig, unreadable: list[Shard]) -> tuple[str, list]:
     if fmt == "text":
         suffixes = tuple(cfg.text_suffixes)
-        return "text-files", [(f, _size(f)) for f in _walk_files(directory) if not suffixes or f.name.endswith(suffixes)]
-    repos = [directory] if (directory / ".git").exists() else sorted(p for p in directory.iterdir() if p.is_dir())
+        files = _walk_files(directory, unreadable)
+        return "text-files", [(f, _size(f)) for f in files if not suffixes or f.name.endswith(suffixes)]
+    try:
+        repos = [directory] if (directory / ".git").exists() else sorted(p for p in directory.iterdir() if p.is_dir())
+    except OSError as err:
+        unreadable.append(_unreadable(directory, "unreadable_directory", err))
+        repos = []
+    # Sizes only (for cutting shards): what cannot be read is reported when the repository is read.
     return "code-repos", [(r, sum(_size(f) for f in list_repo_files(r))) for r in repos]
 
 
