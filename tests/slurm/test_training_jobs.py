@@ -65,6 +65,7 @@ def _train_args(dataset_prefix: Path, save_dir: Path, name: str, log_dir: Path, 
                 time_limit: str = "10:00") -> list[str]:
     """``megalong submit`` arguments of the tiny CPU model's training on the test dataset."""
     overrides = [f"data.data_root={dataset_prefix.parent}", "data.seq_length=64",
+                 f"data.domains=[{{name: text, weight: 1, kind: concat, paths: [{dataset_prefix.name}]}}]",
                  f"schedule.train_steps={TRAIN_STEPS}", "schedule.global_batch_size=2",
                  "schedule.micro_batch_size=1", "schedule.lr_warmup_steps=2",
                  f"checkpoint.save_dir={save_dir}", "checkpoint.save_interval=0", "logging.log_interval=1"]
