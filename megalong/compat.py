@@ -21,6 +21,12 @@ that knows; the rest of megalong asks it):
   calls it deprecated). :func:`async_save_kwargs` says what to pass;
   :func:`async_save_problem` refuses the setting at start-up on a release without that
   writer, instead of failing at the first save.
+* Notices 0.19 logs for its callers' code, which megalong's console drops
+  (:mod:`megalong.runtime.warnings_filter`): ``GPTModel`` is deprecated in favour of
+  ``HybridModel`` (GPTModel still gets critical fixes; megalong builds on it in both
+  series); Megatron DDP asks callers to compute the distributed optimizer's parameter layout
+  (``full_param_layout``) and computes it itself when they do not, as megalong does; the
+  deprecation of Megatron-Core's own async writer (above).
 * Everything else megalong uses (GPTModel's forward and loss hooks, the output layer's
   class, layer and block specs, TransformerConfig's FP8 fields, PackedSeqParams, the
   distributed optimizer's state handling, the CUDA RNG helpers the CPU path redirects)
