@@ -21,6 +21,13 @@ that knows; the rest of megalong asks it):
   calls it deprecated). :func:`async_save_kwargs` says what to pass;
   :func:`async_save_problem` refuses the setting at start-up on a release without that
   writer, instead of failing at the first save.
+* The common (non-tensor) part of a distributed checkpoint. 0.16 writes it to
+  ``common.pt`` and reads it only from there; 0.19 writes it inside the ``torch_dist``
+  files (its ``metadata.json`` has no ``common_backend``) and reads both. So 0.19 resumes
+  0.16's checkpoints, and 0.16 cannot read 0.19's: :func:`checkpoint_format_problem` says
+  so, naming the checkpoint, before Megatron-Core fails on a missing ``common.pt``.
+  (``megalong convert`` reads tensors through DCP itself and writes ``common.pt``: its input
+  may come from either series, its output loads in both.)
 * Notices 0.19 logs for its callers' code, which megalong's console drops
   (:mod:`megalong.runtime.warnings_filter`): ``GPTModel`` is deprecated in favour of
   ``HybridModel`` (GPTModel still gets critical fixes; megalong builds on it in both
@@ -35,10 +42,13 @@ that knows; the rest of megalong asks it):
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
+import json
 import logging
 import re
+from pathlib import Path
 from typing import Optional
 
 from megalong.config.loader import ConfigError
@@ -133,6 +143,38 @@ def async_save_problem() -> Optional[str]:
         except Exception as err:  # a TypeError ("not supported"), a missing module, ...
             error = err
     return async_writer_problem(megatron_core_version(), takes_async_strategy, error)
+
+
+def common_state_problem(directory: str, has_common_file: bool, reader_needs_common_file: bool,
+                         version: str) -> Optional[str]:
+    """Why a distributed checkpoint's common state cannot be read, or None (a pure decision).
+
+    ``has_common_file``: the checkpoint was written with ``common.pt`` (0.16, and megalong's
+    converter); ``reader_needs_common_file``: this Megatron-Core reads the common state only from
+    there (0.16).
+    """
+    if has_common_file or not reader_needs_common_file:
+        return None
+    return (f"{directory} was written by a newer Megatron-Core (0.19 or later: its common state is inside the "
+            f"distributed checkpoint, there is no common.pt), which Megatron-Core {version} here cannot read: "
+            "load it with the Megatron-Core that wrote it (`megalong info` shows the version here). "
+            "`megalong convert megatron-to-hf` reads it with either")
+
+
+def checkpoint_format_problem(directory: str | Path) -> Optional[str]:
+    """:func:`common_state_problem` for the distributed checkpoint ``directory`` (a ``model/`` or
+    ``optimizer/`` folder) and the Megatron-Core installed here. None also when ``directory``
+    has no readable ``metadata.json``: Megatron-Core's own error then names what is missing."""
+    from megatron.core.dist_checkpointing.core import CheckpointingConfig
+
+    try:
+        written = json.loads((Path(directory) / "metadata.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    # The release that records no common backend is the one that stores the common state inside.
+    reader_needs_common_file = "common_backend" in {f.name for f in dataclasses.fields(CheckpointingConfig)}
+    return common_state_problem(str(directory), "common_backend" in written, reader_needs_common_file,
+                                megatron_core_version())
 
 
 def check_for_training(async_save: bool, log_warning: bool = True, version: Optional[str] = None) -> None:

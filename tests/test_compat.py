@@ -101,3 +101,46 @@ def test_train_warns_and_refuses_async_save_at_start_up(tmp_path, monkeypatch, c
     assert not (tmp_path / "ckpt").exists()
     with pytest.raises(ConfigError):
         compat.check_for_training(async_save=True)
+
+
+# metadata.json as each series writes it (dist_checkpointing/core.py:save_config).
+WRITTEN_BY_0_16 = {"sharded_backend": "torch_dist", "sharded_backend_version": 1,
+                   "common_backend": "torch", "common_backend_version": 1}
+WRITTEN_BY_0_19 = {"sharded_backend": "torch_dist", "sharded_backend_version": 1}
+
+
+def test_common_state_decision():
+    assert compat.common_state_problem("ckpt/model", True, True, "0.16.1") is None  # 0.16 reads 0.16's
+    assert compat.common_state_problem("ckpt/model", True, False, "0.19.2") is None  # 0.19 reads 0.16's
+    assert compat.common_state_problem("ckpt/model", False, False, "0.19.2") is None  # 0.19 reads 0.19's
+    problem = compat.common_state_problem("ckpt/model", False, True, "0.16.1")  # 0.16 cannot read 0.19's
+    assert problem.startswith("ckpt/model was written by a newer Megatron-Core")
+    assert "Megatron-Core 0.16.1 here cannot read" in problem and "common.pt" in problem
+
+
+def _checkpoint_dir(path, metadata):
+    import json
+
+    path.mkdir()
+    (path / "metadata.json").write_text(json.dumps(metadata))
+    return path
+
+
+def test_the_installed_release_reads_the_formats_the_module_says(tmp_path):
+    series = compat.parse_version(compat.megatron_core_version())[:2]
+    if series not in compat.TESTED:
+        pytest.skip("not a tested series")
+    assert compat.checkpoint_format_problem(_checkpoint_dir(tmp_path / "a", WRITTEN_BY_0_16)) is None
+    newer = compat.checkpoint_format_problem(_checkpoint_dir(tmp_path / "b", WRITTEN_BY_0_19))
+    assert (newer is not None) is (series == (0, 16))
+    assert compat.checkpoint_format_problem(tmp_path / "missing") is None  # Megatron-Core names what is missing
+
+
+def test_loading_a_checkpoint_this_release_cannot_read_names_it(tmp_path):
+    from megalong.checkpoint.weights import CheckpointMismatchError, load_model_state
+
+    directory = _checkpoint_dir(tmp_path / "model", WRITTEN_BY_0_19)
+    if compat.checkpoint_format_problem(directory) is None:
+        pytest.skip(f"Megatron-Core {compat.megatron_core_version()} reads checkpoints without common.pt")
+    with pytest.raises(CheckpointMismatchError, match=f"{directory} was written by a newer Megatron-Core"):
+        load_model_state([], directory)  # refused before anything is read

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from megalong import compat
 from megalong.checkpoint.layout import MODEL_SUBDIR, resolve, staging_dir, write_model_config
 from megalong.model.config import ModelConfig
 
@@ -89,6 +90,9 @@ def load_model_state(model_chunks: list, path: str | Path) -> None:
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
+    problem = compat.checkpoint_format_problem(path)
+    if problem:
+        raise CheckpointMismatchError(problem)
     sharded = sharded_model_state(model_chunks)
     # Megatron-Core's names: "missing" are in the checkpoint but not asked for, "unexpected"
     # are asked for but not in the checkpoint.
