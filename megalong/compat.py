@@ -74,7 +74,7 @@ def _text(version: tuple[int, ...]) -> str:
 
 
 def tested_versions_text() -> str:
-    """The tested releases in words, e.g. "0.16 (from 0.16.1) and 0.19 (from 0.19.2)"."""
+    """The tested releases in words: "0.16.x (from 0.16.1) and 0.19.x (from 0.19.2)"."""
     return " and ".join(f"{_text(series)}.x (from {_text(first)})" for series, first in sorted(TESTED.items()))
 
 

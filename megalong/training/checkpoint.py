@@ -293,9 +293,7 @@ def load_checkpoint(
         optimizer_path = directory / OPTIMIZER_SUBDIR
         if not optimizer_path.is_dir():
             raise FileNotFoundError(f"no optimizer state at {optimizer_path}")
-        problem = compat.checkpoint_format_problem(optimizer_path)
-        if problem:
-            raise weights.CheckpointMismatchError(problem)
+        weights.refuse_unreadable(optimizer_path)
         torch_adam.materialize_state(optimizer)
         optimizer_state = optimizer.sharded_state_dict(
             _model_sharded_state(model_chunks), is_loading=True,
