@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from megalong import compat
 from megalong.checkpoint.layout import MODEL_SUBDIR, resolve, staging_dir, write_model_config
 from megalong.model.config import ModelConfig
 
@@ -79,6 +80,14 @@ def _refuse_mismatch(keys, what: str, path) -> None:
         raise CheckpointMismatchError(f"{path}: {what}: {shown}")
 
 
+def refuse_unreadable(path: str | Path) -> None:
+    """Refuse, naming it, a distributed checkpoint this Megatron-Core cannot read (one written by
+    a newer release: :func:`megalong.compat.checkpoint_format_problem`)."""
+    problem = compat.checkpoint_format_problem(path)
+    if problem:
+        raise CheckpointMismatchError(problem)
+
+
 def load_model_state(model_chunks: list, path: str | Path) -> None:
     """Load a Megatron-Core distributed checkpoint of the model (``<checkpoint>/model``) into
     this rank's chunks, at any parallel layout and across backends (collective).
@@ -89,6 +98,7 @@ def load_model_state(model_chunks: list, path: str | Path) -> None:
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
+    refuse_unreadable(path)
     sharded = sharded_model_state(model_chunks)
     # Megatron-Core's names: "missing" are in the checkpoint but not asked for, "unexpected"
     # are asked for but not in the checkpoint.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import logging
 import platform
 
 
@@ -18,6 +19,21 @@ def _version(name: str) -> str:
         return "not installed"
 
 
+def _megatron_core() -> str:
+    """The Megatron-Core Python imports, and whether megalong is tested with it."""
+    from megalong import compat
+
+    # Megatron-Core logs its import-time choices at INFO (0.19: Megatron-FSDP's); not news here.
+    logging.getLogger("megatron").setLevel(logging.WARNING)
+    try:
+        version = compat.megatron_core_version()
+    except Exception as err:  # not installed, or installed but broken: say which
+        return f"does not import ({type(err).__name__}: {err}); installed: {_version('megatron-core')}"
+    if compat.is_tested(version):
+        return f"{version} (tested with megalong)"
+    return f"{version} (NOT tested with megalong, which is tested with {compat.tested_versions_text()})"
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -26,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
 
     print(f"megalong {__version__} on Python {platform.python_version()}")
     for pkg in ("torch", "megatron-core", "transformer-engine", "flash-attn", "transformers"):
-        print(f"  {pkg:20s} {_version(pkg)}")
+        print(f"  {pkg:20s} {_megatron_core() if pkg == 'megatron-core' else _version(pkg)}")
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     print(f"  GPUs visible         {gpus}" + ("" if gpus else " (CPU path: gloo backend, fp32)"))
     if args.presets:

@@ -17,6 +17,8 @@ import os
 import sys
 from typing import Mapping
 
+from megalong.runtime.warnings_filter import KnownLogNoise
+
 ALL_RANKS_ENV = "MEGALONG_LOG_ALL_RANKS"
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 DATE_FORMAT = "%H:%M:%S"
@@ -85,6 +87,7 @@ def setup_logging(level: int | str = logging.INFO, environ: Mapping[str, str] | 
         handler.setFormatter(logging.Formatter(FORMAT, DATE_FORMAT))
     if rank != 0 and not all_ranks:
         handler.setLevel(max(level, logging.WARNING))
+    handler.addFilter(KnownLogNoise())
 
     root = logging.getLogger()
     for old in [h for h in root.handlers if isinstance(h, _ConsoleHandler)]:

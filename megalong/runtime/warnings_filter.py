@@ -7,6 +7,8 @@ own code. Hundreds of such lines per run bury the messages that matter.
 
 from __future__ import annotations
 
+import logging
+import re
 import warnings
 
 _NOISE = (
@@ -22,7 +24,25 @@ _NOISE = (
     # The distributed optimizer's zero_grad reads .grad of its parameter shards (views);
     # harmless, and it shows on CPU only because the CPU redirection sees every tensor access.
     r".*\.grad attribute of a Tensor that is not a leaf Tensor.*",
+    # Megatron-Core 0.19 imports its experimental multimodal model wherever it is used or not.
+    r".*MimoModelConfig is experimental.*",
 )
+
+# Megatron-Core 0.19's log lines addressed to its own callers' code, not to a person running
+# megalong (megalong.compat says how megalong meets each).
+_LOG_NOISE = re.compile("|".join((
+    r"GPTModel IS DEPRECATED",
+    r"DistributedDataParallel: full_param_layout not provided",
+    # Advice to pick a writer from nvidia-resiliency-ext: megalong uses Megatron-Core's own.
+    r"MCore's async save is deprecated",
+)))
+
+
+class KnownLogNoise(logging.Filter):
+    """Drops Megatron-Core's log lines matched by ``_LOG_NOISE`` (a console handler's filter)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.name.startswith("megatron") and _LOG_NOISE.search(record.getMessage()))
 
 
 def quiet_known_warnings() -> None:

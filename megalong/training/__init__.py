@@ -11,6 +11,7 @@ def train(run: RunConfig, stream=None) -> int:
     group, model or data exists. ``stream`` (optional) replaces the one built from
     ``run.data``: a :class:`megalong.training.batches.TrainingStream`.
     """
+    from megalong import compat
     from megalong.model.backends import check_for_machine
     from megalong.runtime.distributed import (
         init_distributed, read_launch_env, resolve_device, set_cuda_device_max_connections,
@@ -18,7 +19,11 @@ def train(run: RunConfig, stream=None) -> int:
     from megalong.training.trainer import Trainer
 
     set_cuda_device_max_connections(run.parallel)  # before anything creates a CUDA context
-    model = run.validate(read_launch_env().world_size)
+    launch = read_launch_env()
+    model = run.validate(launch.world_size)
+    # Here, not in validate: `megalong submit` validates on a login node, whose Megatron-Core
+    # may not be the one the job runs with.
+    compat.check_for_training(run.checkpoint.async_save, log_warning=launch.rank == 0)
     device = resolve_device(run.runtime.device)
     check_for_machine(model, run.parallel, on_gpu=device == "cuda")
     runtime = init_distributed(run.parallel, device=device, timeout_minutes=run.runtime.distributed_timeout_minutes)

@@ -33,6 +33,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from megalong import compat
 from megalong.checkpoint import layout, weights
 from megalong.checkpoint.layout import MODEL_SUBDIR, OPTIMIZER_SUBDIR, RNG_SUBDIR, RUN_CONFIG_FILE, TRAIN_STATE_FILE
 from megalong.config.loader import dump_yaml
@@ -165,10 +166,12 @@ def save_checkpoint(
         metadata=_optimizer_metadata(optimizer_format),
     )
     background = async_queue is not None
+    # In the background: Megatron-Core's own writer, whichever release (megalong.compat).
+    writer = compat.async_save_kwargs() if background else {}
     model_request = dist_checkpointing.save(
-        _model_sharded_state(model_chunks), str(tmp / MODEL_SUBDIR), async_sharded_save=background)
+        _model_sharded_state(model_chunks), str(tmp / MODEL_SUBDIR), async_sharded_save=background, **writer)
     optimizer_request = dist_checkpointing.save(
-        optimizer_state, str(tmp / OPTIMIZER_SUBDIR), async_sharded_save=background)
+        optimizer_state, str(tmp / OPTIMIZER_SUBDIR), async_sharded_save=background, **writer)
 
     def publish() -> None:
         _barrier()
@@ -290,6 +293,7 @@ def load_checkpoint(
         optimizer_path = directory / OPTIMIZER_SUBDIR
         if not optimizer_path.is_dir():
             raise FileNotFoundError(f"no optimizer state at {optimizer_path}")
+        weights.refuse_unreadable(optimizer_path)
         torch_adam.materialize_state(optimizer)
         optimizer_state = optimizer.sharded_state_dict(
             _model_sharded_state(model_chunks), is_loading=True,
