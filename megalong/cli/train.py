@@ -73,14 +73,14 @@ def run(args: argparse.Namespace) -> int:
 
 def _check(config, world_size) -> int:
     from megalong.config import ConfigError
-    from megalong.runtime.distributed import read_launch_env
+    from megalong.training import preflight
 
-    world_size = world_size or read_launch_env().world_size
     try:
-        model = config.validate(world_size)
-    except (ConfigError, FileNotFoundError) as err:
+        launch, model, _ = preflight(config, world_size)
+    except (ConfigError, FileNotFoundError, RuntimeError) as err:
         log.error("%s", err)
         return 2
+    world_size = launch.world_size
     print(f"OK: {config.name}: {config.parallel.describe(world_size)}; {model.preset or 'model'} with "
           f"{model.num_layers} layers at {config.data.seq_length:,} tokens; "
           + ("data from " + config.data_factory if config.data_factory else
