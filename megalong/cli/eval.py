@@ -1,24 +1,31 @@
-"""``megalong eval``: long-context recall (lengths x depths) and perplexity by position.
+"""``megalong eval``: long-context recall (lengths x depths) and perplexity by position,
+for one model or several compared side by side.
 
     megalong eval MODEL_DIR --out results/ --tokenizer llama3 --lengths 1024,2048
     megalong eval HF_DIR --out results/ --ppl-data data/heldout_text_document --ppl-length 65536
+    megalong eval runs/stage1/iter_0001000 runs/stage2/iter_0000500 HF_DIR --out compare/ --tokenizer llama3
     megalong eval MODEL_DIR recall.samples=8 perplexity.num_documents=16 --config eval.yaml
 
 Flags fill the most used fields of :class:`megalong.eval.config.EvalConfig`; any field can
-be set in a YAML file (``--config``) or as a ``key.sub=value`` override written right after
-MODEL_DIR (overrides win over flags, flags over the YAML file).
+be set in a YAML file (``--config``) or as a ``key.sub=value`` override written among the
+model directories (overrides win over flags, flags over the YAML file).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", nargs="?", help="megalong weights/checkpoint directory or Hugging Face model directory")
-    parser.add_argument("overrides", nargs="*",
-                        help="config overrides key.sub=value right after MODEL (e.g. recall.samples=8)")
-    parser.add_argument("--out", help="output directory (results.json, plots, progress.jsonl)")
+    parser.add_argument("inputs", nargs="*", metavar="MODEL",
+                        help="megalong weights/checkpoint directories and/or Hugging Face model directories to "
+                        "evaluate and compare; arguments of the form key.sub=value are config overrides "
+                        "(e.g. recall.samples=8)")
+    parser.add_argument("--labels", help="comma-separated short names of the models for plots and tables "
+                        "(default: from their paths)")
+    parser.add_argument("--out", help="output directory (results.json, plots, each model's progress under models/); "
+                        "models already evaluated into it are not evaluated again")
     parser.add_argument("--config", help="YAML file of an EvalConfig")
     parser.add_argument("--tokenizer", help="tokenizer spec: tokenizer.model / tokenizer.json / directory / 'llama3'")
     parser.add_argument("--kind", choices=["auto", "hf", "megalong"], help="model directory kind (default: detected)")
@@ -34,6 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ppl-length", type=int, help="tokens per document for perplexity")
     parser.add_argument("--ppl-documents", type=int, help="number of documents for perplexity")
     parser.add_argument("--ppl-bucket", type=int, help="position bucket width in tokens")
+    parser.add_argument("--ppl-chunk", type=int, help="positions whose logits are computed at once (memory only; "
+                        "default 1024)")
 
 
 def parse_length(text: str) -> int:
@@ -48,12 +57,19 @@ def parse_length(text: str) -> int:
 
 def _flag_overrides(args: argparse.Namespace) -> list[str]:
     pairs = [
-        ("model", args.model), ("out", args.out), ("tokenizer", args.tokenizer), ("model_kind", args.kind),
+        ("out", args.out), ("tokenizer", args.tokenizer), ("model_kind", args.kind),
         ("device", args.device), ("prompt_format", args.prompt_format), ("recall.samples", args.samples),
         ("perplexity.data", args.ppl_data), ("perplexity.seq_length", args.ppl_length),
         ("perplexity.num_documents", args.ppl_documents), ("perplexity.bucket_tokens", args.ppl_bucket),
+        ("perplexity.chunk_tokens", args.ppl_chunk),
     ]
     overrides = [f"{key}={value}" for key, value in pairs if value is not None]
+    # JSON strings are YAML scalars that stay strings, whatever a path looks like.
+    models = [text for text in args.inputs if "=" not in text]
+    if models:
+        overrides.append(f"models={json.dumps(models)}")
+    if args.labels is not None:
+        overrides.append(f"labels={json.dumps([label.strip() for label in args.labels.split(',')])}")
     if args.tasks is not None:
         names = [] if args.tasks.strip().lower() == "none" else [t.strip() for t in args.tasks.split(",") if t.strip()]
         overrides.append(f"recall.tasks=[{','.join(names)}]")
@@ -73,10 +89,7 @@ def run(args: argparse.Namespace) -> int:
     from megalong.eval.evaluate import evaluate
 
     # A positional that looks like key=value is an override, not a model directory.
-    overrides = list(args.overrides)
-    if args.model and "=" in args.model:
-        overrides.insert(0, args.model)
-        args.model = None
+    overrides = [text for text in args.inputs if "=" in text]
     try:
         cfg = load(EvalConfig, args.config, _flag_overrides(args) + overrides)
         evaluate(cfg)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import List, Literal, Optional
 
@@ -46,20 +47,37 @@ class PerplexityConfig:
     bucket_tokens: Optional[int] = None
     # Put a BOS in front of documents that do not start with one.
     add_bos: bool = True
+    # Positions whose logits exist at once while computing losses (memory: chunk x vocabulary
+    # x 4 bytes, about 0.5 GB per 1,024 positions for Llama-3); does not change the results.
+    chunk_tokens: int = 1024
 
     @property
     def bucket_width(self) -> int:
         return self.bucket_tokens or max(1, self.seq_length // 16)
 
+    def validate(self) -> None:
+        if self.chunk_tokens < 1:
+            raise ValueError(f"perplexity.chunk_tokens must be at least 1, got {self.chunk_tokens}")
+
+    def settings(self) -> dict:
+        """The options that decide the results (the chunk only decides memory use)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "chunk_tokens"}
+
 
 @dataclass
 class EvalConfig:
-    # A megalong weights (or training checkpoint) directory, or a Hugging Face model directory.
-    model: Optional[str] = None
+    # The models to evaluate and compare: megalong weights (or training checkpoint) directories
+    # and/or Hugging Face model directories.
+    models: List[str] = field(default_factory=list)
+    # Short names for plots and tables, one per model; default: from the paths.
+    labels: List[str] = field(default_factory=list)
+    # Kind of every model; auto = detected per directory (mixes are fine).
     model_kind: Literal["auto", "hf", "megalong"] = "auto"
-    # Tokenizer spec (see megalong.data.tokenizer); default: the Hugging Face model directory.
+    # Tokenizer spec (see megalong.data.tokenizer), shared by all models so that they see the
+    # same prompts; default: the first Hugging Face model directory's.
     tokenizer: Optional[str] = None
-    # Output directory: results.json, plots, and progress.jsonl (resumes a killed run).
+    # Output directory: results.json, plots, and models/<model>/progress.jsonl (each model's
+    # finished work: a killed run resumes, a model evaluated before is not evaluated again).
     out: Optional[str] = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # "chat" = Llama-3 chat format (instruct models); "auto" = chat when the HF export has a
@@ -69,10 +87,11 @@ class EvalConfig:
     perplexity: PerplexityConfig = field(default_factory=PerplexityConfig)
 
     def validate(self) -> None:
-        if not self.model:
-            raise ValueError("no model given: pass a weights directory or a Hugging Face model directory")
+        if not self.models:
+            raise ValueError("no model given: pass one or more weights directories or Hugging Face model directories")
         if not self.out:
             raise ValueError("no output directory given (--out)")
         self.recall.validate()
+        self.perplexity.validate()
         if not (self.recall.tasks and self.recall.lengths and self.recall.depths) and not self.perplexity.data:
             raise ValueError("nothing to evaluate: no recall tasks/lengths/depths and no perplexity.data")

@@ -1,9 +1,26 @@
-"""Run an evaluation: recall tasks over lengths x depths, perplexity by position, then
-write ``results.json`` and the plots into the output directory."""
+"""Evaluate one or several models on the same prompts and documents, and compare them.
+
+For each model: recall tasks over lengths x depths and perplexity by position. Then one
+``results.json`` with the shared settings and a row per model, and side-by-side plots.
+Layout of the output directory::
+
+    results.json             settings shared by all models, one row per model (docs/eval.md)
+    recall_heatmap.png       accuracy by length x depth: a row of panels (one per task) per model
+    loss_by_position.png     mean loss by token position, one line per model
+    models/<name>-<fp>/progress.jsonl
+                             one model's finished prompts and documents (see progress.py)
+
+Each model's work is kept in its own folder, named by its identity (resolved path plus a
+fingerprint of its config and weight files, :mod:`megalong.eval.identity`): a killed run
+resumes, a model evaluated into the directory before is not evaluated again, and a
+checkpoint rewritten at the same path is. ``results.json`` lists the models of this call,
+in the order given. Models are loaded one at a time, only when they have work left.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import logging
 import os
@@ -12,19 +29,23 @@ from pathlib import Path
 
 import numpy as np
 
+from megalong.data.tokenizer import TokenizerError, load_tokenizer
 from megalong.eval import perplexity as ppl
 from megalong.eval import plots, scoring, tasks
-from megalong.eval.config import EvalConfig
+from megalong.eval.config import EvalConfig, PerplexityConfig, RecallConfig
+from megalong.eval.identity import ModelIdentity, identify_models
 from megalong.eval.models import detect_kind, open_model
-from megalong.eval.progress import ProgressLog
+from megalong.eval.progress import PROGRESS_FILE, ProgressLog
 from megalong.eval.prompts import PromptFormatter
-from megalong.data.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 
+# Version of the results.json layout (2: one row per model under "models").
+RESULTS_SCHEMA_VERSION = 2
 RESULTS_FILE = "results.json"
 HEATMAP_FILE = "recall_heatmap.png"
 LOSS_PLOT_FILE = "loss_by_position.png"
+MODELS_DIR = "models"
 
 
 def has_chat_template(model_dir: str | Path) -> bool:
@@ -39,21 +60,28 @@ def _depth_key(depth: float) -> str:
 
 
 class _LazyModel:
-    """Loads the model on first use, so a finished run that is re-run only rewrites results."""
+    """Loads the model on first use, so a model whose work is all done is never loaded."""
 
-    def __init__(self, cfg: EvalConfig, kind: str, tokenizer):
-        self.cfg, self.kind, self.tokenizer, self._model = cfg, kind, tokenizer, None
+    def __init__(self, identity: ModelIdentity, device: str, loss_chunk_tokens: int, tokenizer, progress: ProgressLog):
+        self.identity, self.device, self.loss_chunk_tokens = identity, device, loss_chunk_tokens
+        self.tokenizer, self.progress, self._model = tokenizer, progress, None
 
     def get(self):
         if self._model is None:
-            self._model = open_model(self.cfg.model, self.kind, self.cfg.device)
+            self._model = open_model(self.identity.path, self.identity.kind, self.device, self.loss_chunk_tokens)
             # Prompt ids must exist in the model's embedding table.
             if self.tokenizer.vocab_size > self._model.vocab_size:
                 raise ValueError(
-                    f"tokenizer has {self.tokenizer.vocab_size} tokens but the model {self.cfg.model} only "
+                    f"tokenizer has {self.tokenizer.vocab_size} tokens but the model {self.identity.path} only "
                     f"{self._model.vocab_size}: wrong --tokenizer for this model?"
                 )
+            self.progress.append({"type": "runner", **self._model.describe()})
         return self._model
+
+    def close(self) -> None:
+        """Free the model before the next one is loaded."""
+        self._model = None
+        gc.collect()
 
 
 def _eta(done: int, total: int, started: float) -> str:
@@ -64,25 +92,28 @@ def _eta(done: int, total: int, started: float) -> str:
     return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
 
 
-def run_recall(cfg: EvalConfig, tokenizer, formatter: PromptFormatter, model: _LazyModel, progress: ProgressLog) -> list[dict]:
-    rc = cfg.recall
-    grid = [(t, n, d, i) for t in rc.tasks for n in rc.lengths for d in rc.depths for i in range(rc.samples)]
-    # Fail before any model work when a length cannot hold a task's framing and needles.
+def check_prompts_fit(rc: RecallConfig, tokenizer, formatter: PromptFormatter) -> None:
+    """Fail before any model work when a length cannot hold a task's framing and needles."""
     for task in rc.tasks:
         for length in rc.lengths:
             tasks.generate(task, tokenizer, formatter, length, rc.depths[0], 0, rc.seed, rc.options)
+
+
+def run_recall(rc: RecallConfig, tokenizer, formatter: PromptFormatter, model: _LazyModel, progress: ProgressLog) -> list[dict]:
+    label = model.identity.label
+    grid = [(t, n, d, i) for t in rc.tasks for n in rc.lengths for d in rc.depths for i in range(rc.samples)]
     done = {(r["task"], r["length"], r["depth"], r["index"]): r for r in progress.of_type("recall")}
     todo = [key for key in grid if key not in done]
-    log.info("Recall: %d prompts (%d tasks x %d lengths x %d depths x %d samples), %d already done",
-             len(grid), len(rc.tasks), len(rc.lengths), len(rc.depths), rc.samples, len(grid) - len(todo))
+    log.info("[%s] recall: %d prompts (%d tasks x %d lengths x %d depths x %d samples), %d already done",
+             label, len(grid), len(rc.tasks), len(rc.lengths), len(rc.depths), rc.samples, len(grid) - len(todo))
     started, tokens_seen, stop_ids, warned = time.time(), 0, formatter.stop_ids(), set()
     for k, (task, length, depth, index) in enumerate(todo, 1):
         sample = tasks.generate(task, tokenizer, formatter, length, depth, index, rc.seed, rc.options)
         lm = model.get()
         if lm.max_length and sample.num_tokens > lm.max_length and length not in warned:
             warned.add(length)
-            log.warning("%s prompt of %d tokens is longer than the model's max_position_embeddings=%d",
-                        task, sample.num_tokens, lm.max_length)
+            log.warning("[%s] %s prompt of %d tokens is longer than the model's max_position_embeddings=%d",
+                        label, task, sample.num_tokens, lm.max_length)
         budget = min(sample.max_new_tokens, rc.max_new_tokens or sample.max_new_tokens)
         generated = lm.greedy_generate(sample.input_ids, budget, stop_ids)
         prediction = tokenizer.decode(generated)
@@ -97,8 +128,8 @@ def run_recall(cfg: EvalConfig, tokenizer, formatter: PromptFormatter, model: _L
         done[(task, length, depth, index)] = record
         tokens_seen += sample.num_tokens
         elapsed = max(time.time() - started, 1e-9)
-        log.info("recall %d/%d  %s length=%d depth=%s  score=%.2f  (%.0f prompt tokens/s, ETA %s)",
-                 len(grid) - len(todo) + k, len(grid), task, length, _depth_key(depth), record["score"],
+        log.info("[%s] recall %d/%d  %s length=%d depth=%s  score=%.2f  (%.0f prompt tokens/s, ETA %s)",
+                 label, len(grid) - len(todo) + k, len(grid), task, length, _depth_key(depth), record["score"],
                  tokens_seen / elapsed, _eta(k, len(todo), started))
     return [done[key] for key in grid]
 
@@ -115,30 +146,29 @@ def summarize_recall(records: list[dict]) -> dict:
             "average": float(np.mean(list(by_task.values()))) if by_task else None}
 
 
-def run_perplexity(cfg: EvalConfig, tokenizer, model: _LazyModel, progress: ProgressLog) -> dict:
-    pc = cfg.perplexity
-    dataset = ppl.open_dataset(pc.data)
-    documents = ppl.plan(dataset, pc.seq_length, pc.num_documents, pc.data)
+def run_perplexity(pc: PerplexityConfig, dataset, documents: list[int], tokenizer, model: _LazyModel,
+                   progress: ProgressLog) -> dict:
+    label = model.identity.label
     buckets = ppl.PositionBuckets(pc.seq_length, pc.bucket_width)
     done = {r["document"]: r for r in progress.of_type("perplexity")}
     todo = [d for d in documents if d not in done]
-    log.info("Perplexity: %d documents of %d tokens from %s, %d already done",
-             len(documents), pc.seq_length, pc.data, len(documents) - len(todo))
+    log.info("[%s] perplexity: %d documents of %d tokens from %s, %d already done",
+             label, len(documents), pc.seq_length, pc.data, len(documents) - len(todo))
     started = time.time()
     for k, document in enumerate(todo, 1):
         ids = ppl.document_window(dataset, document, pc.seq_length, tokenizer.bos_id, pc.add_bos)
         lm = model.get()
         if k == 1 and lm.max_length and pc.seq_length > lm.max_length:
-            log.warning("perplexity.seq_length=%d is longer than the model's max_position_embeddings=%d",
-                        pc.seq_length, lm.max_length)
+            log.warning("[%s] perplexity.seq_length=%d is longer than the model's max_position_embeddings=%d",
+                        label, pc.seq_length, lm.max_length)
         losses = lm.token_losses(ids)
         doc = buckets.split(document, losses)
-        record = {"type": "perplexity", **dataclasses.asdict(doc)}
+        record = {"type": "perplexity", "document": doc.document, "sums": doc.sums, "counts": doc.counts}
         progress.append(record)
         done[document] = record
         elapsed = max(time.time() - started, 1e-9)
-        log.info("perplexity %d/%d  document %d  mean loss %.3f  (%.0f tokens/s, ETA %s)",
-                 len(documents) - len(todo) + k, len(documents), document, float(losses.mean()),
+        log.info("[%s] perplexity %d/%d  document %d  mean loss %.3f  (%.0f tokens/s, ETA %s)",
+                 label, len(documents) - len(todo) + k, len(documents), document, float(losses.mean()),
                  k * pc.seq_length / elapsed, _eta(k, len(todo), started))
     for document in documents:
         r = done[document]
@@ -152,48 +182,129 @@ def _write_json(path: Path, payload: dict) -> None:
     os.replace(tmp, path)
 
 
-def evaluate(cfg: EvalConfig) -> dict:
-    """Run everything ``cfg`` asks for; returns the results (also written to ``cfg.out``)."""
-    cfg.validate()
-    out = Path(cfg.out)
-    kind = detect_kind(cfg.model) if cfg.model_kind == "auto" else cfg.model_kind
-    tokenizer_spec = cfg.tokenizer or (cfg.model if kind == "hf" else None)
-    if tokenizer_spec is None:
+def _shared_tokenizer(cfg: EvalConfig, models: list[ModelIdentity]):
+    """The one tokenizer every model is evaluated with (same prompts, same documents)."""
+    hf = [m for m in models if m.kind == "hf"]
+    if cfg.tokenizer:
+        return load_tokenizer(cfg.tokenizer)
+    if not hf:
         raise ValueError(
-            f"{cfg.model} is a megalong weights directory, which holds no tokenizer: pass --tokenizer "
+            f"{models[0].path} is a megalong weights directory, which holds no tokenizer: pass --tokenizer "
             f"(the model's tokenizer.model / tokenizer.json, or 'llama3')"
         )
-    tokenizer = load_tokenizer(tokenizer_spec)
-    prompt_format = cfg.prompt_format
-    if prompt_format == "auto":
-        prompt_format = "chat" if kind == "hf" and has_chat_template(cfg.model) else "base"
-    log.info("Evaluating %s (%s) with the %s prompt format, tokenizer %s", cfg.model, kind, prompt_format, tokenizer_spec)
+    tokenizer = load_tokenizer(hf[0].path)
+    for other in hf[1:]:
+        try:
+            theirs = load_tokenizer(other.path)
+        except TokenizerError:
+            continue  # no tokenizer of its own: it gets the shared one
+        if theirs.sha256 != tokenizer.sha256:
+            raise ValueError(
+                f"{other.path} and {hf[0].path} have different tokenizers, so they cannot see the same "
+                f"prompts: pass --tokenizer to use one for all, or evaluate them into separate --out directories"
+            )
+    return tokenizer
 
-    settings = {
-        "model": str(Path(cfg.model).resolve()), "kind": kind, "tokenizer": tokenizer.identity(),
-        "prompt_format": prompt_format, "recall": dataclasses.asdict(cfg.recall),
-        "perplexity": dataclasses.asdict(cfg.perplexity) if cfg.perplexity.data else None,
+
+def _tokenizer_settings(tokenizer) -> dict:
+    """What makes the prompts: the tokenizer's content, not where it was read from (a model
+    evaluated with --tokenizer llama3 keeps its results when the same file comes from elsewhere)."""
+    return {k: v for k, v in tokenizer.identity().items() if k not in ("spec", "source")}
+
+
+def _prompt_format(requested: str, model: ModelIdentity) -> str:
+    if requested != "auto":
+        return requested
+    return "chat" if model.kind == "hf" and has_chat_template(model.path) else "base"
+
+
+def evaluate_model(cfg: EvalConfig, model: ModelIdentity, prompt_format: str, tokenizer, shared: dict,
+                   perplexity_data) -> dict:
+    """Evaluate one model (what is not already in its progress file); its row of results.json."""
+    out = Path(cfg.out)
+    folder = out / MODELS_DIR / model.folder
+    progress = ProgressLog(folder, {"model": model.settings(), "prompt_format": prompt_format, **shared})
+    lazy = _LazyModel(model, cfg.device, cfg.perplexity.chunk_tokens, tokenizer, progress)
+    row: dict = {
+        "label": model.label, "path": model.path, "kind": model.kind, "step": model.step,
+        "fingerprint": model.fingerprint, "dir": str(folder.relative_to(out)), "prompt_format": prompt_format,
+        "recall": None, "perplexity": None,
     }
-    progress = ProgressLog(out, settings)  # creates the output directory
-    model = _LazyModel(cfg, kind, tokenizer)
-    results: dict = {"settings": settings, "plots": {}}
-    if cfg.recall.tasks and cfg.recall.lengths and cfg.recall.depths:
-        formatter = PromptFormatter(tokenizer, prompt_format)
-        records = run_recall(cfg, tokenizer, formatter, model, progress)
-        summary = summarize_recall(records)
-        results["recall"] = {"summary": summary, "samples": [{k: v for k, v in r.items() if k != "type"} for r in records]}
-        results["plots"]["recall_heatmap"] = plots.recall_heatmaps(
-            summary["by_length_and_depth"], cfg.recall.lengths, cfg.recall.depths, out / HEATMAP_FILE).name
-        log.info("Recall accuracy: %s (average %.3f)",
-                 ", ".join(f"{t} {s:.3f}" for t, s in summary["by_task"].items()), summary["average"])
+    try:
+        if shared["recall"] is not None:
+            records = run_recall(cfg.recall, tokenizer, PromptFormatter(tokenizer, prompt_format), lazy, progress)
+            summary = summarize_recall(records)
+            row["recall"] = {"summary": summary,
+                             "samples": [{k: v for k, v in r.items() if k != "type"} for r in records]}
+            log.info("[%s] recall accuracy: %s (average %.3f)", model.label,
+                     ", ".join(f"{t} {s:.3f}" for t, s in summary["by_task"].items()), summary["average"])
+        if perplexity_data is not None:
+            dataset, documents = perplexity_data
+            result = run_perplexity(cfg.perplexity, dataset, documents, tokenizer, lazy, progress)
+            row["perplexity"] = result
+            log.info("[%s] perplexity %.3f (mean loss %.4f) over %d tokens", model.label,
+                     result["perplexity"], result["mean_loss"], result["tokens"])
+    finally:
+        lazy.close()
+    runners = progress.of_type("runner")
+    row["runner"] = {k: v for k, v in runners[-1].items() if k != "type"} if runners else None
+    return row
+
+
+def _comparison_table(rows: list[dict]) -> str:
+    width = max(len("model"), *(len(r["label"]) for r in rows))
+    lines = [f"{'model':<{width}}  recall avg  perplexity"]
+    for r in rows:
+        recall = f"{r['recall']['summary']['average']:.3f}" if r["recall"] else "-"
+        perplexity = f"{r['perplexity']['perplexity']:.4g}" if r["perplexity"] else "-"
+        lines.append(f"{r['label']:<{width}}  {recall:>10}  {perplexity:>10}")
+    return "\n".join(lines)
+
+
+def evaluate(cfg: EvalConfig) -> dict:
+    """Evaluate every model of ``cfg``; returns the results (also written to ``cfg.out``)."""
+    cfg.validate()
+    out = Path(cfg.out)
+    kinds = [detect_kind(m) if cfg.model_kind == "auto" else cfg.model_kind for m in cfg.models]
+    models = identify_models(cfg.models, kinds, cfg.labels or None)
+    tokenizer = _shared_tokenizer(cfg, models)
+    formats = [_prompt_format(cfg.prompt_format, m) for m in models]
+    recall_on = bool(cfg.recall.tasks and cfg.recall.lengths and cfg.recall.depths)
+    shared = {
+        "tokenizer": _tokenizer_settings(tokenizer),
+        "recall": dataclasses.asdict(cfg.recall) if recall_on else None,
+        "perplexity": cfg.perplexity.settings() if cfg.perplexity.data else None,
+    }
+    # Everything that can be checked without a model is checked before the first one runs.
+    if recall_on:
+        for prompt_format in sorted(set(formats)):
+            check_prompts_fit(cfg.recall, tokenizer, PromptFormatter(tokenizer, prompt_format))
+    perplexity_data = None
     if cfg.perplexity.data:
-        result = run_perplexity(cfg, tokenizer, model, progress)
-        results["perplexity"] = result
-        results["plots"]["loss_by_position"] = plots.loss_by_position(result, out / LOSS_PLOT_FILE).name
-        log.info("Perplexity %.3f (mean loss %.4f) over %d tokens", result["perplexity"], result["mean_loss"], result["tokens"])
-    if model._model is not None:
-        results["model"] = model.get().describe()
+        dataset = ppl.open_dataset(cfg.perplexity.data)
+        perplexity_data = (dataset, ppl.plan(dataset, cfg.perplexity.seq_length, cfg.perplexity.num_documents,
+                                             cfg.perplexity.data))
+    if (out / PROGRESS_FILE).is_file():
+        log.warning("%s is the progress of an older megalong eval (one model per directory, before %s/); "
+                    "it is not reused", out / PROGRESS_FILE, MODELS_DIR)
+    log.info("Evaluating %d model(s) with tokenizer %s: %s", len(models), tokenizer.spec,
+             "; ".join(f"{m.label} = {m.path} ({m.kind}, {f} prompts)" for m, f in zip(models, formats)))
+
+    rows = []
+    for number, (model, prompt_format) in enumerate(zip(models, formats), 1):
+        log.info("Model %d/%d: %s", number, len(models), model.label)
+        rows.append(evaluate_model(cfg, model, prompt_format, tokenizer, shared, perplexity_data))
+
+    results: dict = {"schema_version": RESULTS_SCHEMA_VERSION,
+                     "settings": {**shared, "tokenizer": tokenizer.identity()}, "models": rows, "plots": {}}
+    if recall_on:
+        results["plots"]["recall_heatmap"] = plots.recall_heatmaps(
+            [(r["label"], r["recall"]["summary"]["by_length_and_depth"]) for r in rows],
+            cfg.recall.lengths, cfg.recall.depths, out / HEATMAP_FILE).name
+    if perplexity_data is not None:
+        results["plots"]["loss_by_position"] = plots.loss_by_position(
+            [(r["label"], r["perplexity"]) for r in rows], out / LOSS_PLOT_FILE).name
     _write_json(out / RESULTS_FILE, results)
+    log.info("Comparison:\n%s", _comparison_table(rows))
     log.info("Results written to %s", out / RESULTS_FILE)
     return results
-

@@ -6,13 +6,20 @@ Both expose the same two operations on token ids:
 * ``token_losses(ids)`` -> float64 array of the negative log-likelihood of ``ids[1:]``,
   each token given everything before it.
 
-The Hugging Face runner uses transformers with its KV cache and computes only the logits
-it needs (the last position while generating, chunks of positions for losses), so it is
-the one for long contexts. The megalong runner builds the model with Megatron-Core in this
-one process (TP = PP = CP = 1) and decodes with Megatron-Core's static KV cache; its
-losses materialize the logits of every position and its attention is whatever the model's
-layer spec gives (the local spec computes full [S, S] scores). Fine for small models and
-short prompts (tests, quickstart); for 128K+ evaluations of real models use the HF export.
+Losses never materialize the logits of every position: at 128K-512K tokens and a 128,256-entry
+vocabulary those would take 67-269 GB in fp32. Both runners push the final hidden states
+through the output layer and the cross entropy ``loss_chunk_tokens`` positions at a time
+(no backward, so nothing is kept), so the logits that exist at once are [chunk, vocabulary]
+whatever the length. The Hugging Face runner loops over chunks of its decoder's output; the
+megalong runner uses the chunked cross entropy training uses
+(:class:`megalong.model.gpt.MegalongGPTModel`, Megatron's padded vocabulary excluded),
+which does the same inside Megatron-Core's forward.
+
+The Hugging Face runner uses transformers with its KV cache (the last position's logits
+only while generating). The megalong runner builds the model with Megatron-Core in this one
+process (TP = PP = CP = 1), decodes with Megatron-Core's static KV cache, and attends with
+megalong's own core attention (tiled SDPA on CPU, Transformer Engine or flash-attn on GPUs),
+so neither computes [S, S] scores; each needs the whole model on one device.
 """
 
 from __future__ import annotations
@@ -26,8 +33,9 @@ import torch
 log = logging.getLogger(__name__)
 
 MODEL_KINDS = ("auto", "hf", "megalong")
-# Positions whose logits the HF runner materializes at once when computing losses.
-_LOSS_CHUNK = 1024
+# Positions whose logits exist at once when computing losses: 1,024 x 128,256 fp32 logits
+# are 0.5 GB, and a chunk that size keeps the output-layer matmul efficient.
+DEFAULT_LOSS_CHUNK = 1024
 
 
 def detect_kind(path: str | Path) -> str:
@@ -43,7 +51,8 @@ def detect_kind(path: str | Path) -> str:
     )
 
 
-def open_model(path: str | Path, kind: str = "auto", device: str = "auto"):
+def open_model(path: str | Path, kind: str = "auto", device: str = "auto",
+               loss_chunk_tokens: int = DEFAULT_LOSS_CHUNK):
     """Load the model at ``path`` for evaluation."""
     if kind not in MODEL_KINDS:
         raise ValueError(f"model kind {kind!r} is not one of {list(MODEL_KINDS)}")
@@ -51,17 +60,25 @@ def open_model(path: str | Path, kind: str = "auto", device: str = "auto"):
         kind = detect_kind(path)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    return HuggingFaceModel(path, device) if kind == "hf" else MegalongModel(path, device)
+    runner = HuggingFaceModel if kind == "hf" else MegalongModel
+    return runner(path, device, loss_chunk_tokens)
+
+
+def _check_chunk(loss_chunk_tokens: int) -> int:
+    if int(loss_chunk_tokens) < 1:
+        raise ValueError(f"loss chunk must be at least 1 token, got {loss_chunk_tokens}")
+    return int(loss_chunk_tokens)
 
 
 class HuggingFaceModel:
     kind = "hf"
 
-    def __init__(self, path: str | Path, device: str):
+    def __init__(self, path: str | Path, device: str, loss_chunk_tokens: int = DEFAULT_LOSS_CHUNK):
         from transformers import AutoModelForCausalLM
 
         self.path = Path(path)
         self.device = torch.device(device)
+        self.loss_chunk_tokens = _check_chunk(loss_chunk_tokens)
         # "auto" keeps the dtype the export was saved in (bf16 for real models). The keyword
         # is `dtype` since transformers 4.56 and `torch_dtype` before.
         import transformers
@@ -77,14 +94,6 @@ class HuggingFaceModel:
     def describe(self) -> dict:
         return {"kind": self.kind, "path": str(self.path), "class": type(self.model).__name__,
                 "dtype": str(self.model.dtype), "device": str(self.device)}
-
-    def chat_template_present(self) -> bool:
-        config = self.path / "tokenizer_config.json"
-        if not config.is_file():
-            return False
-        import json
-
-        return bool(json.loads(config.read_text(encoding="utf-8")).get("chat_template"))
 
     @torch.inference_mode()
     def greedy_generate(self, prompt_ids: list[int], max_new_tokens: int, stop_ids: list[int]) -> list[int]:
@@ -105,21 +114,22 @@ class HuggingFaceModel:
     @torch.inference_mode()
     def token_losses(self, ids: list[int]) -> np.ndarray:
         tokens = torch.tensor([ids], device=self.device)
-        hidden = self.model.get_decoder()(input_ids=tokens, use_cache=False).last_hidden_state[0]
+        # The decoder alone: [S, hidden], without the [S, vocabulary] logits of the full model.
+        hidden = self.model.get_decoder()(input_ids=tokens, use_cache=False).last_hidden_state[0, :-1]
         head = self.model.get_output_embeddings()
         targets = tokens[0, 1:]
-        losses = []
-        for start in range(0, len(ids) - 1, _LOSS_CHUNK):
-            end = min(start + _LOSS_CHUNK, len(ids) - 1)
+        losses = torch.empty(len(targets), dtype=torch.float64)
+        for start in range(0, len(targets), self.loss_chunk_tokens):
+            end = min(start + self.loss_chunk_tokens, len(targets))
             logits = head(hidden[start:end]).float()
-            losses.append(torch.nn.functional.cross_entropy(logits, targets[start:end], reduction="none"))
-        return torch.cat(losses).double().cpu().numpy()
+            losses[start:end] = torch.nn.functional.cross_entropy(logits, targets[start:end], reduction="none").cpu()
+        return losses.numpy()
 
 
 class MegalongModel:
     kind = "megalong"
 
-    def __init__(self, path: str | Path, device: str):
+    def __init__(self, path: str | Path, device: str, loss_chunk_tokens: int = DEFAULT_LOSS_CHUNK):
         from megalong.checkpoint.layout import read_model_config
         from megalong.checkpoint.weights import load_weights
         from megalong.config.parallel import ParallelConfig
@@ -133,7 +143,13 @@ class MegalongModel:
         self.runtime = init_distributed(ParallelConfig(), device=device)
         # Megatron-Core's attention forks its model-parallel RNG tracker even without dropout.
         set_seed(0)
-        chunks = build_model(self.config, ParallelConfig(), on_gpu=self.runtime.on_gpu)
+        # Calls with labels return per-token losses computed loss_chunk_tokens positions at a
+        # time, with a softmax over the real vocabulary only (the rows Megatron pads the
+        # vocabulary with are not tokens, and do not exist in the Hugging Face export); calls
+        # without labels (decoding) return logits. Both from megalong's GPTModel.
+        self.loss_chunk_tokens = _check_chunk(loss_chunk_tokens)
+        chunks = build_model(self.config, ParallelConfig(), on_gpu=self.runtime.on_gpu,
+                             loss_chunk_tokens=self.loss_chunk_tokens)
         load_weights(chunks, self.path)
         self.model = chunks[0].eval()
         self.device = self.runtime.device
@@ -144,9 +160,6 @@ class MegalongModel:
     def describe(self) -> dict:
         return {"kind": self.kind, "path": str(self.path), "preset": self.config.preset,
                 "params_dtype": self.config.params_dtype, "device": str(self.device)}
-
-    def chat_template_present(self) -> bool:
-        return False
 
     def _inputs(self, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         tokens = torch.tensor([ids], dtype=torch.long, device=self.device)
@@ -191,9 +204,6 @@ class MegalongModel:
     @torch.inference_mode()
     def token_losses(self, ids: list[int]) -> np.ndarray:
         tokens, positions = self._inputs(ids[:-1])
-        targets = torch.tensor(ids[1:], dtype=torch.long, device=self.device)
-        # Softmax over the real vocabulary only: the rows Megatron pads the vocabulary with
-        # are not tokens (and do not exist in the Hugging Face export).
-        logits = self.model(tokens, positions, attention_mask=None)[0, :, : self.vocab_size]
-        losses = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none")
-        return losses.double().cpu().numpy()
+        labels = torch.tensor([ids[1:]], dtype=torch.long, device=self.device)
+        losses = self.model(tokens, positions, attention_mask=None, labels=labels)  # [1, S-1], chunked
+        return losses[0].double().cpu().numpy()

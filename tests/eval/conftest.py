@@ -1,7 +1,7 @@
 import pytest
 
 from megalong.runtime.launch import run_processes
-from tests.eval.tiny_models import save_and_check_random_model
+from tests.eval.tiny_models import save_and_check_random_model, save_tiny_hf_model
 
 
 @pytest.fixture(scope="session")
@@ -16,3 +16,9 @@ def tiny_model(tmp_path_factory) -> tuple[str, dict]:
 @pytest.fixture(scope="session")
 def tiny_weights(tiny_model) -> str:
     return tiny_model[0]
+
+
+@pytest.fixture(scope="session")
+def hf_dir(tmp_path_factory):
+    """A tiny random Hugging Face Llama (real vocabulary) saved with save_pretrained."""
+    return save_tiny_hf_model(tmp_path_factory.mktemp("hf") / "tiny")

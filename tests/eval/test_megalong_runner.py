@@ -1,5 +1,8 @@
 import numpy as np
 
+from tests.eval.chunked_losses import loss_tolerance
+from tests.eval.tiny_models import CHECK_CHUNK
+
 
 def test_megalong_runner_is_causal_and_decodes_greedily(tiny_model):
     _, result = tiny_model
@@ -13,3 +16,22 @@ def test_megalong_runner_is_causal_and_decodes_greedily(tiny_model):
     assert len(set(result["generated"])) > 1  # a real sequence, not one token repeated
     assert result["generated"][0] == result["first"]
     assert result["stopped"] == []
+
+
+def test_chunked_losses_equal_the_full_logits_ones(tiny_model):
+    _, result = tiny_model
+    chunked, reference = np.array(result["full"]), np.array(result["reference"])
+    tolerance = loss_tolerance(result["padded_vocab"], result["hidden_size"], result["max_abs_logit"],
+                               result["max_abs_dot"])
+    np.testing.assert_allclose(chunked, reference, rtol=0, atol=tolerance)
+    # Tight enough to see a loss at the wrong position.
+    assert not np.allclose(chunked[1:], reference[:-1], rtol=0, atol=tolerance)
+
+
+def test_chunked_losses_never_hold_more_than_one_chunk_of_logits(tiny_model):
+    _, result = tiny_model
+    # The largest tensor computing the losses allocates is at most one chunk of fp32 logits,
+    # while the full-logits path allocates all 119 positions' (the check sees them).
+    chunk_logits = CHECK_CHUNK * result["padded_vocab"] * 4
+    assert result["chunked_bytes"] <= chunk_logits, result["chunked_op"]
+    assert result["full_logits_bytes"] >= 119 * result["padded_vocab"] * 4, result["full_logits_op"]
