@@ -35,7 +35,7 @@ def recall_heatmaps(models: list[tuple[str, dict]], lengths: list[int], depths: 
     plt = _pyplot()
     tasks = list(dict.fromkeys(task for _, summary in models for task in summary))
     width = 1.5 + len(tasks) * (1.0 + 0.8 * len(lengths))
-    height = len(models) * (0.45 * len(depths) + 1.4) + 1.0
+    height = len(models) * (0.45 * len(depths) + 1.7) + 0.8
     fig, axes = plt.subplots(len(models), len(tasks), figsize=(width, height), squeeze=False)
     image = None
     for row, (label, summary) in enumerate(models):
@@ -56,10 +56,10 @@ def recall_heatmaps(models: list[tuple[str, dict]], lengths: list[int], depths: 
             ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths])
             if row == len(models) - 1:
                 ax.set_xlabel("context length (tokens)")
-            if col == 0:
+            if col == 0:  # the model's label heads its row
                 ax.set_ylabel(f"{label}\nneedle depth")
             mean = "" if np.isnan(grid).all() else f" (mean {np.nanmean(grid):.2f})"
-            ax.set_title(f"{label}: {task}{mean}", fontsize=10)
+            ax.set_title(f"{task}{mean}", fontsize=10)
     fig.colorbar(image, ax=axes.ravel().tolist(), label="accuracy")
     path = _save(fig, Path(path))
     plt.close(fig)

@@ -22,44 +22,51 @@ def _megalong(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=300)
 
 
-def test_eval_of_megalong_weights_writes_json_and_plots_and_resumes(tiny_weights, tmp_path):
+def test_eval_of_megalong_weights_writes_json_and_plots_then_adds_a_model(tiny_weights, hf_dir, tmp_path):
     prefix = write_indexed_dataset(str(tmp_path / "heldout"), random_documents([300, 260], 128256, seed=5))
     out = tmp_path / "eval"
-    args = [
-        "eval", tiny_weights, "recall.max_new_tokens=2", "--out", str(out), "--tokenizer", "llama3", "--device", "cpu",
+    options = [
+        "recall.max_new_tokens=2", "--out", str(out), "--tokenizer", "llama3", "--device", "cpu",
         "--tasks", "niah_single,niah_multivalue", "--lengths", "256,320", "--depths", "0,0.5,1",
         "--samples", "1", "--ppl-data", prefix, "--ppl-length", "256", "--ppl-documents", "2",
-        "--ppl-bucket", "64",
+        "--ppl-bucket", "64", "--ppl-chunk", "100",
     ]
-    first = _megalong(*args)
+    first = _megalong("eval", tiny_weights, *options)
     assert first.returncode == 0, first.stderr[-3000:]
     assert "recall 12/12" in first.stderr and "perplexity 2/2" in first.stderr
     results = json.loads((out / "results.json").read_text())
-    assert results["settings"]["kind"] == "megalong" and results["model"]["kind"] == "megalong"
-    assert len(results["recall"]["samples"]) == 2 * 2 * 3
-    for sample in results["recall"]["samples"]:
+    [row] = results["models"]
+    assert row["kind"] == "megalong" and row["runner"]["kind"] == "megalong" and row["label"] == "tiny"
+    assert len(row["recall"]["samples"]) == 2 * 2 * 3
+    for sample in row["recall"]["samples"]:
         assert sample["num_tokens"] == sample["length"] and 0.0 <= sample["score"] <= 1.0
-    assert set(results["recall"]["summary"]["by_length_and_depth"]["niah_multivalue"]["320"]) == {"0", "0.5", "1"}
-    ppl = results["perplexity"]
+    assert set(row["recall"]["summary"]["by_length_and_depth"]["niah_multivalue"]["320"]) == {"0", "0.5", "1"}
+    ppl = row["perplexity"]
     assert ppl["tokens"] == 2 * 255 and len(ppl["buckets"]) == 4
     # A random model over the 128,256-token vocabulary: loss near ln(128256) = 11.76.
     assert 9.0 < ppl["mean_loss"] < 15.0
     for name in ("recall_heatmap.png", "loss_by_position.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    # Run again: everything is in the progress file, nothing is redone, results are the same.
-    progress_before = (out / "progress.jsonl").read_text()
-    second = _megalong(*args)
+    # Again with a Hugging Face model added (and labels): the megalong model's work is all in
+    # its progress file, so only the new model is evaluated.
+    progress = out / row["dir"] / "progress.jsonl"
+    progress_before = progress.read_text()
+    second = _megalong("eval", tiny_weights, str(hf_dir), *options, "--labels", "megalong,hf")
     assert second.returncode == 0, second.stderr[-3000:]
-    assert "12 already done" in second.stderr and "2 already done" in second.stderr
-    assert (out / "progress.jsonl").read_text() == progress_before
+    assert "[megalong] recall: 12 prompts" in second.stderr and "12 already done" in second.stderr
+    assert "[hf] recall 12/12" in second.stderr and "[hf] perplexity 2/2" in second.stderr
+    assert "Loaded megalong weights" not in second.stderr
+    assert progress.read_text() == progress_before
     again = json.loads((out / "results.json").read_text())
-    assert again["recall"] == results["recall"] and again["perplexity"] == results["perplexity"]
+    assert [r["label"] for r in again["models"]] == ["megalong", "hf"]
+    assert again["models"][0]["recall"] == row["recall"] and again["models"][0]["perplexity"] == row["perplexity"]
+    assert again["models"][1]["kind"] == "hf" and again["models"][1]["perplexity"]["tokens"] == 2 * 255
 
 
 def test_eval_needs_a_tokenizer_for_megalong_weights(tiny_weights, tmp_path):
     # Checked before any model is loaded, so it runs in this process.
-    cfg = EvalConfig(model=tiny_weights, out=str(tmp_path / "o"))
+    cfg = EvalConfig(models=[tiny_weights], out=str(tmp_path / "o"))
     with pytest.raises(ValueError, match="holds no tokenizer: pass --tokenizer"):
         evaluate(cfg)
 
@@ -78,11 +85,14 @@ def test_flags_yaml_and_overrides_make_one_config(tmp_path):
     recipe.write_text("recall:\n  samples: 9\n  depths: [0.2]\nperplexity:\n  num_documents: 3\n")
     parser = argparse.ArgumentParser()
     eval_cli.add_arguments(parser)
-    args = parser.parse_args(["weights", "recall.seed=5", "perplexity.num_documents=4", "--out", "o",
-                              "--config", str(recipe), "--lengths", "4K,6000", "--tasks", "json_kv",
-                              "--ppl-data", "data/x", "--samples", "2"])
-    cfg = load(EvalConfig, args.config, eval_cli._flag_overrides(args) + args.overrides)
-    assert (cfg.model, cfg.out, cfg.perplexity.data) == ("weights", "o", "data/x")
+    args = parser.parse_args(["weights", "recall.seed=5", "runs/2024: a/iter_0000010", "perplexity.num_documents=4",
+                              "--out", "o", "--config", str(recipe), "--lengths", "4K,6000", "--tasks", "json_kv",
+                              "--ppl-data", "data/x", "--samples", "2", "--labels", "first, second"])
+    overrides = [text for text in args.inputs if "=" in text]
+    cfg = load(EvalConfig, args.config, eval_cli._flag_overrides(args) + overrides)
+    # Paths stay strings whatever they look like to YAML; overrides may sit among them.
+    assert cfg.models == ["weights", "runs/2024: a/iter_0000010"] and cfg.labels == ["first", "second"]
+    assert (cfg.out, cfg.perplexity.data) == ("o", "data/x")
     assert cfg.recall.lengths == [4096, 6000] and cfg.recall.tasks == ["json_kv"]
     assert cfg.recall.samples == 2 and cfg.recall.depths == [0.2] and cfg.recall.seed == 5  # flag > YAML
     assert cfg.perplexity.num_documents == 4  # override > YAML

@@ -26,7 +26,7 @@ def test_chunked_losses_equal_the_full_logits_ones(hf_dir):
     with torch.no_grad():
         out = lm.model(torch.tensor([ids]), output_hidden_states=True)
     logits = out.logits[0, :-1].float()
-    hidden, weight = out.hidden_states[-1][0, :-1], lm.model.get_output_embeddings().weight
+    hidden, weight = out.hidden_states[-1][0, :-1], lm.model.get_output_embeddings().weight.detach()
     expected = torch.nn.functional.cross_entropy(logits, torch.tensor(ids[1:]), reduction="none").numpy()
     losses = lm.token_losses(ids)
     assert losses.shape == (49,) and losses.dtype == np.float64
