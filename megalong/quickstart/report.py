@@ -54,14 +54,17 @@ def plot_losses(curves: dict[str, list[tuple[int, float]]], path: Path) -> None:
 
 
 def recall_table(results_file: Path) -> list[str]:
+    """Recall by length, one row per evaluated model and task (``megalong eval``'s results.json)."""
     results = json.loads(results_file.read_text())
-    by_length = results.get("recall", {}).get("summary", {}).get("by_length", {})
-    lines = []
-    for task, accuracies in by_length.items():
-        lengths = list(accuracies)
-        lines.append("| task | " + " | ".join(f"{n} tokens" for n in lengths) + " |")
-        lines.append("|---|" + "---|" * len(lengths))
-        lines.append(f"| {task} | " + " | ".join(f"{accuracies[n]:.2f}" for n in lengths) + " |")
+    rows = [(model["label"], task, accuracies) for model in results.get("models", []) if model.get("recall")
+            for task, accuracies in model["recall"]["summary"]["by_length"].items()]
+    if not rows:
+        return []
+    lengths = list(rows[0][2])
+    lines = ["| model | task | " + " | ".join(f"{n} tokens" for n in lengths) + " |",
+             "|---|---|" + "---|" * len(lengths)]
+    for label, task, accuracies in rows:
+        lines.append(f"| {label} | {task} | " + " | ".join(f"{accuracies[n]:.2f}" for n in lengths) + " |")
     return lines
 
 

@@ -23,7 +23,7 @@ def test_every_artifact_exists(quickstart_run):
     for name in ("config.json", "model.safetensors.index.json", "tokenizer.json", "README.md"):
         assert (out / "hf_export" / name).is_file(), name
     results = json.loads((out / "eval" / "results.json").read_text())
-    assert set(results["recall"]["summary"]["by_length"]["niah_single"]) == {"128", "256"}
+    assert set(results["models"][0]["recall"]["summary"]["by_length"]["niah_single"]) == {"128", "256"}
     assert (out / "eval" / "recall_heatmap.png").stat().st_size > 0
     assert (out / "loss_curves.png").stat().st_size > 0
     assert "Recall by context length" in (out / "report.md").read_text()
