@@ -123,6 +123,7 @@ class HuggingFaceModel:
             end = min(start + self.loss_chunk_tokens, len(targets))
             logits = head(hidden[start:end]).float()
             losses[start:end] = torch.nn.functional.cross_entropy(logits, targets[start:end], reduction="none").cpu()
+            del logits  # before the next chunk's are made: one chunk of logits (and its log-softmax) at a time
         return losses.numpy()
 
 

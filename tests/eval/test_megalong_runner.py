@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 
 from tests.eval.chunked_losses import loss_tolerance
 from tests.eval.tiny_models import CHECK_CHUNK
@@ -18,9 +19,13 @@ def test_megalong_runner_is_causal_and_decodes_greedily(tiny_model):
     assert result["stopped"] == []
 
 
-def test_chunked_losses_equal_the_full_logits_ones(tiny_model):
-    _, result = tiny_model
-    chunked, reference = np.array(result["full"]), np.array(result["reference"])
+@pytest.mark.parametrize("model", ["losses", "padded_vocab"])
+def test_chunked_losses_equal_the_full_logits_ones(tiny_model, model):
+    result = tiny_model[1][model]
+    chunked, reference = np.array(result["chunked"]), np.array(result["reference"])
+    assert chunked.shape == (119,)
+    if model == "padded_vocab":  # Megatron's padding rows exist and take no probability
+        assert result["padded_vocab"] == 129000 and result["vocab_size"] == 128256
     tolerance = loss_tolerance(result["padded_vocab"], result["hidden_size"], result["max_abs_logit"],
                                result["max_abs_dot"])
     np.testing.assert_allclose(chunked, reference, rtol=0, atol=tolerance)
@@ -29,7 +34,7 @@ def test_chunked_losses_equal_the_full_logits_ones(tiny_model):
 
 
 def test_chunked_losses_never_hold_more_than_one_chunk_of_logits(tiny_model):
-    _, result = tiny_model
+    result = tiny_model[1]["losses"]
     # The largest tensor computing the losses allocates is at most one chunk of fp32 logits,
     # while the full-logits path allocates all 119 positions' (the check sees them).
     chunk_logits = CHECK_CHUNK * result["padded_vocab"] * 4
