@@ -228,7 +228,7 @@ def evaluate_model(cfg: EvalConfig, model: ModelIdentity, prompt_format: str, to
     row: dict = {
         "label": model.label, "path": model.path, "kind": model.kind, "step": model.step,
         "fingerprint": model.fingerprint, "dir": str(folder.relative_to(out)), "prompt_format": prompt_format,
-        "recall": None, "perplexity": None,
+        "runner": None, "recall": None, "perplexity": None,
     }
     try:
         if shared["recall"] is not None:
@@ -247,7 +247,8 @@ def evaluate_model(cfg: EvalConfig, model: ModelIdentity, prompt_format: str, to
     finally:
         lazy.close()
     runners = progress.of_type("runner")
-    row["runner"] = {k: v for k, v in runners[-1].items() if k != "type"} if runners else None
+    if runners:
+        row["runner"] = {k: v for k, v in runners[-1].items() if k != "type"}
     return row
 
 
