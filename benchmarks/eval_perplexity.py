@@ -9,13 +9,14 @@ For each runner (megalong weights, Hugging Face export), each length and each pa
   entropy (what the megalong runner did before: [positions, 128,256] fp32 logits plus
   their log-softmax).
 
-Every case runs in a fresh Python process: its peak RSS (``ru_maxrss``), its RSS once the
-model is loaded, and the wall time of the losses alone. The model is a tiny random Llama-3
+Every case runs in a fresh Python process (``--repeat`` times; the best time and the
+highest peak are shown): its peak RSS (``ru_maxrss``), its RSS once the model is loaded,
+and the wall time of the losses alone. The model is a tiny random Llama-3
 (2 layers, hidden 64, the real 128,256-token vocabulary), so the logits dominate. A
 baseline that cannot fit in this machine's memory is not run; its need is estimated from
 the size of its logits (2 x positions x vocabulary x 4 bytes) and printed instead.
 
-    python benchmarks/eval_perplexity.py [--lengths 8K,32K,64K] [--runners megalong,hf] [--chunk 1024]
+    python benchmarks/eval_perplexity.py [--lengths 8K,32K,64K] [--runners megalong,hf] [--chunk 1024] [--repeat 1]
 """
 
 from __future__ import annotations
@@ -107,6 +108,7 @@ def main() -> None:
     parser.add_argument("--lengths", default="8K,32K,64K")
     parser.add_argument("--runners", default="megalong,hf")
     parser.add_argument("--chunk", type=int, default=1024, help="positions per logits chunk (perplexity.chunk_tokens)")
+    parser.add_argument("--repeat", type=int, default=1, help="fresh processes per case (best time, highest peak)")
     parser.add_argument("--case", help=argparse.SUPPRESS)  # runner,path,length,directory: one measurement
     parser.add_argument("--save-models", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -122,7 +124,7 @@ def main() -> None:
     lengths = [_parse_length(n) for n in args.lengths.split(",")]
     runners = args.runners.split(",")
     print(f"torch threads: {os.environ.get('OMP_NUM_THREADS', 'default')}; logits chunk: {args.chunk} positions; "
-          f"vocabulary {VOCAB}")
+          f"vocabulary {VOCAB}; {args.repeat} run(s) per case")
     print(f"{'runner':9s} {'length':>7s} {'path':12s} {'peak RSS':>9s} {'over load':>10s} {'time':>8s} "
           f"{'mean loss':>9s}   chunked / full logits")
     with tempfile.TemporaryDirectory() as tmp:
@@ -139,8 +141,11 @@ def main() -> None:
                             print(f"{runner_kind:9s} {length:>7d} {path:12s} not run: needs ~{need / GB:.0f} GB, "
                                   f"{available / GB:.0f} GB available")
                             continue
-                    case = "full" if path == "full logits" else "chunked"
-                    r = measured[path] = _child(["--case", f"{runner_kind},{case},{length},{tmp}", "--chunk", str(args.chunk)])
+                    case = ["--case", f"{runner_kind},{'full' if path == 'full logits' else 'chunked'},{length},{tmp}",
+                            "--chunk", str(args.chunk)]
+                    runs = [_child(case) for _ in range(args.repeat)]
+                    r = measured[path] = {"peak": max(x["peak"] for x in runs), "loaded": max(x["loaded"] for x in runs),
+                                          "seconds": min(x["seconds"] for x in runs), "mean_loss": runs[0]["mean_loss"]}
                     line = (f"{runner_kind:9s} {length:>7d} {path:12s} {r['peak'] / GB:8.2f}G "
                             f"{max(0, r['peak'] - r['loaded']) / GB:9.2f}G {r['seconds']:7.1f}s {r['mean_loss']:9.4f}")
                     if path == "chunked" and "full logits" in measured:
