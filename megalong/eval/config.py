@@ -23,6 +23,10 @@ class RecallConfig:
     max_new_tokens: Optional[int] = None
     options: TaskOptions = field(default_factory=TaskOptions)
 
+    @property
+    def enabled(self) -> bool:
+        return bool(self.tasks and self.lengths and self.depths)
+
     def validate(self) -> None:
         unknown = [t for t in self.tasks if t not in TASKS]
         if unknown:
@@ -93,5 +97,5 @@ class EvalConfig:
             raise ValueError("no output directory given (--out)")
         self.recall.validate()
         self.perplexity.validate()
-        if not (self.recall.tasks and self.recall.lengths and self.recall.depths) and not self.perplexity.data:
+        if not self.recall.enabled and not self.perplexity.data:
             raise ValueError("nothing to evaluate: no recall tasks/lengths/depths and no perplexity.data")

@@ -218,20 +218,23 @@ def _prompt_format(requested: str, model: ModelIdentity) -> str:
     return "chat" if model.kind == "hf" and has_chat_template(model.path) else "base"
 
 
-def evaluate_model(cfg: EvalConfig, model: ModelIdentity, prompt_format: str, tokenizer, shared: dict,
+def open_progress(out: Path, model: ModelIdentity, prompt_format: str, shared: dict) -> ProgressLog:
+    """The model's progress file (created when new; refused when it holds other settings)."""
+    settings = {"model": model.settings(), "prompt_format": prompt_format, **shared}
+    return ProgressLog(out / MODELS_DIR / model.folder, settings)
+
+
+def evaluate_model(cfg: EvalConfig, model: ModelIdentity, prompt_format: str, tokenizer, progress: ProgressLog,
                    perplexity_data) -> dict:
     """Evaluate one model (what is not already in its progress file); its row of results.json."""
-    out = Path(cfg.out)
-    folder = out / MODELS_DIR / model.folder
-    progress = ProgressLog(folder, {"model": model.settings(), "prompt_format": prompt_format, **shared})
     lazy = _LazyModel(model, cfg.device, cfg.perplexity.chunk_tokens, tokenizer, progress)
     row: dict = {
         "label": model.label, "path": model.path, "kind": model.kind, "step": model.step,
-        "fingerprint": model.fingerprint, "dir": str(folder.relative_to(out)), "prompt_format": prompt_format,
+        "fingerprint": model.fingerprint, "dir": f"{MODELS_DIR}/{model.folder}", "prompt_format": prompt_format,
         "runner": None, "recall": None, "perplexity": None,
     }
     try:
-        if shared["recall"] is not None:
+        if cfg.recall.enabled:
             records = run_recall(cfg.recall, tokenizer, PromptFormatter(tokenizer, prompt_format), lazy, progress)
             summary = summarize_recall(records)
             row["recall"] = {"summary": summary,
@@ -270,14 +273,13 @@ def evaluate(cfg: EvalConfig) -> dict:
     models = identify_models(cfg.models, kinds, cfg.labels or None)
     tokenizer = _shared_tokenizer(cfg, models)
     formats = [_prompt_format(cfg.prompt_format, m) for m in models]
-    recall_on = bool(cfg.recall.tasks and cfg.recall.lengths and cfg.recall.depths)
     shared = {
         "tokenizer": _tokenizer_settings(tokenizer),
-        "recall": dataclasses.asdict(cfg.recall) if recall_on else None,
+        "recall": dataclasses.asdict(cfg.recall) if cfg.recall.enabled else None,
         "perplexity": cfg.perplexity.settings() if cfg.perplexity.data else None,
     }
     # Everything that can be checked without a model is checked before the first one runs.
-    if recall_on:
+    if cfg.recall.enabled:
         for prompt_format in sorted(set(formats)):
             check_prompts_fit(cfg.recall, tokenizer, PromptFormatter(tokenizer, prompt_format))
     perplexity_data = None
@@ -291,14 +293,16 @@ def evaluate(cfg: EvalConfig) -> dict:
     log.info("Evaluating %d model(s) with tokenizer %s: %s", len(models), tokenizer.spec,
              "; ".join(f"{m.label} = {m.path} ({m.kind}, {f} prompts)" for m, f in zip(models, formats)))
 
+    # Every model's progress file is opened (and its settings checked) before the first runs.
+    progress = [open_progress(out, m, f, shared) for m, f in zip(models, formats)]
     rows = []
-    for number, (model, prompt_format) in enumerate(zip(models, formats), 1):
+    for number, (model, prompt_format, log_file) in enumerate(zip(models, formats, progress), 1):
         log.info("Model %d/%d: %s", number, len(models), model.label)
-        rows.append(evaluate_model(cfg, model, prompt_format, tokenizer, shared, perplexity_data))
+        rows.append(evaluate_model(cfg, model, prompt_format, tokenizer, log_file, perplexity_data))
 
     results: dict = {"schema_version": RESULTS_SCHEMA_VERSION,
                      "settings": {**shared, "tokenizer": tokenizer.identity()}, "models": rows, "plots": {}}
-    if recall_on:
+    if cfg.recall.enabled:
         results["plots"]["recall_heatmap"] = plots.recall_heatmaps(
             [(r["label"], r["recall"]["summary"]["by_length_and_depth"]) for r in rows],
             cfg.recall.lengths, cfg.recall.depths, out / HEATMAP_FILE).name

@@ -77,9 +77,14 @@ def test_other_settings_for_an_evaluated_model_are_refused(hf_dir, tmp_path, loa
     cfg = _config([str(hf_dir)], tmp_path / "out", data)
     cfg.recall = RecallConfig(tasks=[], lengths=[], depths=[])
     evaluate(cfg)
+    # Refused before any model runs, also the new one given first.
+    cfg.models = [str(save_tiny_hf_model(tmp_path / "new", seed=4)), str(hf_dir)]
     cfg.perplexity.bucket_tokens = 32
+    loads.clear()
     with pytest.raises(ValueError, match="different settings"):
         evaluate(cfg)
+    assert loads == []
+    cfg.models = [str(hf_dir)]
     # The chunk size only decides memory: changing it keeps the results.
     cfg.perplexity.bucket_tokens, cfg.perplexity.chunk_tokens = 64, 5
     loads.clear()
