@@ -90,3 +90,19 @@ def test_other_settings_for_an_evaluated_model_are_refused(hf_dir, tmp_path, loa
     loads.clear()
     evaluate(cfg)
     assert loads == []
+
+
+def test_models_with_different_tokenizers_are_refused(tmp_path):
+    from megalong.data.tokenizer import bundled_llama3_dir
+
+    text = (bundled_llama3_dir() / "tokenizer.json").read_text()
+    # Tokenizers are compared by file content (--tokenizer settles any doubt): b is another file.
+    for name, content in (("a", text), ("b", json.dumps(json.loads(text), indent=1))):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text("{}")
+        (tmp_path / name / "tokenizer.json").write_text(content)
+    cfg = EvalConfig(models=[str(tmp_path / "a"), str(tmp_path / "b")], out=str(tmp_path / "out"),
+                     recall=RecallConfig(tasks=["niah_single"], lengths=[256], depths=[0.5], samples=1))
+    with pytest.raises(ValueError, match="have different tokenizers.*pass --tokenizer"):
+        evaluate(cfg)
+    assert not (tmp_path / "out").exists()  # refused before anything is written
