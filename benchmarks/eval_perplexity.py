@@ -131,29 +131,32 @@ def main() -> None:
         _child(["--save-models", tmp])
         for runner_kind in runners:
             for length in lengths:
-                measured = {}
-                for path in ("full logits", "chunked"):
-                    if path == "full logits":
-                        # Logits and their log-softmax, fp32, plus ~1 GB for the process and the model.
-                        need = 2 * length * VOCAB * 4 + GB
-                        available = _available_bytes()
-                        if need > 0.85 * available:
-                            print(f"{runner_kind:9s} {length:>7d} {path:12s} not run: needs ~{need / GB:.0f} GB, "
-                                  f"{available / GB:.0f} GB available")
-                            continue
-                    case = ["--case", f"{runner_kind},{'full' if path == 'full logits' else 'chunked'},{length},{tmp}",
-                            "--chunk", str(args.chunk)]
-                    runs = [_child(case) for _ in range(args.repeat)]
-                    r = measured[path] = {"peak": max(x["peak"] for x in runs), "loaded": max(x["loaded"] for x in runs),
-                                          "seconds": min(x["seconds"] for x in runs), "mean_loss": runs[0]["mean_loss"]}
-                    line = (f"{runner_kind:9s} {length:>7d} {path:12s} {r['peak'] / GB:8.2f}G "
-                            f"{max(0, r['peak'] - r['loaded']) / GB:9.2f}G {r['seconds']:7.1f}s {r['mean_loss']:9.4f}")
-                    if path == "chunked" and "full logits" in measured:
-                        full = measured["full logits"]
+                paths = ["chunked"]
+                # Logits and their log-softmax, fp32, plus ~1 GB for the process and the model.
+                need, available = 2 * length * VOCAB * 4 + GB, _available_bytes()
+                if need > 0.85 * available:
+                    print(f"{runner_kind:9s} {length:>7d} {'full logits':12s} not run: needs ~{need / GB:.0f} GB, "
+                          f"{available / GB:.0f} GB available")
+                else:
+                    paths.insert(0, "full")
+                # Repeats alternate the paths, so a busy spell of the machine does not land on one path only.
+                runs: dict = {path: [] for path in paths}
+                for _ in range(args.repeat):
+                    for path in paths:
+                        runs[path].append(_child(["--case", f"{runner_kind},{path},{length},{tmp}",
+                                                  "--chunk", str(args.chunk)]))
+                best = {path: {"peak": max(x["peak"] for x in rs), "loaded": max(x["loaded"] for x in rs),
+                               "seconds": min(x["seconds"] for x in rs), "mean_loss": rs[0]["mean_loss"]}
+                        for path, rs in runs.items()}
+                for path, r in best.items():
+                    line = (f"{runner_kind:9s} {length:>7d} {'full logits' if path == 'full' else path:12s} "
+                            f"{r['peak'] / GB:8.2f}G {max(0, r['peak'] - r['loaded']) / GB:9.2f}G "
+                            f"{r['seconds']:7.1f}s {r['mean_loss']:9.4f}")
+                    if path == "chunked" and "full" in best:
+                        full = best["full"]
                         line += (f"   peak RSS x{r['peak'] / full['peak']:.3f}, time x{r['seconds'] / full['seconds']:.2f}, "
                                  f"mean loss diff {abs(r['mean_loss'] - full['mean_loss']):.1e}")
                     print(line, flush=True)
-
 
 if __name__ == "__main__":
     main()
