@@ -77,16 +77,20 @@ def fingerprint(path: Path, kind: str) -> str:
     return digest.hexdigest()[:16]
 
 
+def _is_iteration(path: Path) -> bool:
+    return iteration_step(path) is not None and bool(path.parent.name)
+
+
 def _base_label(path: Path, step: Optional[int]) -> str:
-    if iteration_step(path) is not None and path.parent.name:
-        return f"{path.parent.name}-step{step if step is not None else path.name}"
-    return path.name or str(path)
+    """``<run>-step<N>`` for a training checkpoint ``<run>/iter_*``, else the directory's name."""
+    return f"{path.parent.name}-step{step}" if _is_iteration(path) else (path.name or str(path))
 
 
 def _label(path: Path, step: Optional[int], extra_parents: int) -> str:
     """The base label with ``extra_parents`` more directories of the path in front."""
-    skip = 2 if iteration_step(path) is not None else 1  # an iteration's label holds its run's name
-    parents = [p.name for p in path.parents][skip - 1:]
+    parents = [p.name for p in path.parents]
+    if _is_iteration(path):
+        parents = parents[1:]  # the run's name is in the base label already
     prefix = [name for name in reversed(parents[:extra_parents]) if name]
     return "/".join(prefix + [_base_label(path, step)])
 

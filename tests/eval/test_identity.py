@@ -33,6 +33,9 @@ def test_labels_come_from_paths_and_clashes_take_more_of_the_path(tmp_path):
     models = identify_models([str(stage1), str(a), str(b)], ["megalong", "hf", "hf"])
     assert [m.label for m in models] == ["stage1-step12", "a/export", "b/export"]
     assert [m.step for m in models] == [12, None, None]
+    again = _megalong_dir(tmp_path / "other" / "stage1" / "iter_0000012", step=12)
+    assert [m.label for m in identify_models([str(stage1), str(again)], ["megalong"] * 2)] == \
+        ["runs/stage1-step12", "other/stage1-step12"]
     assert models[0].path == str(stage1.resolve())
     named = identify_models([str(a), str(b)], ["hf", "hf"], ["before", "after"])
     assert [m.label for m in named] == ["before", "after"]
