@@ -1,4 +1,4 @@
-"""``megalong eval`` end to end on a megalong weights directory, in a fresh process."""
+"""``megalong eval`` end to end in a fresh process: a megalong weights directory, then an HF model added."""
 
 import json
 import os
