@@ -34,7 +34,7 @@ from megalong.eval import perplexity as ppl
 from megalong.eval import plots, scoring, tasks
 from megalong.eval.config import EvalConfig, PerplexityConfig, RecallConfig
 from megalong.eval.identity import ModelIdentity, identify_models
-from megalong.eval.models import detect_kind, open_model
+from megalong.eval.models import open_model, resolve_model
 from megalong.eval.progress import PROGRESS_FILE, ProgressLog
 from megalong.eval.prompts import PromptFormatter
 
@@ -269,8 +269,8 @@ def evaluate(cfg: EvalConfig) -> dict:
     """Evaluate every model of ``cfg``; returns the results (also written to ``cfg.out``)."""
     cfg.validate()
     out = Path(cfg.out)
-    kinds = [detect_kind(m) if cfg.model_kind == "auto" else cfg.model_kind for m in cfg.models]
-    models = identify_models(cfg.models, kinds, cfg.labels or None)
+    resolved = [resolve_model(m, cfg.model_kind) for m in cfg.models]
+    models = identify_models([str(path) for path, _ in resolved], [kind for _, kind in resolved], cfg.labels or None)
     tokenizer = _shared_tokenizer(cfg, models)
     formats = [_prompt_format(cfg.prompt_format, m) for m in models]
     shared = {

@@ -38,17 +38,23 @@ MODEL_KINDS = ("auto", "hf", "megalong")
 DEFAULT_LOSS_CHUNK = 1024
 
 
-def detect_kind(path: str | Path) -> str:
-    """'megalong' for a weights/training checkpoint dir, 'hf' for a Hugging Face model dir."""
+def resolve_model(path: str | Path, kind: str = "auto") -> tuple[Path, str]:
+    """Which model ``path`` means, and its kind: a Hugging Face directory (config.json) is
+    itself; anything else is a megalong checkpoint as :func:`megalong.checkpoint.layout.resolve`
+    reads it (a weights or ``iter_*`` directory, or a save directory's ``latest``)."""
+    from megalong.checkpoint.layout import is_weights_dir, resolve
+
     path = Path(path)
-    if (path / "model.yaml").is_file() and (path / "model").is_dir():
-        return "megalong"
-    if (path / "config.json").is_file():
-        return "hf"
-    raise FileNotFoundError(
-        f"{path} is neither a megalong weights directory (model.yaml + model/) "
-        f"nor a Hugging Face model directory (config.json)"
-    )
+    if kind == "hf" or (kind == "auto" and (path / "config.json").is_file() and not is_weights_dir(path)):
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path} is not a Hugging Face model directory (no config.json)")
+        return path, "hf"
+    try:
+        return resolve(path), "megalong"
+    except FileNotFoundError as err:
+        if kind == "megalong":
+            raise
+        raise FileNotFoundError(f"{err}; nor is it a Hugging Face model directory (no config.json)") from None
 
 
 def open_model(path: str | Path, kind: str = "auto", device: str = "auto",
@@ -57,7 +63,7 @@ def open_model(path: str | Path, kind: str = "auto", device: str = "auto",
     if kind not in MODEL_KINDS:
         raise ValueError(f"model kind {kind!r} is not one of {list(MODEL_KINDS)}")
     if kind == "auto":
-        kind = detect_kind(path)
+        path, kind = resolve_model(path)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     runner = HuggingFaceModel if kind == "hf" else MegalongModel

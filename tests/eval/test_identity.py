@@ -74,3 +74,20 @@ def test_fingerprint_changes_with_config_step_and_rewritten_weights(tmp_path):
     before = identify_models([str(hf)], ["hf"])[0].fingerprint
     (hf / "config.json").write_text('{"vocab_size": 11}')
     assert identify_models([str(hf)], ["hf"])[0].fingerprint != before
+
+
+def test_a_save_directory_means_its_latest_checkpoint_and_a_stranger_is_named(tmp_path):
+    from megalong.checkpoint import layout
+    from megalong.eval.models import resolve_model
+
+    step = layout.iteration_dir(tmp_path / "stage1", 12)
+    (step / "model").mkdir(parents=True)
+    (step / "model.yaml").write_text("{}\n")
+    layout.write_latest(tmp_path / "stage1", step)
+    assert resolve_model(tmp_path / "stage1") == (step, "megalong")
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text("{}")
+    assert resolve_model(tmp_path / "hf") == (tmp_path / "hf", "hf")
+    (tmp_path / "other").mkdir()
+    with pytest.raises(FileNotFoundError, match="not a megalong weights or checkpoint directory.*nor is it a Hugging Face"):
+        resolve_model(tmp_path / "other")
