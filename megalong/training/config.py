@@ -188,7 +188,8 @@ class RunConfig:
 
             resolve(self.init.weights)  # names the path and what it lacks
         model = self.resolved_model() if check_init or not self.init.weights else presets.resolve(self.model)
-        if all(getattr(model, name) is not None for name in SHAPE_FIELDS):
+        # A later stage checked before its initial weights exist may not know its shape yet.
+        if check_init or all(getattr(model, name) is not None for name in SHAPE_FIELDS):
             model.validate(parallel.tensor_parallel, parallel.pipeline_parallel * (parallel.virtual_pipeline or 1))
             if data.seq_length > model.max_position_embeddings:
                 raise ConfigError(
