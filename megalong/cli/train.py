@@ -28,6 +28,7 @@ def run(args: argparse.Namespace) -> int:
     from megalong.config import ConfigError, LayoutError, load
     from megalong.runtime.distributed import shutdown
     from megalong.training import RunConfig, train
+    from megalong.training.checkpoint import CheckpointError
 
     # Megatron-Core logs its internals (bucket layouts, full configs) at INFO: keep the
     # console to megalong's own account unless debugging.
@@ -53,6 +54,9 @@ def run(args: argparse.Namespace) -> int:
     except (ConfigError, LayoutError) as err:
         log.error("%s", err)
         return 2
+    except CheckpointError as err:  # a save that failed or a damaged checkpoint: the message says all
+        log.error("%s", err)
+        return 1
     finally:
         shutdown()
 
