@@ -25,6 +25,7 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 
 import torch
 
@@ -46,6 +47,8 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch.distributed.checkpoint as dcp
+
+    warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # one process, on purpose
 
     tensors = {f"layer{i}.weight": torch.randn(args.megabytes * 2**20 // 4 // 16) for i in range(16)}
     directory = tempfile.mkdtemp(prefix="megalong-checksums-", dir=args.dir)

@@ -32,6 +32,7 @@ from megalong.training.signals import REQUEUE_EXIT_CODE, StopWatch, stop_signals
 
 log = logging.getLogger(__name__)
 
+
 def _listed(problems: list[str], shown: int = 3) -> str:
     more = len(problems) - shown
     return "; ".join(problems[:shown]) + (f" (and {more} more damaged file(s))" if more > 0 else "")

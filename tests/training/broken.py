@@ -6,6 +6,10 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+# What the "full disk" lets a process write: test-tiny's checkpoint model files are ~460 KB
+# each, its other files (configs, RNG states, metadata, logs, metrics) < 40 KB.
+FILE_SIZE_LIMIT = 200_000
+
 
 def _rank() -> int:
     import torch.distributed as dist

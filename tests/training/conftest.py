@@ -59,10 +59,6 @@ def on_a_copy(workdir, layout: str, name: str, **sections) -> dict:
         "logging": {"metrics_file": str(workdir / name / "m.jsonl")}}, sections))
 
 
-# The test-tiny model files of a checkpoint are ~460 KB each, its small files < 40 KB.
-FILE_SIZE_LIMIT = 200_000
-
-
 @pytest.fixture(scope="session")
 def two_process_results(workdir, single_process_results):
     """In two processes: the uneven batch at DP=2; a TP=2 run saving at steps 2 and 4, then
@@ -81,7 +77,7 @@ def two_process_results(workdir, single_process_results):
         (helpers.train_from_dict, (mixture_at_dp2(workdir),)),
         (broken.copy_checkpoint, (str(reshard.checkpoints(workdir, "dp2")), str(workdir / "disk-full" / "ckpt"),
                                   "iter_0000003")),
-        (broken.train_catching, (on_a_copy(workdir, "dp2", "disk-full"), FILE_SIZE_LIMIT, 0)),
+        (broken.train_catching, (on_a_copy(workdir, "dp2", "disk-full"), broken.FILE_SIZE_LIMIT, 0)),
     ]
     results = run_processes(helpers.in_sequence, 2, (calls,))
     return {"uneven_dp2_codes": [r[0] for r in results], "tp2_codes": [r[1] for r in results],
@@ -127,7 +123,7 @@ def resumed_single_process_results(workdir, two_process_results, eight_process_r
         (broken.train_catching, (on_a_copy(workdir, "one-process", "unrecorded", schedule={"train_steps": 8}),)),
         (broken.copy_checkpoint, (one_process, str(workdir / "disk-full-async" / "ckpt"), "iter_0000003")),
         (broken.train_catching, (on_a_copy(workdir, "one-process", "disk-full-async", checkpoint={"async_save": True}),
-                                 FILE_SIZE_LIMIT)),
+                                 broken.FILE_SIZE_LIMIT)),
     ]
     (results,) = run_processes(helpers.in_sequence, 1, (calls,))
     *matrix, resumed, forgetting, mixture, _, truncated, _, unrecorded, _, disk_full_async = results

@@ -29,10 +29,12 @@ def test_a_save_that_fails_part_way_publishes_nothing_and_stops_every_rank(workd
     assert verify_checkpoint(save_dir / "iter_0000003") == []
 
 
-def test_a_truncated_file_with_nothing_to_fall_back_to_stops_the_resume_naming_it(workdir, resumed_single_process_results):
+def test_a_truncated_file_with_nothing_to_fall_back_to_stops_the_resume_naming_it(
+        workdir, resumed_single_process_results):
     message = resumed_single_process_results["truncated"]
     damaged = workdir / "truncated" / "ckpt" / "iter_0000006" / "model" / "__0_0.distcp"
-    assert message.startswith(f"CheckpointError: Cannot resume: checkpoint {damaged.parents[1]} cannot be used: "), message
+    expected = f"CheckpointError: Cannot resume: checkpoint {damaged.parents[1]} cannot be used: "
+    assert message.startswith(expected), message
     assert f"{damaged} has {damaged.stat().st_size:,} bytes, " in message and "were written (truncated)" in message
     assert "no older complete checkpoint is kept" in message
     assert not (workdir / "truncated" / "m.jsonl").exists()  # nothing trained
@@ -72,7 +74,8 @@ def test_checksums_name_a_damaged_file(tmp_path, how):
     assert ("has 8,192 bytes, 16,384 were written (truncated)" if how == "truncate"
             else "does not match the checksum recorded") in problem
     (tmp_path / "train_state.json").unlink()
-    assert checksums.problems(tmp_path, recorded, ["train_state.json"])[0].endswith("cannot be read (No such file or directory)")
+    (missing,) = checksums.problems(tmp_path, recorded, ["train_state.json"])
+    assert missing.endswith("train_state.json cannot be read (No such file or directory)")
 
 
 def test_which_rank_checksums_which_file():

@@ -17,7 +17,6 @@ import yaml
 
 from megalong.training.checkpoint import verify_checkpoint
 from tests.training import broken, real_data
-from tests.training.conftest import FILE_SIZE_LIMIT
 from tests.training.helpers import REL_TOLERANCE, read_rows, start_training_command, wait_for_step
 
 
@@ -56,7 +55,7 @@ def _assert_rows_equal_uninterrupted(rows, uninterrupted) -> None:
 def uninterrupted(workdir, single_process_results):
     assert single_process_results["data_build_codes"] == [0, 0, 0]
     assert single_process_results["mixture_code"] == 0 and single_process_results["sft_code"] == 0
-    return {"mixture": _by_step(workdir / "mixture" / "metrics.jsonl"), "sft": _by_step(workdir / "sft" / "metrics.jsonl")}
+    return {name: _by_step(workdir / name / "metrics.jsonl") for name in ("mixture", "sft")}
 
 
 def test_mixture_killed_resumes_exactly_past_a_corrupted_checkpoint(workdir, uninterrupted):
@@ -96,12 +95,12 @@ def test_sft_killed_then_a_full_disk_then_resumed_exactly(workdir, uninterrupted
     save_dir = run_dir / "ckpt"
     before = _latest_step(save_dir)  # 2, or 4 if the save of step 4 slipped in before the kill
 
-    full = start_training_command(recipe, run_dir / "disk-full.log", file_size_limit=FILE_SIZE_LIMIT)
+    full = start_training_command(recipe, run_dir / "disk-full.log", file_size_limit=broken.FILE_SIZE_LIMIT)
     assert full.wait(timeout=300) == 1
     text = (run_dir / "disk-full.log").read_text()
     failed = save_dir / f"iter_{before + 2:07d}.tmp"
     assert f"Checkpoint of step {before + 2} could not be written to {failed}" in text
-    assert f"may not write files over {FILE_SIZE_LIMIT:,} bytes" in text
+    assert f"may not write files over {broken.FILE_SIZE_LIMIT:,} bytes" in text
     assert f"`latest` still names iter_{before:07d}" in text and "Training stops here" in text
     assert "Traceback" not in text  # the error is the message, not a stack
     assert _latest_step(save_dir) == before
