@@ -9,8 +9,10 @@ names below. Two kinds of directory hold weights:
       <dir>/model.yaml      the resolved ModelConfig the weights belong to
 
 * a **training checkpoint** ``<save_dir>/iter_0001000/``: a weights directory plus
-  ``optimizer/``, ``rng/rank_*.pt``, ``train_state.json`` and ``run.yaml``
-  (see :mod:`megalong.training.checkpoint`).
+  ``optimizer/``, ``rng/rank_*.pt``, ``train_state.json``, ``run.yaml`` and
+  ``checksums.json`` (every file's size and CRC-32, recorded before the checkpoint is
+  published and verified before it is loaded: :mod:`megalong.checkpoint.checksums`;
+  see :mod:`megalong.training.checkpoint`).
 
 A save directory holds ``iter_*`` checkpoints and a ``latest`` marker naming the newest
 complete one (``iter_0001000``; a bare step number, as Megatron-LM writes, is accepted).
@@ -36,6 +38,7 @@ OPTIMIZER_SUBDIR = "optimizer"
 RNG_SUBDIR = "rng"
 TRAIN_STATE_FILE = "train_state.json"
 RUN_CONFIG_FILE = "run.yaml"
+CHECKSUMS_FILE = "checksums.json"
 LATEST_FILE = "latest"
 _ITERATION_NAME = re.compile(r"^iter_(\d{7,})$")
 
@@ -67,6 +70,15 @@ def iterations(save_dir: str | Path) -> list[Path]:
     return [p for step, p in sorted((s, p) for s, p in found if s is not None)]
 
 
+def older_checkpoints(save_dir: str | Path, than: str | Path) -> list[Path]:
+    """The training checkpoints of ``save_dir`` older than the checkpoint named ``than`` (which
+    need not exist), newest first: where a resume falls back to. All of them when ``than`` is
+    no ``iter_*`` name."""
+    step = iteration_step(than)
+    return [p for p in reversed(iterations(save_dir))
+            if (step is None or iteration_step(p) < step) and is_training_checkpoint(p)]
+
+
 def is_weights_dir(path: str | Path) -> bool:
     path = Path(path)
     return (path / MODEL_CONFIG_FILE).is_file() and (path / MODEL_SUBDIR).is_dir()
@@ -88,17 +100,23 @@ def write_latest(save_dir: str | Path, checkpoint: str | Path) -> None:
     os.replace(tmp, marker)
 
 
-def read_latest(save_dir: str | Path) -> Optional[Path]:
-    """The checkpoint the ``latest`` marker of ``save_dir`` names; None without a marker.
-
-    A marker naming something that is not a complete checkpoint is an error that says so."""
+def latest_target(save_dir: str | Path) -> Optional[Path]:
+    """The path the ``latest`` marker of ``save_dir`` names, whatever is there; None without a marker."""
     marker = Path(save_dir) / LATEST_FILE
     if not marker.is_file():
         return None
     name = marker.read_text(encoding="utf-8").strip()
-    target = Path(save_dir) / (f"iter_{int(name):07d}" if name.isdigit() else name)
-    if iteration_step(target) is None or not is_weights_dir(target):
-        raise FileNotFoundError(f"{marker} names {name!r}, which is not a complete checkpoint in {save_dir}")
+    return Path(save_dir) / (f"iter_{int(name):07d}" if name.isdigit() else name)
+
+
+def read_latest(save_dir: str | Path) -> Optional[Path]:
+    """The checkpoint the ``latest`` marker of ``save_dir`` names; None without a marker.
+
+    A marker naming something that is not a complete checkpoint is an error that says so."""
+    target = latest_target(save_dir)
+    if target is not None and (iteration_step(target) is None or not is_weights_dir(target)):
+        raise FileNotFoundError(f"{Path(save_dir) / LATEST_FILE} names {target.name!r}, which is not a "
+                                f"complete checkpoint in {save_dir}")
     return target
 
 

@@ -35,6 +35,7 @@ def run(args: argparse.Namespace) -> int:
     from megalong.config import ConfigError, load
     from megalong.runtime.distributed import read_launch_env, shutdown
     from megalong.training import RunConfig, train
+    from megalong.training.checkpoint import CheckpointError
 
     # Megatron-Core logs its internals (bucket layouts, full configs) at INFO: keep the
     # console to megalong's own account unless debugging.
@@ -67,6 +68,9 @@ def run(args: argparse.Namespace) -> int:
     except (FileNotFoundError, CheckpointMismatchError) as err:
         log.error("%s", err)  # may differ per rank: each rank's line carries its rank
         return 2
+    except CheckpointError as err:  # a save that failed or a damaged checkpoint: the message says all
+        log.error("%s", err)
+        return 1
     finally:
         shutdown()
 

@@ -67,10 +67,24 @@ class TrainStream:
         if not 0 <= dp_rank < self.data_parallel_size:
             raise ValueError(f"dp_rank {dp_rank} outside 0..{self.data_parallel_size - 1}")
         layouts = self.layouts_for_step(step)
-        costs = [layout.attention_cost for _, layout in layouts]
-        mine = assign_by_attention_cost(costs, self.data_parallel_size)[dp_rank]
+        mine = self._positions_of_rank(layouts, dp_rank)
         self.steps_served = max(self.steps_served, step + 1)
         return [self.domains[layouts[i][0]].read(layouts[i][1]) for i in mine]
+
+    def sample_ids_for_step(self, step: int, dp_rank: int) -> list[tuple[str, int]]:
+        """(domain name, index of the sample in that domain) of each sample
+        ``batch_for_step(step, dp_rank)`` returns, in the same order, without reading tokens:
+        which data a step trained on (``logging.log_samples``)."""
+        if not 0 <= dp_rank < self.data_parallel_size:
+            raise ValueError(f"dp_rank {dp_rank} outside 0..{self.data_parallel_size - 1}")
+        domains, samples = self.blend.lookup(step * self.global_batch_size, self.global_batch_size)
+        mine = self._positions_of_rank(self.layouts_for_step(step), dp_rank)
+        return [(self.domains[int(domains[i])].name, int(samples[i])) for i in mine]
+
+    def _positions_of_rank(self, layouts, dp_rank: int) -> list[int]:
+        """Positions in the global batch of the samples rank ``dp_rank`` trains on, in order."""
+        costs = [layout.attention_cost for _, layout in layouts]
+        return assign_by_attention_cost(costs, self.data_parallel_size)[dp_rank]
 
     def iter_batches(self, start_step: int, dp_rank: int) -> Iterator[list[PackedSample]]:
         step = start_step

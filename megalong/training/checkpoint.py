@@ -11,15 +11,21 @@ Layout of ``<save_dir>/iter_0001000/`` (a superset of a weights directory, so
     train_state.json   step, samples and tokens consumed (= the data position: the stream is
                        deterministic in the step), LR-schedule state, the layout it was saved at
     run.yaml           the resolved RunConfig of the run that saved it
+    checksums.json     size and CRC-32 of every file above (megalong.checkpoint.checksums)
 
 Writes are atomic: everything goes to ``iter_XXXXXXX.tmp`` and is renamed into place
-once every rank has finished; only then does the ``latest`` marker (itself written to a
-temporary file and renamed) point at it, and checkpoints beyond ``keep_last`` are removed.
-A job killed at any moment leaves either the previous checkpoint or the new one.
+once every rank has finished and the checksums are recorded; only then does the ``latest``
+marker (itself written to a temporary file and renamed) point at it, and checkpoints beyond
+``keep_last`` are removed. A job killed at any moment leaves either the previous checkpoint
+or the new one. A write that fails (a full disk, a quota) raises :class:`CheckpointError` on
+every rank after removing the staging directory: ``latest`` still names the previous
+checkpoint. Before a checkpoint is loaded, :func:`verify_checkpoint` compares its files with
+the recorded checksums, so a file damaged later is named instead of loaded.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -32,14 +38,20 @@ from typing import Optional
 
 import numpy as np
 import torch
+import torch.distributed.checkpoint.api
 
 from megalong import compat
-from megalong.checkpoint import layout, weights
+from megalong.checkpoint import checksums, layout, weights
 from megalong.checkpoint.layout import MODEL_SUBDIR, OPTIMIZER_SUBDIR, RNG_SUBDIR, RUN_CONFIG_FILE, TRAIN_STATE_FILE
 from megalong.config.loader import dump_yaml
 from megalong.runtime import torch_adam
 
 log = logging.getLogger(__name__)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that could not be written, or that is damaged; the message names the
+    file and what became of ``latest``."""
 
 
 @dataclass
@@ -69,9 +81,22 @@ def _rank() -> int:
     return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 
 
+def _world_size() -> int:
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+
 def _barrier() -> None:
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
+
+
+def _from_every_rank(value) -> list:
+    """``value`` of every rank, on every rank (a collective)."""
+    if not torch.distributed.is_initialized():
+        return [value]
+    gathered = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, value)
+    return gathered
 
 
 def read_train_state(directory: str | Path) -> TrainState:
@@ -134,7 +159,8 @@ def save_checkpoint(
 
     With ``async_queue`` (Megatron-Core's ``AsyncCallsQueue``) the model and optimizer
     tensors are written in the background; the checkpoint is renamed into place and
-    ``latest`` updated when the queue finalizes the write (``maybe_finalize_async_calls``).
+    ``latest`` updated when the queue finalizes the write (``maybe_finalize_async_calls``),
+    which is also where a failed background write raises :class:`CheckpointError`.
     """
     from megatron.core import dist_checkpointing
 
@@ -151,13 +177,31 @@ def save_checkpoint(
             (tmp / sub).mkdir(parents=True)
     _barrier()
 
-    # Small files first, synchronously (their content is fixed now).
-    torch.save(_rng_state(on_gpu), tmp / RNG_SUBDIR / f"rank_{_rank():05d}.pt")
-    if _rank() == 0:
-        layout.write_model_config(tmp, model_config)
-        (tmp / RUN_CONFIG_FILE).write_text(dump_yaml(run_config), encoding="utf-8")
-        state.saved_at = time.time()
-        (tmp / TRAIN_STATE_FILE).write_text(json.dumps(asdict(state), indent=1), encoding="utf-8")
+    def abandon(what: str) -> None:
+        """Stop with an error that says what failed; nothing of this save is kept or published."""
+        if _rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)  # frees the space a full disk needs back
+        raise CheckpointError(
+            f"Checkpoint of step {step} could not be written to {tmp}: {what}{_write_conditions(tmp.parent)}. "
+            f"Its partial files were removed and nothing was published: {_latest_description(save_dir)}. "
+            f"Training stops here; once the cause is fixed, rerunning resumes from that checkpoint."
+        )
+
+    # Small files first, synchronously (their content is fixed now). Each rank writes its own
+    # RNG file: every rank learns whether all of them succeeded before any goes on.
+    try:
+        torch.save(_rng_state(on_gpu), tmp / RNG_SUBDIR / f"rank_{_rank():05d}.pt")
+        if _rank() == 0:
+            layout.write_model_config(tmp, model_config)
+            (tmp / RUN_CONFIG_FILE).write_text(dump_yaml(run_config), encoding="utf-8")
+            state.saved_at = time.time()
+            (tmp / TRAIN_STATE_FILE).write_text(json.dumps(asdict(state), indent=1), encoding="utf-8")
+        failure = None
+    except OSError as err:
+        failure = f"rank {_rank()}: {err}"
+    failures = [f for f in _from_every_rank(failure) if f]
+    if failures:
+        abandon("; ".join(failures))
 
     # dist_checkpointing.save consumes the state dict it is given: the optimizer's sharded
     # state (built from the model's) gets a model state dict of its own.
@@ -168,13 +212,20 @@ def save_checkpoint(
     background = async_queue is not None
     # In the background: Megatron-Core's own writer, whichever release (megalong.compat).
     writer = compat.async_save_kwargs() if background else {}
-    model_request = dist_checkpointing.save(
-        _model_sharded_state(model_chunks), str(tmp / MODEL_SUBDIR), async_sharded_save=background, **writer)
-    optimizer_request = dist_checkpointing.save(
-        optimizer_state, str(tmp / OPTIMIZER_SUBDIR), async_sharded_save=background, **writer)
+    # A failed write raises on every rank: Megatron-Core gathers the writers' results and
+    # broadcasts whether any failed (the failure itself is known on the coordinator, rank 0).
+    try:
+        model_request = dist_checkpointing.save(
+            _model_sharded_state(model_chunks), str(tmp / MODEL_SUBDIR), async_sharded_save=background, **writer)
+        optimizer_request = dist_checkpointing.save(
+            optimizer_state, str(tmp / OPTIMIZER_SUBDIR), async_sharded_save=background, **writer)
+    except _WRITE_FAILURES as err:
+        abandon(_reason(err))
 
     def publish() -> None:
-        _barrier()
+        failure = _record_checksums(tmp)
+        if failure:
+            abandon(failure)
         broken = _unloadable_parts(tmp) if _rank() == 0 else []
         if broken:
             # Never point `latest` at a checkpoint a resume would fail on; the run goes on
@@ -182,25 +233,132 @@ def save_checkpoint(
             log.error("Checkpoint of step %d is NOT published: %s. It stays in %s for inspection; "
                       "`latest` still names the previous checkpoint.", step, "; ".join(broken), tmp)
         elif _rank() == 0:
-            if final.exists():  # a checkpoint of this step from an earlier, interrupted attempt
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            layout.write_latest(save_dir, final)
+            try:
+                if final.exists():  # a checkpoint of this step from an earlier, interrupted attempt
+                    shutil.rmtree(final)
+                os.replace(tmp, final)
+                layout.write_latest(save_dir, final)
+            except OSError as err:
+                failure = str(err)
+        failure = _from_every_rank(failure)[0]  # rank 0's outcome, and a barrier: the rename is done
+        if failure:
+            raise CheckpointError(
+                f"Checkpoint of step {step} was written but could not be published: {failure}"
+                f"{_write_conditions(tmp.parent)}. {_latest_description(save_dir)}; training stops here."
+            )
+        if _rank() == 0 and not broken:
             removed = prune_checkpoints(save_dir, keep_last)
             log.info(
                 "Saved checkpoint of step %d (%.1f s after it started)%s", step,
                 time.monotonic() - started,
                 f"; removed old checkpoints: {', '.join(removed)}" if removed else "",
             )
-        _barrier()
 
     if background:
-        request = _one_after_the_other(model_request, optimizer_request)
-        request.add_finalize_fn(publish)  # after both writes and their metadata, on every rank
-        async_queue.schedule_async_request(request)
+        write_finalizers = list(model_request.finalize_fns) + list(optimizer_request.finalize_fns)
+
+        def finish_and_publish() -> None:  # on every rank, after both background writes
+            try:
+                for finalize in write_finalizers:
+                    finalize()
+            except _WRITE_FAILURES as err:
+                abandon(_reason(err))
+            publish()
+
+        async_queue.schedule_async_request(_one_after_the_other(model_request, optimizer_request, finish_and_publish))
     else:
         publish()
     return final
+
+
+def _record_checksums(tmp: Path) -> Optional[str]:
+    """Write checksums.json into the staged checkpoint (collective): each rank checksums the
+    files it wrote (:func:`megalong.checkpoint.checksums.owner`), rank 0 writes them all.
+    Returns what failed, the same on every rank (None when all went well)."""
+    world = _world_size()
+    files = _from_every_rank(checksums.checkpoint_files(tmp) if _rank() == 0 else None)[0]
+    try:
+        mine, failure = checksums.records(tmp, [f for f in files if checksums.owner(f, world) == _rank()]), None
+    except OSError as err:
+        mine, failure = {}, f"rank {_rank()}: {err}"
+    gathered = _from_every_rank((mine, failure))
+    failure = "; ".join(f for _, f in gathered if f) or None
+    if _rank() == 0 and failure is None:
+        try:
+            checksums.write(tmp, {name: record for part, _ in gathered for name, record in part.items()})
+        except OSError as err:
+            failure = f"rank 0: {err}"
+    return _from_every_rank(failure)[0]
+
+
+def verify_checkpoint(directory: str | Path) -> list[str]:
+    """What makes the checkpoint ``directory`` unfit to load, one sentence per damaged file
+    naming it (collective: each rank checks its share; every rank gets the same list).
+
+    Its files are compared with the sizes and checksums recorded when it was published;
+    a checkpoint without them (written by an earlier megalong, or a converted weights
+    directory) is checked by loading only, which is logged.
+    """
+    directory = Path(directory)
+    try:
+        recorded = checksums.read(directory) if _rank() == 0 else None
+        problem = None
+    except ValueError as err:
+        recorded, problem = None, str(err)
+    recorded, problem = _from_every_rank((recorded, problem))[0]
+    if problem:
+        return [problem]
+    if recorded is None:
+        if _rank() == 0:
+            log.info("%s has no %s (a converted weights directory, or a checkpoint of an earlier megalong): "
+                     "not verified before loading", directory, layout.CHECKSUMS_FILE)
+        return []
+    world = _world_size()
+    started = time.monotonic()
+    mine = [f for f in recorded if checksums.owner(f, world) == _rank()]
+    found = sorted(p for part in _from_every_rank(checksums.problems(directory, recorded, mine)) for p in part)
+    if _rank() == 0 and not found:
+        log.info("Verified %d files (%s bytes) of %s against their checksums in %.1f s", len(recorded),
+                 f"{sum(r['bytes'] for r in recorded.values()):,}", directory.name, time.monotonic() - started)
+    return found
+
+
+# torch's CheckpointException (what dist_checkpointing raises for a failed write) derives
+# from BaseException, not Exception.
+_WRITE_FAILURES = (Exception, torch.distributed.checkpoint.api.CheckpointException)
+
+
+def _reason(err: BaseException) -> str:
+    """The underlying reason of a failed dist_checkpointing write or read, without its tracebacks."""
+    if isinstance(err, torch.distributed.checkpoint.api.CheckpointException):
+        reasons = []
+        for rank, failure in sorted(err.failures.items()):
+            cause = failure[0] if isinstance(failure, tuple) else failure
+            while getattr(cause, "__cause__", None) is not None:
+                cause = cause.__cause__
+            reasons.append(f"rank {rank}: {type(cause).__name__}: {cause}".strip())
+        return "; ".join(reasons) or "a write failed on another rank (rank 0's log says which)"
+    return f"{type(err).__name__}: {err}"
+
+
+def _write_conditions(directory: Path) -> str:
+    """What usually makes a write fail, as this process sees it: free space, a file-size limit."""
+    import resource
+
+    notes = []
+    try:
+        notes.append(f"{shutil.disk_usage(directory).free / 2**30:,.2f} GiB free on that file system")
+    except OSError:
+        pass
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if limit != resource.RLIM_INFINITY:
+        notes.append(f"this process may not write files over {limit:,} bytes (ulimit -f)")
+    return f" ({'; '.join(notes)})" if notes else ""
+
+
+def _latest_description(save_dir: str | Path) -> str:
+    target = layout.latest_target(save_dir)
+    return f"`latest` still names {target.name}" if target is not None else "no checkpoint was published before"
 
 
 def _unloadable_parts(directory: Path) -> list[str]:
@@ -227,9 +385,9 @@ def _unloadable_parts(directory: Path) -> list[str]:
     return problems
 
 
-def _one_after_the_other(first, second):
-    """One Megatron-Core async request that writes ``first`` and then ``second`` and
-    finalizes them in the same order.
+def _one_after_the_other(first, second, finalize):
+    """One Megatron-Core async request that writes ``first`` and then ``second``, then runs
+    ``finalize`` (which runs their own finalizations in the same order).
 
     Megatron-Core's async writers hand their results to the finalization through a single
     queue per process, and each finalization takes the next result from it. Two requests
@@ -253,16 +411,21 @@ def _one_after_the_other(first, second):
 
     # The caller stages (preloads) the tensors when it schedules the request, before the
     # background process starts, as it would for each request alone.
-    return AsyncRequest(write_both, (None, None, None), list(first.finalize_fns) + list(second.finalize_fns),
+    return AsyncRequest(write_both, (None, None, None), [finalize],
                         preload_fn=lambda: [staged_args(first), staged_args(second)])
 
 
 def prune_checkpoints(save_dir: str | Path, keep_last: int) -> list[str]:
-    """Delete all but the newest ``keep_last`` complete checkpoints (never the latest one)."""
+    """Delete all but the newest ``keep_last`` complete checkpoints up to the one ``latest``
+    names (never that one). Checkpoints newer than ``latest`` (left when it was set back to an
+    older one) are not counted and not deleted: the run replaces them as it reaches their steps."""
     if keep_last <= 0:
         return []
+    latest = layout.latest_target(save_dir)
+    newest = layout.iteration_step(latest) if latest is not None else None
+    candidates = [p for p in layout.iterations(save_dir) if newest is None or layout.iteration_step(p) <= newest]
     removed = []
-    for path in layout.iterations(save_dir)[:-keep_last]:
+    for path in candidates[:-keep_last]:
         shutil.rmtree(path, ignore_errors=True)
         removed.append(path.name)
     return removed
@@ -299,9 +462,11 @@ def load_checkpoint(
             _model_sharded_state(model_chunks), is_loading=True,
             metadata=_optimizer_metadata(optimizer_format),
         )
-        loaded = dist_checkpointing.load(optimizer_state, str(optimizer_path), strict=StrictHandling.RAISE_ALL)
+        with _naming_unreadable(optimizer_path):
+            loaded = dist_checkpointing.load(optimizer_state, str(optimizer_path), strict=StrictHandling.RAISE_ALL)
         torch_adam.load_state_dict(optimizer, loaded)
-    weights.load_model_state([unwrap(c) for c in model_chunks], model_path)
+    with _naming_unreadable(model_path):
+        weights.load_model_state([unwrap(c) for c in model_chunks], model_path)
 
     if restore_rng_for_layout is not None:
         rng_file = directory / RNG_SUBDIR / f"rank_{_rank():05d}.pt"
@@ -314,3 +479,14 @@ def load_checkpoint(
                 state.layout or "unknown", restore_rng_for_layout,
             )
     return state
+
+
+@contextlib.contextmanager
+def _naming_unreadable(path: Path):
+    """Turn torch's read failures (which name no file: a truncated one is a bare EOFError)
+    into an error naming the checkpoint part; :func:`verify_checkpoint` names the file when
+    checksums were recorded."""
+    try:
+        yield
+    except torch.distributed.checkpoint.api.CheckpointException as err:
+        raise CheckpointError(f"{path} cannot be loaded: {_reason(err)}") from err

@@ -106,6 +106,10 @@ class LoggingConfig:
     tensorboard_dir: Optional[str] = None
     # One JSON line of metrics per step; None = <save_dir>/metrics.jsonl when saving, else off.
     metrics_file: Optional[str] = None
+    # Also write into each metrics line which samples the step trained on: "samples", per
+    # data-parallel rank a list of [domain, sample index in that domain] (megalong's own data
+    # stream, not a data_factory). Costs one small gather over the data-parallel ranks a step.
+    log_samples: bool = False
     # Weights & Biases project (needs `pip install megalong[wandb]`); None = off.
     wandb_project: Optional[str] = None
     wandb_run_name: Optional[str] = None

@@ -81,6 +81,8 @@ class StepMetrics:
     flops: float             # model FLOPs of the step, whole job
     world_size: int
     skipped: bool = False
+    # Per data-parallel rank, the (domain, sample index) pairs it trained on (logging.log_samples).
+    samples: Optional[list] = None
 
     @property
     def tokens_per_second(self) -> float:
@@ -137,7 +139,10 @@ class MetricsWriter:
         if self.peak_tflops:
             values["mfu"] = m.tflops_per_device / self.peak_tflops
         if self._file is not None:
-            self._file.write(json.dumps({"step": m.step, **values}) + "\n")
+            row = {"step": m.step, **values}
+            if m.samples is not None:
+                row["samples"] = m.samples
+            self._file.write(json.dumps(row) + "\n")
             self._file.flush()
         if self._tb is not None:
             for key, value in values.items():

@@ -32,6 +32,12 @@ from megalong.training.signals import REQUEUE_EXIT_CODE, StopWatch, stop_signals
 
 log = logging.getLogger(__name__)
 
+
+def _listed(problems: list[str], shown: int = 3) -> str:
+    more = len(problems) - shown
+    return "; ".join(problems[:shown]) + (f" (and {more} more damaged file(s))" if more > 0 else "")
+
+
 def _layout_tag(parallel, world_size: int) -> str:
     return (f"tp{parallel.tensor_parallel},pp{parallel.pipeline_parallel},cp{parallel.context_parallel},"
             f"dp{parallel.data_parallel_size(world_size)},vp{parallel.virtual_pipeline or 1}")
@@ -101,6 +107,9 @@ class Trainer:
 
         if self.stream is None:
             self.stream = build_stream(run, self.dp_size)
+        if run.logging.log_samples and not hasattr(self.stream, "sample_ids_for_step"):
+            raise ValueError("logging.log_samples=true needs a data stream that says which samples it serves "
+                             "(megalong's own, from data:); this run's data_factory stream does not")
         if self.is_logging_rank:
             log.info("Training data: %s", self.stream.describe())
         self._load_initial_state()
@@ -114,17 +123,49 @@ class Trainer:
         return self
 
     def _resume_dir(self) -> Optional[Path]:
+        """The checkpoint to resume from, verified (:func:`ckpt.verify_checkpoint`): the one
+        ``latest`` names, or ``checkpoint.resume``'s. With ``auto``, a damaged or missing one
+        falls back to the newest older complete checkpoint kept in save_dir, and the log says
+        so; with nothing to fall back to the run stops, naming the damaged files."""
         choice = self.run.checkpoint.resume
         if choice == "never":
             return None
-        if choice == "auto":
-            save_dir = self.run.checkpoint.save_dir
-            return checkpoint_layout.read_latest(save_dir) if save_dir else None
-        path = checkpoint_layout.resolve(choice)
-        if not checkpoint_layout.is_training_checkpoint(path):
-            raise FileNotFoundError(f"checkpoint.resume={choice}: {path} is not a training checkpoint "
-                                    f"(no {checkpoint_layout.TRAIN_STATE_FILE})")
-        return path
+        if choice != "auto":
+            path = checkpoint_layout.resolve(choice)
+            if not checkpoint_layout.is_training_checkpoint(path):
+                raise FileNotFoundError(f"checkpoint.resume={choice}: {path} is not a training checkpoint "
+                                        f"(no {checkpoint_layout.TRAIN_STATE_FILE})")
+            problems = ckpt.verify_checkpoint(path)
+            if problems:
+                raise ckpt.CheckpointError(f"Cannot resume from checkpoint.resume={choice}: {_listed(problems)}")
+            return path
+        save_dir = self.run.checkpoint.save_dir
+        named = checkpoint_layout.latest_target(save_dir) if save_dir else None
+        if named is None:
+            return None
+        candidates = [named, *checkpoint_layout.older_checkpoints(save_dir, than=named)]
+        for index, path in enumerate(candidates):
+            if checkpoint_layout.is_training_checkpoint(path):
+                problems = ckpt.verify_checkpoint(path)
+            else:
+                problems = [f"{Path(save_dir) / checkpoint_layout.LATEST_FILE} names {path.name}, which is not a "
+                            f"complete training checkpoint"]
+            if not problems:
+                return path
+            if index + 1 < len(candidates):
+                if self.is_logging_rank:
+                    log.warning("Checkpoint %s cannot be used: %s. Falling back to the older complete checkpoint "
+                                "%s (the steps after it are trained again).", path, _listed(problems),
+                                candidates[index + 1])
+            else:
+                what = (f"checkpoint {path} cannot be used: {_listed(problems)}; no older complete checkpoint is "
+                        f"kept in {save_dir}" if index == 0 else
+                        f"no checkpoint kept in {save_dir} can be used (see the warnings above); the oldest, "
+                        f"{path}: {_listed(problems)}")
+                raise ckpt.CheckpointError(
+                    f"Cannot resume: {what}. Restore the file(s), point {checkpoint_layout.LATEST_FILE} at another "
+                    f"checkpoint, or start anew with checkpoint.resume=never.")
+        return None
 
     def _load_initial_state(self) -> None:
         run = self.run
@@ -161,6 +202,9 @@ class Trainer:
                     f"init.load_optimizer=true but {source} has no optimizer state ({source / 'optimizer'} missing)"
                 )
             carry = has_opt if carry is None else carry
+            problems = ckpt.verify_checkpoint(source)
+            if problems:
+                raise ckpt.CheckpointError(f"Cannot start from init.weights={run.init.weights}: {_listed(problems)}")
             if self.is_logging_rank:
                 log.info("New run from initial weights %s (RoPE theta %g)%s; fresh LR schedule from step 0",
                          source, self.model_config.rope_theta,
@@ -217,7 +261,18 @@ class Trainer:
             step_time=step_time, tokens=tokens,
             flops=training_flops(self.model_config, tokens, attention_cost, self.padded_vocab),
             world_size=self.runtime.world_size, skipped=not update_successful,
+            samples=self._samples_of_step(step) if self.run.logging.log_samples else None,
         )
+
+    def _samples_of_step(self, step: int) -> list:
+        """Per data-parallel rank, the [domain, sample index] pairs it trained on in ``step``
+        (each rank says its own; gathered over the data-parallel group)."""
+        mine = [list(pair) for pair in self.stream.sample_ids_for_step(step, self.dp_rank)]
+        if self.dp_size == 1:
+            return [mine]
+        gathered = [None] * self.dp_size
+        torch.distributed.all_gather_object(gathered, mine, group=self.ps.get_data_parallel_group())
+        return gathered
 
     def _reduce_step_figures(self, reports, micro_batches) -> tuple[float, int, int]:
         """Token-averaged loss over the global batch, its token count, and its attention cost.

@@ -47,3 +47,16 @@ def test_a_broken_marker_or_a_stranger_path_is_named(tmp_path):
         layout.resolve(tmp_path / "empty")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         layout.resolve(tmp_path / "nowhere")
+
+
+def test_older_checkpoints_are_where_a_resume_falls_back_to(tmp_path):
+    save = tmp_path / "run"
+    for step in (10, 20, 30):
+        _checkpoint(layout.iteration_dir(save, step))
+    _checkpoint(layout.iteration_dir(save, 15), training=False)  # weights only: not resumable
+    (save / "latest").write_text("iter_0000040\n")  # names a checkpoint that is gone
+    assert layout.latest_target(save) == save / "iter_0000040"
+    assert [p.name for p in layout.older_checkpoints(save, than=layout.latest_target(save))] == [
+        "iter_0000030", "iter_0000020", "iter_0000010"]
+    assert [p.name for p in layout.older_checkpoints(save, than=save / "iter_0000020")] == ["iter_0000010"]
+    assert len(layout.older_checkpoints(save, than=save / "garbage")) == 3  # no step named: all of them

@@ -3,10 +3,30 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parents[2]
 TEXT_FACTORY = "tests.training.text_stream:text_stream"
+
+# Different layouts sum in a different order: each step's gradients differ by fp32 reordering,
+# <= 512 u = 3e-5 of a tensor's largest gradient (tests/numerics.py). Adam (eps 1e-8) passes
+# that on as lr * eps / g^2 * dg, small unless |g| is itself at rounding level; such an element
+# (a ~3e-5 share of them) may step the other way, but moves the loss by at most |g| * 2 lr,
+# ~1e-10. So the losses agree to far below 1e-5 relative to first order in every step (seen:
+# ~1e-7 after 12 steps, the rest is the steps compounding); a wrong reduction is off by >1e-2.
+REL_TOLERANCE = 1e-5
+
+# test_parallel's eight-process layout: TP=2 x PP=2 x CP=2 when context parallelism is built
+# (megalong.data.cp_shard and megalong.model.attention), x DP=2 otherwise.
+CP_BUILT = all(importlib.util.find_spec(m) is not None for m in ("megalong.data.cp_shard", "megalong.model.attention"))
+EIGHT_PROCESS_LAYOUT = {"tensor_parallel": 2, "pipeline_parallel": 2, "distributed_optimizer": True,
+                        **({"context_parallel": 2} if CP_BUILT else {})}
 
 
 def tiny_run(tmp: Path, **sections) -> dict:
@@ -215,3 +235,33 @@ def padded_vocab_check() -> dict:
         "ours_vs_reference": float((ours.reshape(-1) - reference).abs().max()),
         "full_vocab_vs_reference": float((full_vocab_loss.reshape(-1) - reference).abs().max()),
     }
+
+
+def start_training_command(recipe: Path, log: Path, file_size_limit: int = 0) -> subprocess.Popen:
+    """``python -m megalong train RECIPE`` in the background, its output appended to ``log``.
+    ``file_size_limit``: the process may not write files over that many bytes (RLIMIT_FSIZE,
+    with SIGXFSZ ignored: a write past it fails as on a full disk)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+    def limit_file_size() -> None:
+        import resource
+        import signal
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+    with open(log, "ab") as out:
+        return subprocess.Popen([sys.executable, "-m", "megalong", "train", str(recipe)], cwd=ROOT, env=env,
+                                stdout=out, stderr=subprocess.STDOUT,
+                                preexec_fn=limit_file_size if file_size_limit else None)
+
+
+def wait_for_step(proc: subprocess.Popen, metrics: Path, step: int, timeout: float = 300) -> None:
+    """Until the metrics file has a line of ``step`` (or later); fails if the process exits first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if metrics.is_file() and any(r["step"] >= step for r in read_rows(metrics)):
+            return
+        assert proc.poll() is None, f"training exited early with code {proc.returncode}"
+        time.sleep(0.2)
+    raise AssertionError(f"step {step} not reached in {timeout} s")

@@ -1,35 +1,11 @@
 """`megalong train` as a real command: SIGKILL and SIGTERM mid-run, then exact resume."""
 
-import os
 import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import yaml
 
 from megalong.training.signals import REQUEUE_EXIT_CODE
-from tests.training.helpers import read_losses, read_rows, reference_run
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _start(recipe: Path, log: Path) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    with open(log, "ab") as out:
-        return subprocess.Popen([sys.executable, "-m", "megalong", "train", str(recipe)],
-                                cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-
-
-def _wait_for_step(proc: subprocess.Popen, metrics: Path, step: int, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if metrics.is_file() and any(r["step"] >= step for r in read_rows(metrics)):
-            return
-        assert proc.poll() is None, f"training exited early with code {proc.returncode}"
-        time.sleep(0.2)
-    raise AssertionError(f"step {step} not reached in {timeout} s")
+from tests.training.helpers import read_losses, read_rows, reference_run, start_training_command, wait_for_step
 
 
 def test_killed_and_signalled_run_resumes_with_identical_losses(workdir, single_process_results):
@@ -44,20 +20,20 @@ def test_killed_and_signalled_run_resumes_with_identical_losses(workdir, single_
     recipe.write_text(yaml.safe_dump(run))
     metrics, log = run_dir / "metrics.jsonl", run_dir / "train.log"
 
-    proc = _start(recipe, log)
-    _wait_for_step(proc, metrics, 5)
+    proc = start_training_command(recipe, log)
+    wait_for_step(proc, metrics, 5)
     proc.send_signal(signal.SIGKILL)
     assert proc.wait(timeout=60) == -signal.SIGKILL
 
-    proc = _start(recipe, log)
-    _wait_for_step(proc, metrics, 8)
+    proc = start_training_command(recipe, log)
+    wait_for_step(proc, metrics, 8)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) == REQUEUE_EXIT_CODE
     stopped_at = max(r["step"] for r in read_rows(metrics))
     latest = (run_dir / "ckpt" / "latest").read_text().strip()
     assert latest == f"iter_{stopped_at:07d}"
 
-    proc = _start(recipe, log)
+    proc = start_training_command(recipe, log)
     assert proc.wait(timeout=300) == 0, log.read_text()[-3000:]
 
     text = log.read_text()
