@@ -228,6 +228,9 @@ class RunConfig:
             )
         if self.loss.chunk_tokens < 0:
             raise ConfigError(f"loss.chunk_tokens must be >= 0 (0 = off), got {self.loss.chunk_tokens}")
+        if self.logging.log_samples and self.data_factory:
+            raise ConfigError("logging.log_samples=true needs megalong's own data stream (data.mixture or "
+                              "data.domains), which says which samples each step draws; data_factory does not")
         if self.checkpoint.save_interval and not self.checkpoint.save_dir:
             raise ConfigError("checkpoint.save_interval is set but checkpoint.save_dir is not")
         if not self.data_factory:
