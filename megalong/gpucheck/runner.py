@@ -72,22 +72,25 @@ def unstartable(check: Check, gpus: int, required: tuple[str, ...]) -> CheckResu
 
 
 def run_group(group_name: str, checks: list[Check], options: CheckOptions, required: tuple[str, ...],
-              gpus: int, records_dir: Path) -> list[CheckResult]:
-    """Start the group's processes; every check comes back with a record, whatever happens."""
+              gpus: int, records_dir: Path, target=None, timeout_s: float | None = None) -> list[CheckResult]:
+    """Start the group's processes (``target``: megalong.gpucheck.worker.run_group); every check
+    comes back with a record, whatever happens to them."""
     from megalong.gpucheck import worker
     from megalong.runtime.launch import run_processes
 
     group = GROUPS[group_name]
+    target = target or worker.run_group
     world = group.world_size(gpus) if gpus else 1
     names = [c.name for c in checks]
     print(f"gpu_check: group '{group_name}' ({group.description}; {world} process(es)): {', '.join(names)}",
           flush=True)
-    env = dict(MULTI_GPU_ENV) if world > 1 else {}
+    # LOCAL_WORLD_SIZE: this group's processes, whatever a surrounding srun says about the node.
+    env = {**(MULTI_GPU_ENV if world > 1 else {}), "LOCAL_WORLD_SIZE": str(world)}
     device_type = "cuda" if gpus else "cpu"
     stopped = None
     try:
-        run_processes(worker.run_group, world, args=(names, options, required, device_type, str(records_dir)),
-                      env=env, timeout_s=group.timeout_s)
+        run_processes(target, world, args=(names, options, required, device_type, str(records_dir)),
+                      env=env, timeout_s=timeout_s or group.timeout_s)
     except Exception as err:  # a crash, a hang stopped by the timeout: the records say how far it got
         stopped = f"{type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}"
         print(f"gpu_check: group '{group_name}' stopped: {stopped}", flush=True)

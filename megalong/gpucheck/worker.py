@@ -4,7 +4,6 @@ in order, writing each record as soon as it exists (a crash later loses nothing 
 from __future__ import annotations
 
 import importlib
-import json
 import os
 import time
 import traceback
@@ -13,7 +12,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from megalong.gpucheck.machine import Machine, detect
-from megalong.gpucheck.records import FAILED, SKIPPED, CheckResult, result_line
+from megalong.gpucheck.records import FAILED, SKIPPED, CheckResult, result_line, write_report
 from megalong.gpucheck.registry import CHECKS_BY_NAME, Check, CheckOptions
 
 # Always needed by the checks that need them (a broken install), never a skip.
@@ -91,6 +90,22 @@ def _call(check: Check, ctx: WorkerContext) -> CheckResult:
     return result
 
 
+def _agree_across_ranks(result: CheckResult, world_size: int) -> CheckResult:
+    """Rank 0 writes the record: it must fail when the check failed on any rank."""
+    if world_size == 1:
+        return result
+    import torch.distributed as dist
+
+    outcomes = [None] * world_size
+    dist.all_gather_object(outcomes, (result.status, result.reason))
+    others = [f"rank {r}: {reason}" for r, (status, reason) in enumerate(outcomes) if r and status == FAILED]
+    if others and result.status != FAILED:
+        return CheckResult(result.name, FAILED, "; ".join(others), result.figures, result.seconds)
+    if others:
+        result.reason = "; ".join([result.reason, *others])
+    return result
+
+
 def run_group(names: list[str], options: CheckOptions, required: tuple[str, ...], device_type: str,
               records_dir: str) -> list[dict]:
     """Entry point of each process of a group (started by megalong.runtime.launch.run_processes)."""
@@ -124,9 +139,9 @@ def run_group(names: list[str], options: CheckOptions, required: tuple[str, ...]
             ctx.say(f"[{name}] starting: {check.title}")
             result = _call(check, ctx)
         result.seconds = round(time.monotonic() - started, 2)
+        result = _agree_across_ranks(result, world_size)
         if rank == 0:
-            path = Path(records_dir) / f"{name}.json"
-            path.write_text(json.dumps(result.to_dict(), indent=1), encoding="utf-8")
+            write_report(Path(records_dir) / f"{name}.json", result.to_dict())
             print(f"gpu_check: {result_line(result)} ({result.seconds:.1f} s)", flush=True)
         results.append(result.to_dict())
     return results if rank == 0 else []
