@@ -9,6 +9,8 @@ construction. The modules:
 * :mod:`tolerances`: every numerical bound, derived from the rounding of bf16 / FP8;
 * :mod:`compare`: relative errors, cosines and gradients keyed across layer implementations;
 * :mod:`cases`: the inputs (packed documents, real text) and the model shapes checked;
+* :mod:`runs` / :mod:`training`: building and running models, and short Trainer runs, as
+  megalong's own training does;
 * :mod:`checks`: the checks themselves, one module per area;
 * :mod:`registry`: which checks exist, what each needs, which process group runs it;
 * :mod:`worker` / :mod:`runner`: the processes that run them and the report they write.

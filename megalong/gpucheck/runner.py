@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="tools/gpu_check.py",
         description="megalong's GPU acceptance checks: kernels, checkpoints, FP8, eval, context and tensor "
                     "parallelism against references, and throughput figures. See docs/gpu.md.")
-    parser.add_argument("--out", required=True, help="directory for gpu_check.json and the checks' files")
+    parser.add_argument("--out", help="directory for gpu_check.json and the checks' files (required)")
     parser.add_argument("--require", default="",
                         help=f"comma-separated features whose absence fails instead of skipping: {', '.join(FEATURES)}")
     parser.add_argument("--allow-no-gpu", action="store_true",
@@ -106,11 +106,14 @@ def run_group(group_name: str, checks: list[Check], options: CheckOptions, requi
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.list:
         for check in CHECKS:
             print(f"{check.name:20s} [{check.group}] {check.title}")
         return 0
+    if not args.out:
+        parser.error("--out DIR is required")
     from megalong.runtime.logs import setup_logging
     from megalong.runtime.warnings_filter import quiet_known_warnings
 
