@@ -157,6 +157,13 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *("| " + " | ".join(r) + " |" for r in rows)]
 
 
+def _bytes(value: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if value >= scale:
+            return f"{value / scale:,.1f} {unit}"
+    return f"{value} bytes"
+
+
 def _seconds(value: float | None) -> str:
     return "-" if value is None else f"{value / 60:.1f} min" if value >= 90 else f"{value:.0f} s"
 
@@ -179,7 +186,8 @@ def write_report(quickstart, elapsed_s: float) -> dict:
     recall = {row["label"]: row["recall"]["summary"]["by_length"] for row in results["models"] if row.get("recall")}
 
     artifacts = {
-        "corpus": out / "corpus", "data": quickstart.data, "held-out data": quickstart.heldout_prefix.parent,
+        "corpus": out / "corpus", "datasets (all)": quickstart.data,
+        "held-out dataset": quickstart.heldout_prefix.parent,
         "recipes": out / "recipes",
         **{f"checkpoints {stage}": quickstart.run_dir(stage) for stage in STAGES},
         "hf export": quickstart.export_dir, "eval": quickstart.eval_dir,
@@ -249,8 +257,10 @@ def write_report(quickstart, elapsed_s: float) -> dict:
         "",
         "## Where everything went",
         "",
+        f"This report: `{out / 'report.md'}`, its figures in `{out / 'report.json'}`.",
+        "",
         *_table(["artifact", "size", "path"],
-                [[name, f"{a['bytes'] / 2**20:,.1f} MiB", f"`{a['path']}`"] for name, a in report["artifacts"].items()]),
+                [[name, _bytes(a["bytes"]), f"`{a['path']}`"] for name, a in report["artifacts"].items()]),
         "",
         "## Rerunning a step by hand",
         "",
