@@ -12,10 +12,11 @@ Every task hides one or more "needles" in a long context and asks for what they 
 * ``kv_lookup``       records " owl:417." over a small alphabet of one-token keys and
   one-token numbers fill the context; the queried key appears once, every other key of
   the alphabet (one value each) fills the rest; the prompt ends with the queried key's
-  record prefix (" owl:") and the answer is its number. A model too small for the other
-  tasks can learn it (it is copying a token seen after the same key, the induction-head
-  pattern), and the quickstart trains on documents in the same format
-  (:func:`kv_document`), so its tiny models show retrieval by length.
+  record prefix (" owl:") and the answer is its number. No instruction following is
+  needed: answering is copying the token that followed the same key earlier (the pattern
+  of induction heads, the first retrieval small transformers learn). The quickstart
+  trains on documents in the same format (``megalong.quickstart.corpus.kv_document``)
+  and reports this task by length for each of its stages.
 
 Lengths are counted in tokens of the real tokenizer, including the chat or base framing
 (BOS, headers, question and answer prefix). Needle-in-a-haystack prompts have exactly the

@@ -138,18 +138,21 @@ def _loss_words(bands: dict[str, dict], boundary: int, end: int) -> list[str]:
     return [" ".join(lines[:2]), "", *(f"- {line}" for line in lines[2:])]
 
 
-def _recall_words(recall: dict[str, dict]) -> list[str]:
-    """kv_lookup recall by length of each model, and how it compares with copying at random."""
-    rows = {label: tasks["kv_lookup"] for label, tasks in recall.items() if "kv_lookup" in tasks}
-    if not rows:
-        return []
+def _recall_words(rows: list[dict]) -> list[str]:
+    """kv_lookup recall by length of each model (results.json rows), how it compares with
+    copying at random, and what the model answered to its first prompt."""
     lines = []
-    for label, by_length in rows.items():
+    for row in rows:
+        by_length = (row.get("recall") or {}).get("summary", {}).get("by_length", {}).get("kv_lookup")
+        if not by_length:
+            continue
         figures = ", ".join(f"{score:.2f} at {length}" for length, score in by_length.items())
-        best = max(by_length.values())
-        verdict = (f"above the {KV_CHANCE:.2f} of copying a random key's number" if best > KV_CHANCE
+        verdict = (f"above the {KV_CHANCE:.2f} of copying a random key's number" if max(by_length.values()) > KV_CHANCE
                    else f"no better than the {KV_CHANCE:.2f} of copying a random key's number")
-        lines.append(f"- {label}: kv_lookup {figures} tokens; best {verdict}.")
+        first = next(s for s in row["recall"]["samples"] if s["task"] == "kv_lookup")
+        lines.append(f"- {row['label']}: kv_lookup {figures} tokens; best {verdict}. Its first answer "
+                     f"({first['length']} tokens, depth {first['depth']:g}): {first['prediction']!r} "
+                     f"for {first['answers'][0]!r}.")
     return lines
 
 
@@ -201,6 +204,7 @@ def write_report(quickstart, elapsed_s: float) -> dict:
         "final_losses": {stage: losses[-1][1] for stage, losses in curves.items() if losses},
         "stages": stages,
         "steps": {name: {**step, "skipped_this_run": name in quickstart.skipped} for name, step in steps.items()},
+        "steps_seconds": round(sum(step["seconds"] for step in steps.values()), 1),
         "position_bands": {"boundary": boundary, "end": end, "models": bands},
         "recall_by_length": recall,
         "artifacts": {name: {"path": str(path), "bytes": size_bytes(path)} for name, path in artifacts.items()},
@@ -210,8 +214,9 @@ def write_report(quickstart, elapsed_s: float) -> dict:
     lines = [
         "# megalong quickstart report",
         "",
-        f"Finished in {elapsed_s / 60:.1f} minutes (size `{quickstart.config.size}`)"
-        + (f"; {len(quickstart.skipped)} steps were already done by an earlier run." if quickstart.skipped else "."),
+        f"Finished in {_seconds(elapsed_s)} (size `{quickstart.config.size}`)"
+        + (f"; {len(quickstart.skipped)} steps were already done by an earlier run." if quickstart.skipped else ".")
+        + f" The steps took {_seconds(report['steps_seconds'])} in all, each timed by the run that finished it.",
         "",
         f"Stage 1 loss: {first:.3f} over the first steps -> {last:.3f} over the last steps.",
         "Final losses: " + ", ".join(f"{k} {v:.3f}" for k, v in report["final_losses"].items()) + ".",
@@ -251,7 +256,7 @@ def write_report(quickstart, elapsed_s: float) -> dict:
                 [[label, task, *(f"{by_length[n]:.2f}" for n in lengths)]
                  for label, tasks in recall.items() for task, by_length in tasks.items()]),
         "",
-        *_recall_words(recall),
+        *_recall_words(results["models"]),
         "",
         "![recall heatmap](eval/recall_heatmap.png)",
         "",

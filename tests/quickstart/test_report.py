@@ -41,13 +41,21 @@ def test_the_sentence_says_what_the_bands_show(stage2_beyond, verdict):
     assert "stage1: loss beyond 256 is not lower than within (5.00 vs 5.00)" in text
 
 
+def _row(label: str, by_length: dict, prediction: str) -> dict:
+    sample = {"task": "kv_lookup", "length": 256, "depth": 0.5, "answers": ["417"], "prediction": prediction}
+    return {"label": label, "recall": {"summary": {"by_length": by_length}, "samples": [sample]}}
+
+
 def test_recall_words_compare_with_copying_a_random_key():
-    text = "\n".join(report._recall_words({
-        "stage1": {"niah_single": {"256": 0.0}, "kv_lookup": {"256": 0.5, "1024": 0.0}},
-        "stage2": {"kv_lookup": {"256": 0.0, "1024": 0.0}},
-    }))
+    text = "\n".join(report._recall_words([
+        _row("stage1", {"niah_single": {"256": 0.0}, "kv_lookup": {"256": 0.5, "1024": 0.0}}, "417."),
+        _row("stage2", {"kv_lookup": {"256": 0.0, "1024": 0.0}}, "::"),
+        {"label": "no-recall", "recall": None},
+    ]))
     assert "stage1: kv_lookup 0.50 at 256, 0.00 at 1024 tokens; best above the 0.03" in text
     assert "stage2: kv_lookup 0.00 at 256, 0.00 at 1024 tokens; best no better than the 0.03" in text
+    assert "Its first answer (256 tokens, depth 0.5): '::' for '417'." in text
+    assert "no-recall" not in text
 
 
 def test_throughput_counts_each_step_once(tmp_path):
