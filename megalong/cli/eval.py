@@ -32,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--prompt-format", choices=["auto", "base", "chat"],
                         help="chat = Llama-3 chat format for instruct models (auto: chat if the HF export has a chat template)")
-    parser.add_argument("--tasks", help="comma-separated recall tasks (niah_single,niah_multikey,niah_multivalue,json_kv); "
+    parser.add_argument("--tasks", help="comma-separated recall tasks (niah_single,niah_multikey,niah_multivalue,json_kv,kv_lookup); "
                         "'none' skips recall")
     parser.add_argument("--lengths", help="comma-separated prompt lengths in tokens, e.g. 4096,8192 or 4K,128K")
     parser.add_argument("--depths", help="comma-separated needle depths in [0, 1]")

@@ -9,10 +9,18 @@ Every task hides one or more "needles" in a long context and asks for what they 
 * ``niah_multivalue`` several needles with the same key and different values; answer all.
 * ``json_kv``         a JSON object of random UUID pairs is the whole context; answer the
   value of one key (HELMET's JSON KV, from "Lost in the Middle").
+* ``kv_lookup``       records " owl:417." over a small alphabet of one-token keys and
+  one-token numbers fill the context; the queried key appears once, every other key of
+  the alphabet (one value each) fills the rest; the prompt ends with the queried key's
+  record prefix (" owl:") and the answer is its number. No instruction following is
+  needed: answering is copying the token that followed the same key earlier (the pattern
+  of induction heads, the first retrieval small transformers learn). The quickstart
+  trains on documents in the same format (``megalong.quickstart.corpus.kv_document``)
+  and reports this task by length for each of its stages.
 
 Lengths are counted in tokens of the real tokenizer, including the chat or base framing
 (BOS, headers, question and answer prefix). Needle-in-a-haystack prompts have exactly the
-requested length (the last filler sentence is cut to fit); a JSON KV prompt is at most the
+requested length (the last filler sentence or record is cut to fit); a JSON KV prompt is at most the
 requested length and within one key-value pair of it, since the object cannot be cut
 mid-pair. The real length is ``RecallSample.num_tokens``.
 
@@ -52,6 +60,26 @@ _NOUNS = (
     "planet", "quartz", "river", "rocket", "saddle", "salmon", "tiger", "tunnel", "violin",
     "walrus", "willow", "wizard", "zebra",
 )
+
+# kv_lookup's alphabet: common words that are one Llama-3 token with their leading space,
+# and numbers of three digits (one token each, so every record " key:value." is 4 tokens:
+# " owl", ":", "417", "."). The quickstart's synthetic training domain uses the same ones.
+KV_KEYS = (
+    "owl", "cat", "dog", "fox", "bee", "cow", "pig", "hen", "ant", "bat", "elk", "yak", "sun", "moon", "star",
+    "tree", "rock", "lake", "hill", "road", "ship", "boat", "cake", "milk", "salt", "rice", "corn", "fish",
+    "bird", "frog", "wolf", "bear",
+)
+KV_VALUES = range(100, 1000)
+
+
+def kv_query(key: str) -> str:
+    """A record up to its value: what kv_lookup's prompt ends with."""
+    return f" {key}:"
+
+
+def kv_record(key: str, value: int | str) -> str:
+    """One key-value record as kv_lookup's context and the quickstart's training documents write it."""
+    return f"{kv_query(key)}{value}."
 
 
 @dataclass
@@ -137,8 +165,9 @@ def _nearest_boundary(boundaries: list[int], target: float) -> int:
     return before if target - before <= after - target else after
 
 
-def _haystack_with_needles(tokenizer, budget: int, needles: list[tuple[list[int], float]]):
-    """Noise filler of exactly ``budget`` tokens with needles at sentence boundaries.
+def _haystack_with_needles(filler: list[list[int]], budget: int, needles: list[tuple[list[int], float]]):
+    """Filler units (cycled, the last one cut to fit) of exactly ``budget`` tokens with needles
+    at unit boundaries.
 
     Returns (ids, [(offset of each needle inside ids, actual depth)]) in needle order.
     """
@@ -146,11 +175,10 @@ def _haystack_with_needles(tokenizer, budget: int, needles: list[tuple[list[int]
     filler_budget = budget - needle_total
     if filler_budget < 0:
         raise TaskTooLongError(f"needles need {needle_total} tokens but only {budget} are left")
-    sentences = [tokenizer.encode(s) for s in NOISE_SENTENCES]
     units: list[list[int]] = []
     boundaries = [0]
     while boundaries[-1] < filler_budget:
-        unit = sentences[len(units) % len(sentences)][: filler_budget - boundaries[-1]]
+        unit = filler[len(units) % len(filler)][: filler_budget - boundaries[-1]]
         units.append(unit)
         boundaries.append(boundaries[-1] + len(unit))
     placed = sorted(
@@ -172,22 +200,18 @@ def _haystack_with_needles(tokenizer, budget: int, needles: list[tuple[list[int]
     return ids, [where[order] for order in range(len(needles))]
 
 
-def _niah(
-    name: str, tokenizer, formatter: PromptFormatter, length: int, depth: float, index: int,
-    keys: list[str], values: list[str], question: str, answer_prefix: str,
-    answers: list[str], needle_depths: list[float], max_new_tokens: int,
+def _haystack_sample(
+    name: str, formatter: PromptFormatter, length: int, depth: float, index: int, preamble: list[int],
+    question: str, answer_prefix: str, filler: Callable[[int], list[list[int]]],
+    needles: list[tuple[list[int], float]], answers: list[str], max_new_tokens: int,
 ) -> RecallSample:
-    """A noise haystack with needles (key_i, value_i) at needle_depths; the first is queried."""
-    preamble = tokenizer.encode(
-        "Some special magic numbers are hidden within the following text. Make sure to memorize it. "
-        "I will quiz you about the numbers afterwards.\n"
-    )
+    """Framing + preamble + filler with needles at their depths (the first is queried), of
+    exactly ``length`` tokens; ``filler(budget)`` gives the filler units for a budget."""
     frame = formatter.frame(question, answer_prefix)
     head = frame.prefix + preamble
     budget = length - len(head) - len(frame.suffix)
-    needles = [(tokenizer.encode(_needle_text(k, v)), d) for k, v, d in zip(keys, values, needle_depths)]
     try:
-        body, placed = _haystack_with_needles(tokenizer, budget, needles)
+        body, placed = _haystack_with_needles(filler(budget), budget, needles)
     except TaskTooLongError as err:
         raise TaskTooLongError(f"task {name} does not fit in {length} tokens: {err}") from None
     return RecallSample(
@@ -198,6 +222,22 @@ def _niah(
         needle_depths=[d for _, d in placed],
         max_new_tokens=max_new_tokens,
     )
+
+
+def _niah(
+    name: str, tokenizer, formatter: PromptFormatter, length: int, depth: float, index: int,
+    keys: list[str], values: list[str], question: str, answer_prefix: str,
+    answers: list[str], needle_depths: list[float], max_new_tokens: int,
+) -> RecallSample:
+    """A noise haystack with needles (key_i, value_i) at needle_depths; the first is queried."""
+    preamble = tokenizer.encode(
+        "Some special magic numbers are hidden within the following text. Make sure to memorize it. "
+        "I will quiz you about the numbers afterwards.\n"
+    )
+    sentences = [tokenizer.encode(s) for s in NOISE_SENTENCES]
+    needles = [(tokenizer.encode(_needle_text(k, v)), d) for k, v, d in zip(keys, values, needle_depths)]
+    return _haystack_sample(name, formatter, length, depth, index, preamble, question, answer_prefix,
+                            lambda budget: sentences, needles, answers, max_new_tokens)
 
 
 def niah_single(tokenizer, formatter, length, depth, index, seed, options: TaskOptions) -> RecallSample:
@@ -284,11 +324,38 @@ def json_kv(tokenizer, formatter, length, depth, index, seed, options: TaskOptio
     )
 
 
+def kv_lookup(tokenizer, formatter, length, depth, index, seed, options: TaskOptions) -> RecallSample:
+    rng = _rng(seed, "kv_lookup", length, index)
+    # The queried key first, then every other key of the alphabet as a distractor; one
+    # value per key, all different, so only the queried record holds the answer.
+    keys = rng.sample(KV_KEYS, len(KV_KEYS))
+    values = rng.sample(KV_VALUES, len(keys))
+    records = [tokenizer.encode(kv_record(k, v)) for k, v in zip(keys, values)]
+
+    def filler(budget: int) -> list[list[int]]:
+        # Drawn the same way at every depth: one sample index keeps its records at every
+        # depth, and only the queried one moves among them.
+        return [records[rng.randrange(1, len(records))] for _ in range(budget // len(records[0]) + 1)]
+
+    preamble = tokenizer.encode(
+        "Below is a list of keys, each followed by its number. Memorize it: I will ask for the number of one key.\n"
+    )
+    return _haystack_sample(
+        "kv_lookup", formatter, length, depth, index, preamble,
+        f"\nWhat number does the list give for {keys[0]}?", kv_query(keys[0]), filler,
+        [(records[0], depth)], [str(values[0])],
+        # The number and its full stop, and no more: a wrong first answer cannot be followed
+        # by a whole record that holds the right one (substring scoring would count it).
+        max_new_tokens=2,
+    )
+
+
 TASKS: dict[str, Callable[..., RecallSample]] = {
     "niah_single": niah_single,
     "niah_multikey": niah_multikey,
     "niah_multivalue": niah_multivalue,
     "json_kv": json_kv,
+    "kv_lookup": kv_lookup,
 }
 
 

@@ -3,8 +3,12 @@
 Each step is the command a user would type (printed before it runs), so the quickstart is
 also a worked example: corpus -> ``megalong preprocess`` -> ``megalong sft-data`` ->
 ``megalong train`` stage 1 (short context) -> stage 2 (longer context, larger RoPE theta,
-initialized from stage 1) -> SFT -> ``megalong convert megatron-to-hf`` -> ``megalong eval``.
-Training runs under torchrun with context parallelism across the processes.
+initialized from stage 1) -> SFT -> ``megalong convert megatron-to-hf`` -> ``megalong eval``
+of the stage-1 and stage-2 checkpoints and the export side by side: recall by length and
+loss by position on held-out long documents out to stage 2's length, so what stage 2 did
+past stage 1's length is measured. Training runs under torchrun with context parallelism
+across the processes. Each finished step's command and wall time go to ``steps.json``,
+which the report reads.
 
 A step whose outputs exist is skipped, and training resumes from its last checkpoint, so a
 killed quickstart started again with the same command continues where it stopped.
@@ -44,20 +48,33 @@ class QuickstartSize:
     stage2_batch_size: int
     # Docstrings kept as short "web" documents.
     max_short_documents: int
+    # Recall prompt lengths (within stage 1's length and beyond it) and samples per cell.
     eval_lengths: str
     eval_samples: int
+    # Held-out documents for loss by position, each cut to stage 2's length.
+    ppl_documents: int
+
+    def __post_init__(self):
+        if self.stage1_seq_length % 4 or self.stage2_seq_length % self.ppl_bucket:
+            raise ValueError("stage 1's length must be a multiple of 4 and stage 2's of a quarter of stage 1's")
+
+    @property
+    def ppl_bucket(self) -> int:
+        """Position bucket width: a quarter of stage 1's length, so that buckets split exactly
+        at stage 1's length and the report's bands (within it, beyond it) are exact."""
+        return self.stage1_seq_length // 4
 
 
 SIZES: dict[str, QuickstartSize] = {
     "smoke": QuickstartSize(
         stage1_seq_length=128, stage1_steps=12, stage1_batch_size=4,
         stage2_seq_length=256, stage2_steps=4, sft_steps=3, stage2_batch_size=4,
-        max_short_documents=400, eval_lengths="128,256", eval_samples=1,
+        max_short_documents=400, eval_lengths="128,256", eval_samples=1, ppl_documents=2,
     ),
     "small": QuickstartSize(
         stage1_seq_length=256, stage1_steps=60, stage1_batch_size=8,
         stage2_seq_length=1024, stage2_steps=15, sft_steps=10, stage2_batch_size=4,
-        max_short_documents=3000, eval_lengths="256,512,1024", eval_samples=2,
+        max_short_documents=3000, eval_lengths="256,512,1024", eval_samples=2, ppl_documents=4,
     ),
 }
 
@@ -79,12 +96,21 @@ class QuickstartConfig:
 
 
 # ProLong's shape: long code repositories and books cut to single-document chunks, short
-# documents concatenated (weights 30/30/40).
+# documents concatenated (weights 30/30/40); plus the quickstart's own synthetic key-value
+# records (see corpus.py; not part of ProLong's mixture), so that a model this small learns
+# to retrieve and kv_lookup can show it.
 PRETRAINING_DOMAINS = [
     {"name": "code_repos", "weight": 30, "kind": "long", "paths": ["code/code_text_document"]},
     {"name": "books", "weight": 30, "kind": "long", "paths": ["books/books_text_document"]},
     {"name": "web", "weight": 40, "kind": "concat", "paths": ["web/web_text_document"]},
+    {"name": "synthetic_kv", "weight": 25, "kind": "long", "paths": ["synthetic_kv/synthetic_kv_text_document"]},
 ]
+# Held-out long documents (corpus.heldout_topics): evaluated, never trained on.
+HELDOUT_PREFIX = "heldout/heldout_books_text_document"
+# Where each finished step's command and wall time are kept (the report reads them).
+STEPS_FILE = "steps.json"
+# The models `megalong eval` compares, as labelled in results.json and the report.
+EVAL_LABELS = ("stage1", "stage2", "sft-export")
 
 
 class StepFailed(RuntimeError):
@@ -108,7 +134,6 @@ class Quickstart:
         self.size = SIZES[config.size]
         self.out = Path(config.out_dir).resolve()
         self.data = self.out / "data"
-        self.timings: dict[str, float] = {}
         self.skipped: list[str] = []
 
     # ---- paths -----------------------------------------------------------------------------
@@ -126,22 +151,37 @@ class Quickstart:
     def eval_dir(self) -> Path:
         return self.out / "eval"
 
+    @property
+    def heldout_prefix(self) -> Path:
+        return self.data / HELDOUT_PREFIX
+
+    def finished_steps(self) -> dict[str, dict]:
+        """Each finished step's title, command (run in the output directory) and wall time,
+        by step name, from this run or an earlier one."""
+        path = self.out / STEPS_FILE
+        return json.loads(path.read_text()) if path.is_file() else {}
+
     # ---- running steps -----------------------------------------------------------------------
-    def _run(self, title: str, command: list[str], done_when: Path) -> None:
+    def _run(self, name: str, title: str, command: list[str], done_when: Path) -> None:
         if done_when.exists():
             log.info("%s: already done (%s exists), skipping", title, done_when)
-            self.skipped.append(title)
+            self.skipped.append(name)
             return
         log.info("%s\n  $ %s", title, shlex.join(command))
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         start = time.monotonic()
         result = subprocess.run(command, cwd=self.out, env=env)
-        self.timings[title] = time.monotonic() - start
+        seconds = time.monotonic() - start
         if result.returncode != 0:
             raise StepFailed(f"{title} failed (exit code {result.returncode}); command: {shlex.join(command)}")
         if not done_when.exists():
             raise StepFailed(f"{title} finished but did not produce {done_when}")
-        log.info("%s: done in %.0f s", title, self.timings[title])
+        log.info("%s: done in %.0f s", title, seconds)
+        steps = self.finished_steps()
+        steps[name] = {"title": title, "command": shlex.join(command), "seconds": round(seconds, 1)}
+        tmp = self.out / f"{STEPS_FILE}.tmp"
+        tmp.write_text(json.dumps(steps, indent=1))
+        os.replace(tmp, self.out / STEPS_FILE)
 
     def _write_recipe(self, name: str, recipe: dict) -> Path:
         """Write ``recipe`` as `megalong train` will read it, after checking it as training will
@@ -191,21 +231,23 @@ class Quickstart:
         log.info("[1/8] building a small corpus from this Python installation under %s", self.out / "corpus")
         corpus = build_corpus(self.out / "corpus", max_short_documents=s.max_short_documents)
         for part, info in corpus.items():
-            log.info("  %-10s %s", part, ", ".join(f"{k}={v}" for k, v in info.items()))
+            log.info("  %-13s %s", part, ", ".join(f"{k}={v}" for k, v in info.items()))
 
         workers = ["--workers", str(c.workers)] if c.workers else []
-        for name, inputs, fmt in (
-            ("code", [corpus["code_repos"]["path"]], "code-repos"),
-            ("books", [corpus["books"]["path"]], "jsonl"),
-            ("web", [corpus["web"]["path"]], "jsonl"),
+        for name, inputs, fmt, prefix in (
+            ("code", [corpus["code_repos"]["path"]], "code-repos", self.data / "code" / "code_text_document"),
+            ("books", [corpus["books"]["path"]], "jsonl", self.data / "books" / "books_text_document"),
+            ("web", [corpus["web"]["path"]], "jsonl", self.data / "web" / "web_text_document"),
+            ("synthetic_kv", [corpus["synthetic_kv"]["path"]], "jsonl",
+             self.data / "synthetic_kv" / "synthetic_kv_text_document"),
+            ("held-out books", [corpus["heldout_books"]["path"]], "jsonl", self.heldout_prefix),
         ):
-            prefix = self.data / name / f"{name}_text_document"
-            self._run(f"[2/8] preprocessing {name} with the Llama-3 tokenizer",
+            self._run(f"preprocess {name}", f"[2/8] preprocessing {name} with the Llama-3 tokenizer",
                       _megalong("preprocess", "--input", *inputs, "--input-format", fmt,
                                 "--tokenizer", c.tokenizer, "--output-prefix", str(prefix), *workers),
                       done_when=Path(f"{prefix}.json"))
         chat_prefix = self.data / "chat" / "chat_chat"
-        self._run("[3/8] rendering chat conversations for SFT",
+        self._run("sft-data", "[3/8] rendering chat conversations for SFT",
                   _megalong("sft-data", corpus["chat"]["path"], "--tokenizer", c.tokenizer,
                             "--output", str(chat_prefix)),
                   done_when=Path(f"{chat_prefix}.json"))
@@ -213,7 +255,7 @@ class Quickstart:
         stage1 = self._write_recipe("stage1", self._recipe(
             "stage1", s.stage1_seq_length, s.stage1_steps, s.stage1_batch_size, c.stage1_rope_theta,
             PRETRAINING_DOMAINS, lr=2e-3))
-        self._run(f"[4/8] training stage 1: {s.stage1_seq_length} tokens, RoPE theta {c.stage1_rope_theta:g}, "
+        self._run("stage1", f"[4/8] training stage 1: {s.stage1_seq_length} tokens, RoPE theta {c.stage1_rope_theta:g}, "
                   f"context parallel over {c.nproc} processes",
                   _torchrun(c.nproc, "train", str(stage1)),
                   done_when=self.final_checkpoint("stage1", s.stage1_steps))
@@ -222,7 +264,7 @@ class Quickstart:
             "stage2", s.stage2_seq_length, s.stage2_steps, s.stage2_batch_size, c.stage2_rope_theta,
             PRETRAINING_DOMAINS, lr=1e-3,
             init=self.final_checkpoint("stage1", s.stage1_steps), load_optimizer=True))
-        self._run(f"[5/8] training stage 2: {s.stage2_seq_length} tokens, RoPE theta {c.stage2_rope_theta:g}, "
+        self._run("stage2", f"[5/8] training stage 2: {s.stage2_seq_length} tokens, RoPE theta {c.stage2_rope_theta:g}, "
                   "from stage 1's weights and optimizer state",
                   _torchrun(c.nproc, "train", str(stage2)),
                   done_when=self.final_checkpoint("stage2", s.stage2_steps))
@@ -231,18 +273,26 @@ class Quickstart:
             "sft", s.stage2_seq_length, s.sft_steps, s.stage2_batch_size, c.stage2_rope_theta,
             [{"name": "chat", "weight": 100, "kind": "sft", "paths": ["chat/chat_chat"]}], lr=5e-4,
             init=self.final_checkpoint("stage2", s.stage2_steps), load_optimizer=False))
-        self._run("[6/8] supervised fine-tuning on chat conversations (loss on assistant replies only)",
+        self._run("sft", "[6/8] supervised fine-tuning on chat conversations (loss on assistant replies only)",
                   _torchrun(c.nproc, "train", str(sft)),
                   done_when=self.final_checkpoint("sft", s.sft_steps))
 
-        self._run("[7/8] exporting the fine-tuned model to Hugging Face format",
+        self._run("export", "[7/8] exporting the fine-tuned model to Hugging Face format",
                   _megalong("convert", "megatron-to-hf", str(self.final_checkpoint("sft", s.sft_steps)),
                             str(self.export_dir), "--tokenizer", c.tokenizer),
                   done_when=self.export_dir / "config.json")
 
-        self._run("[8/8] evaluating recall by context length on the export",
-                  _megalong("eval", str(self.export_dir), "--out", str(self.eval_dir), "--tasks", "niah_single",
+        # All three models get the same base-format prompts (the export would get the chat
+        # format by default), so that their recall compares the stages and nothing else.
+        self._run("eval", f"[8/8] evaluating stage 1, stage 2 and the export: recall by length, and loss by "
+                          f"position on held-out documents out to {s.stage2_seq_length} tokens",
+                  _megalong("eval", str(self.final_checkpoint("stage1", s.stage1_steps)),
+                            str(self.final_checkpoint("stage2", s.stage2_steps)), str(self.export_dir),
+                            "--labels", ",".join(EVAL_LABELS), "--tokenizer", c.tokenizer, "--prompt-format", "base",
+                            "--out", str(self.eval_dir), "--tasks", "niah_single,kv_lookup",
                             "--lengths", s.eval_lengths, "--depths", "0,0.5,1", "--samples", str(s.eval_samples),
+                            "--ppl-data", str(self.heldout_prefix), "--ppl-length", str(s.stage2_seq_length),
+                            "--ppl-documents", str(s.ppl_documents), "--ppl-bucket", str(s.ppl_bucket),
                             "--device", "cpu"),
                   done_when=self.eval_dir / "results.json")
 

@@ -1,5 +1,8 @@
 """Recall task generators: deterministic, exact lengths, needles where they say."""
 
+import random
+import re
+
 import pytest
 
 from megalong.eval import tasks
@@ -43,7 +46,8 @@ def test_needle_is_at_the_stated_position_and_depth(task, depth, tokenizer, form
     # The ids at the stated position are the needle, and it holds the queried answer.
     for position, size in zip(s.needle_positions, s.needle_lengths):
         text = tokenizer.decode(s.input_ids[position:position + size])
-        assert ("special magic numbers for" in text) or (task == "json_kv" and '": "' in text)
+        assert ("special magic numbers for" in text) or (task == "json_kv" and '": "' in text) or \
+            (task == "kv_lookup" and re.fullmatch(r" [a-z]+:\d{3}\.", text))
     queried = tokenizer.decode(s.input_ids[s.needle_positions[0]:s.needle_positions[0] + s.needle_lengths[0]])
     assert s.answers[0] in queried
     for answer in s.answers:
@@ -109,3 +113,58 @@ def test_length_too_short_is_a_clear_error(tokenizer, formatter):
         tasks.generate("nope", tokenizer, formatter, 600, 0.5, 0)
     with pytest.raises(ValueError, match="depth"):
         tasks.generate("niah_single", tokenizer, formatter, 600, 1.5, 0)
+
+
+def _kv_context(tokenizer, sample):
+    """The records of a kv_lookup prompt (between the preamble and the question), as text."""
+    text = tokenizer.decode(sample.input_ids)
+    return text.split("one key.\n", 1)[1].rsplit("\nWhat number", 1)[0]
+
+
+def test_kv_record_is_four_tokens_and_tokenizes_the_same_alone_or_in_a_document(tokenizer):
+    rng = random.Random(0)
+    records = [tasks.kv_record(rng.choice(tasks.KV_KEYS), rng.choice(tasks.KV_VALUES)) for _ in range(200)]
+    assert all(len(tokenizer.encode(tasks.kv_record(k, 999))) == 4 for k in tasks.KV_KEYS)
+    assert all(len(tokenizer.encode(tasks.kv_record("owl", v))) == 4 for v in tasks.KV_VALUES)
+    # The quickstart's training documents are tokenized whole; the prompts record by record.
+    assert tokenizer.encode("".join(records)) == [t for r in records for t in tokenizer.encode(r)]
+
+
+@pytest.mark.parametrize("length", [96, 97, 98, 99, 1000, 4096])
+def test_kv_lookup_has_the_exact_length_and_asks_for_a_key_that_appears_once(length, tokenizer, formatter):
+    s = tasks.generate("kv_lookup", tokenizer, formatter, length, 0.5, 1)
+    assert s.num_tokens == length
+    key, value = re.fullmatch(r" ([a-z]+):(\d{3})\.",
+                              tokenizer.decode(s.input_ids[s.needle_positions[0]:][:s.needle_lengths[0]])).groups()
+    assert s.answers == [value]
+    context = _kv_context(tokenizer, s)
+    records = re.findall(r" ([a-z]+):(\d{3})\.", context)
+    assert [k for k, _ in records].count(key) == 1 and f" {key}:" not in context.replace(f" {key}:{value}.", "", 1)
+    assert value not in context.replace(f" {key}:{value}.", "", 1)
+    # Every distractor key keeps one value, different from the answer.
+    values = {}
+    for k, v in records:
+        values.setdefault(k, set()).add(v)
+    assert all(len(v) == 1 for v in values.values()) and len(set().union(*values.values())) == len(values)
+    # The prompt ends with the queried record's prefix: the answer is the next token.
+    query = tokenizer.encode(tasks.kv_query(key).lstrip() if formatter.prompt_format == "chat" else tasks.kv_query(key))
+    assert s.input_ids[-len(query):] == query
+
+
+@pytest.mark.parametrize("depth", [0.0, 0.25, 1.0])
+def test_kv_lookup_places_the_queried_record_at_the_depth_among_the_same_records(depth, tokenizer):
+    formatter = PromptFormatter(tokenizer, "base")
+    s = tasks.generate("kv_lookup", tokenizer, formatter, 1200, depth, 5)
+    records = _kv_context(tokenizer, s)
+    needle = tokenizer.decode(s.input_ids[s.needle_positions[0]:][:s.needle_lengths[0]])
+    before = records.index(needle)
+    # Depth = share of the other records' tokens before it (4 tokens per record; the last
+    # filler record may be cut short).
+    filler_tokens = len(tokenizer.encode(records)) - 4
+    assert abs(len(tokenizer.encode(records[:before])) / filler_tokens - depth) <= 4 / filler_tokens
+    assert s.needle_depths[0] == pytest.approx(len(tokenizer.encode(records[:before])) / filler_tokens)
+    if depth == 1.0:
+        assert records.endswith(needle)
+    # The same sample index at another depth: the same records, only the queried one moved.
+    other = tasks.generate("kv_lookup", tokenizer, formatter, 1200, 0.5, 5)
+    assert _kv_context(tokenizer, other).replace(needle, "", 1) == records.replace(needle, "", 1)
