@@ -147,8 +147,8 @@ def _recall_words(rows: list[dict]) -> list[str]:
         if not by_length:
             continue
         figures = ", ".join(f"{score:.2f} at {length}" for length, score in by_length.items())
-        verdict = (f"above the {KV_CHANCE:.2f} of copying a random key's number" if max(by_length.values()) > KV_CHANCE
-                   else f"no better than the {KV_CHANCE:.2f} of copying a random key's number")
+        relation = "above" if max(by_length.values()) > KV_CHANCE else "no better than"
+        verdict = f"{relation} the {KV_CHANCE:.2f} of copying a random key's number"
         first = next(s for s in row["recall"]["samples"] if s["task"] == "kv_lookup")
         lines.append(f"- {row['label']}: kv_lookup {figures} tokens; best {verdict}. Its first answer "
                      f"({first['length']} tokens, depth {first['depth']:g}): {first['prediction']!r} "
