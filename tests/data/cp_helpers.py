@@ -8,7 +8,6 @@ from typing import Sequence
 import torch
 
 from megalong.data.cp_shard import SHARDED_KEYS, load_balanced_index
-from megalong.model.attention.thd_relayout import thd_index
 
 
 def unshard_from_cp(shards: Sequence[dict], cp_size: int) -> dict:
@@ -66,8 +65,16 @@ def pad_documents_for_thd(batch: dict, cp_size: int, pad_token_id: int = 0) -> d
 
 
 def shard_thd_for_cp(padded: dict, cp_size: int, cp_rank: int) -> dict:
-    """This rank's share of a :func:`pad_documents_for_thd` stream (boundaries stay whole)."""
-    index = thd_index(padded["cu_seqlens_padded"], cp_size, cp_rank)
+    """This rank's share of a :func:`pad_documents_for_thd` stream (boundaries stay whole):
+    pieces r and 2cp-1-r of every padded document, written out here rather than taken from
+    megalong's ``thd_index``, so that the exchange is checked against an independent layout."""
+    cu = padded["cu_seqlens_padded"].tolist()
+    positions = []
+    for start, end in zip(cu[:-1], cu[1:]):
+        piece = (end - start) // (2 * cp_size)
+        for chunk in (cp_rank, 2 * cp_size - 1 - cp_rank):
+            positions.extend(range(start + chunk * piece, start + (chunk + 1) * piece))
+    index = torch.tensor(positions, dtype=torch.long)
     out = dict(padded)
     for key in SHARDED_KEYS:
         out[key] = padded[key].index_select(1, index)

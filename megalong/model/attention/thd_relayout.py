@@ -32,9 +32,7 @@ def thd_index(cu_seqlens_padded: torch.Tensor, cp_size: int, cp_rank: int) -> to
         length = end - start
         if length % (2 * cp_size):
             raise ValueError(f"document of padded length {length} is not a multiple of 2 x cp = {2 * cp_size}")
-        piece = length // (2 * cp_size)
-        for chunk in (cp_rank, 2 * cp_size - 1 - cp_rank):
-            parts.append(torch.arange(start + chunk * piece, start + (chunk + 1) * piece))
+        parts.append(start + load_balanced_index(length, cp_size, cp_rank))
     return torch.cat(parts)
 
 
