@@ -87,8 +87,7 @@ def two_process_results(workdir, single_process_results):
 
 @pytest.fixture(scope="session")
 def eight_process_results(workdir, single_process_results):
-    """In eight processes: the 12-step reference run at TP=2 x PP=2 x CP=2 (or x DP=2 without
-    CP: see test_parallel), saving at step 6 for a resume in one process."""
+    """In eight processes: the 12-step reference run at TP=2 x PP=2 x CP=2, saving at step 6 for a resume in one process."""
     save = {"save_dir": str(workdir / "eight-processes" / "ckpt"), "save_interval": 6, "keep_last": 0}
     run = helpers.reference_run(workdir, "eight-processes", parallel=helpers.EIGHT_PROCESS_LAYOUT, checkpoint=save)
     return run_processes(helpers.train_from_dict, 8, (run,))

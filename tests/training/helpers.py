@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import os
 import subprocess
@@ -22,11 +21,9 @@ TEXT_FACTORY = "tests.training.text_stream:text_stream"
 # ~1e-7 after 12 steps, the rest is the steps compounding); a wrong reduction is off by >1e-2.
 REL_TOLERANCE = 1e-5
 
-# test_parallel's eight-process layout: TP=2 x PP=2 x CP=2 when context parallelism is built
-# (megalong.data.cp_shard and megalong.model.attention), x DP=2 otherwise.
-CP_BUILT = all(importlib.util.find_spec(m) is not None for m in ("megalong.data.cp_shard", "megalong.model.attention"))
-EIGHT_PROCESS_LAYOUT = {"tensor_parallel": 2, "pipeline_parallel": 2, "distributed_optimizer": True,
-                        **({"context_parallel": 2} if CP_BUILT else {})}
+# test_parallel's eight-process layout: every parallel dimension at 2.
+EIGHT_PROCESS_LAYOUT = {"tensor_parallel": 2, "pipeline_parallel": 2, "context_parallel": 2,
+                        "distributed_optimizer": True}
 
 
 def tiny_run(tmp: Path, **sections) -> dict:

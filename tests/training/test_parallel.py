@@ -1,9 +1,8 @@
 """Every parallelism gives the losses of one process (same initial weights, same data).
 
-One 8-process job combines TP=2 x PP=2 with CP=2 (when context parallelism is built:
-megalong.data.cp_shard and megalong.model.attention) or with DP=2 otherwise. DP=2 with
-the distributed optimizer is also checked against one process in the two-process job of
-test_loss (uneven batches), and PP=2 with virtual stages in test_checkpoint.
+One 8-process job combines TP=2 x PP=2 x CP=2. DP=2 with the distributed optimizer is
+also checked against one process in the two-process job of test_loss (uneven batches), and
+PP=2 with virtual stages in test_checkpoint.
 """
 
 import pytest
@@ -11,8 +10,8 @@ import pytest
 from tests.training.helpers import REL_TOLERANCE, read_losses
 
 
-def test_tp2_pp2_and_cp2_or_dp2_match_one_process(workdir, single_process_results, eight_process_results):
-    """12 steps at TP=2 x PP=2 x CP=2 (or x DP=2 without CP) vs the one-process run (the
+def test_tp2_pp2_cp2_matches_one_process(workdir, single_process_results, eight_process_results):
+    """12 steps at TP=2 x PP=2 x CP=2 vs the one-process run (the
     eight-process run is the conftest's; it also saves a checkpoint, see test_resharding)."""
     assert eight_process_results == [0] * 8
     parallel = read_losses(workdir / "eight-processes" / "metrics.jsonl")
