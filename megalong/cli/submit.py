@@ -15,6 +15,7 @@ import argparse
 import os
 import shlex
 import sys
+from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -58,8 +59,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from megalong.config import ConfigError, LayoutError
-    from megalong.slurm import ChainRequest, JobOptions, SubmitError, build_chain, submit_jobs
+    from megalong.config import ConfigError
+    from megalong.slurm import ChainRequest, JobOptions, SubmitError, build_chain, submit_chain
 
     if not (args.recipes or args.preprocess or args.convert):
         print("megalong submit: give at least one RECIPE, --preprocess or --convert", file=sys.stderr)
@@ -90,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
     )
     try:
         stages = build_chain(request)
-    except (LayoutError, ConfigError) as err:
+    except ConfigError as err:  # LayoutError included
         print(f"megalong submit: refused, nothing was submitted: {err}", file=sys.stderr)
         return 2
 
@@ -104,7 +105,9 @@ def run(args: argparse.Namespace) -> int:
             print(stage.script)
         return 0
     try:
-        submit_jobs(stages, args.log_dir, after=args.after)
+        # The scripts are kept in LOG_DIR/scripts; creating it creates the log directory, which
+        # SLURM cannot (a job whose log cannot be opened fails without a word).
+        submit_chain(stages, Path(args.log_dir) / "scripts", after=args.after)
     except SubmitError as err:
         print(f"megalong submit: {err}", file=sys.stderr)
         return 1

@@ -7,7 +7,7 @@ not fit the recipe's parallel layout, ``chain`` builds the jobs of ``megalong su
 ``sbatch`` with ``afterok`` dependencies.
 """
 
-from megalong.slurm.chain import ChainRequest, build_chain, submit_jobs
+from megalong.slurm.chain import ChainRequest, build_chain
 from megalong.slurm.layout import JobShape, check_recipe_layout
 from megalong.slurm.render import JobOptions, render_convert, render_preprocess, render_train
 from megalong.slurm.submit import Stage, SubmitError, submit_chain
@@ -24,5 +24,4 @@ __all__ = [
     "render_preprocess",
     "render_train",
     "submit_chain",
-    "submit_jobs",
 ]

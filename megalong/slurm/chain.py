@@ -98,12 +98,3 @@ def build_chain(request: ChainRequest) -> list[Stage]:
         stages.append(_convert_stage(request))
     return stages
 
-
-def submit_jobs(stages: Sequence[Stage], log_dir: str | Path, after: Optional[str] = None) -> list[str]:
-    """Submit the chain (the first job after job ``after``, if given); returns the job ids.
-
-    The log directory is created first: SLURM cannot create it, and a job whose log cannot be
-    opened fails without a word. The rendered scripts are kept in ``log_dir/scripts``.
-    """
-    Path(log_dir).mkdir(parents=True, exist_ok=True)
-    return submit_chain(stages, Path(log_dir) / "scripts", after=after)

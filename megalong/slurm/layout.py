@@ -34,12 +34,11 @@ class JobShape:
         return f"{self.nodes} {node} x {self.procs_per_node} {unit} per node = {self.world_size} processes"
 
 
-def check_recipe_layout(recipe: str | Path, shape: JobShape, overrides: Iterable[str] = (),
-                        check_data: bool = True, check_init: bool = True) -> str:
+def check_recipe_layout(recipe: str | Path, shape: JobShape, overrides: Iterable[str] = ()) -> str:
     """Load ``recipe`` (with ``overrides``) and :func:`check_run` it; the layout's description."""
     from megalong.training.config import RunConfig
 
-    return check_run(load(RunConfig, recipe, overrides), recipe, shape, check_data, check_init)
+    return check_run(load(RunConfig, recipe, overrides), recipe, shape)
 
 
 def check_run(run, recipe: str | Path, shape: JobShape, check_data: bool = True, check_init: bool = True) -> str:
