@@ -124,3 +124,38 @@ def hf_config(model: ModelConfig):
         rms_norm_eps=model.norm_epsilon, tie_word_embeddings=model.tie_word_embeddings,
         bos_token_id=1, eos_token_id=2,
     )
+
+
+# Head size of the attention-kernel checks (Llama-3's).
+HEAD_DIM = 128
+
+
+def attention_layout(seq_length: int):
+    """Micro-batch 2 of packed documents (see :func:`micro_batch_lengths`) as megalong's
+    attention sees them."""
+    import torch
+
+    from megalong.model.attention.layout import DocumentLayout
+
+    lengths = micro_batch_lengths(seq_length, seed=3)
+    cu = [torch.tensor([0, *torch.tensor(sample).cumsum(0).tolist()]) for sample in lengths]
+    return DocumentLayout.from_sample_cu_seqlens(cu, seq_length)
+
+
+def attention_inputs(device, seq_length: int, query_heads: int, kv_heads: int):
+    """q, k, v [s, 2, heads, HEAD_DIM] and an output gradient [s, 2, query_heads * HEAD_DIM],
+    bf16, drawn the same on every rank."""
+    import torch
+
+    generator = torch.Generator().manual_seed(17)
+    shapes = [(seq_length, 2, query_heads, HEAD_DIM), (seq_length, 2, kv_heads, HEAD_DIM),
+              (seq_length, 2, kv_heads, HEAD_DIM), (seq_length, 2, query_heads * HEAD_DIM)]
+    return [torch.randn(*s, generator=generator).to(device, torch.bfloat16) for s in shapes]
+
+
+def attention_with_gradients(fn, tensors, grad):
+    """[output, dq, dk, dv] of ``fn(q, k, v)`` backpropagating ``grad``."""
+    leaves = [t.detach().clone().requires_grad_() for t in tensors]
+    out = fn(*leaves)
+    out.backward(grad)
+    return [out.detach()] + [leaf.grad.detach() for leaf in leaves]

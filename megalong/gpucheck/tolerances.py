@@ -36,7 +36,6 @@ from typing import Iterable
 U_BF16 = 2.0**-8
 U_E4M3 = 2.0**-4
 U_E5M2 = 2.0**-3
-U_FP32 = 2.0**-24
 
 # Roundings to bf16 in one transformer layer (Transformer Engine or Megatron-Core local
 # layers in bf16; every GEMM accumulates in fp32 and rounds its output once).

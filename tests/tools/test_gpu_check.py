@@ -7,6 +7,7 @@ import json
 import math
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -64,9 +65,12 @@ def test_allow_no_gpu_runs_the_cpu_checks_and_reports_every_other_as_skipped(tmp
     sdpa = by_name["model.sdpa"]
     assert sdpa["status"] == PASSED and sdpa["figures"]["device"] == "cpu" and sdpa["figures"]["layers"] == "local"
     assert sdpa["figures"]["gradient_worst_relative_error"] <= sdpa["figures"]["gradient_bound"]
-    others = [c for name, c in by_name.items() if name not in ("versions", "model.sdpa")]
+    reference = by_name["model.reference"]
+    assert reference["status"] == PASSED and reference["figures"]["device"] == "cpu"
+    assert max(reference["figures"]["relative_errors"].values()) <= reference["figures"]["bound"]
+    others = [c for name, c in by_name.items() if name not in ("versions", "model.reference", "model.sdpa")]
     assert others and all(c["status"] == SKIPPED and c["reason"] for c in others)
-    assert written["counts"] == {PASSED: 2, FAILED: 0, SKIPPED: len(others)}
+    assert written["counts"] == {PASSED: 3, FAILED: 0, SKIPPED: len(others)}
     assert "skipped checks were NOT run" in done.stdout
 
 
@@ -87,6 +91,31 @@ def test_whole_model_check_passes_bf16_and_fails_a_model_that_ignores_documents(
     assert found[False]["loss_relative_error"] < tolerances.bf16_forward_bound(cases.MODEL.num_layers)
     # ... but the attention weights' gradients do.
     assert "gradient of decoder.layers.0.self_attention.linear_qkv.weight" in found[False]["reason"]
+
+
+def test_reference_check_fails_an_attention_that_ignores_documents(monkeypatch):
+    from megalong.gpucheck.checks import model_backends
+    from megalong.model.attention import local
+    from megalong.model.attention.layout import DocumentLayout
+
+    ctx = types.SimpleNamespace(on_gpu=False, device=torch.device("cpu"))
+    assert model_backends.check_reference(ctx).status == PASSED
+    sdpa = local.sdpa_attention
+
+    def one_document(query, key, value, layout, scale, *args):
+        seq = layout.seq_length
+        return sdpa(query, key, value, DocumentLayout.from_sample_cu_seqlens([torch.tensor([0, seq])] * 2, seq), scale)
+
+    monkeypatch.setattr(local, "sdpa_attention", one_document)
+    failed = model_backends.check_reference(ctx)
+    assert failed.status == FAILED and "fp32 sdpa output relative error" in failed.reason
+
+
+def test_megalong_cp_check_passes_its_kernels_and_fails_one_that_ignores_documents():
+    (found,) = run_processes(workers.megalong_cp_check_with_and_without_documents, 2, ())[:1]
+    assert found["status"] == PASSED, found["reason"]
+    assert len([key for key in found["figures"] if key.startswith("megalong")]) == 2  # ring and all-to-all
+    assert found["without_documents"] and "output relative error" in found["without_documents"][0]
 
 
 def test_compare_gradients_catches_scale_direction_missing_and_nan():

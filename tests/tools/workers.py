@@ -47,3 +47,33 @@ def first_check_then_hang(names, options, required, device_type, records_dir) ->
     (Path(records_dir) / f"{names[0]}.json").write_text(json.dumps(record.to_dict()), encoding="utf-8")
     time.sleep(600)
     return []
+
+
+def megalong_cp_check_with_and_without_documents() -> dict:
+    """cp.megalong at CP=2 over gloo on the CPU (megalong's ring and all-to-all against the
+    definition), and the same comparison for a ring that ignores the document boundaries."""
+    import math
+    import types
+
+    import torch
+    import torch.distributed as dist
+
+    from megalong.config.parallel import ParallelConfig
+    from megalong.gpucheck import cases
+    from megalong.gpucheck.checks import context_parallel
+    from megalong.gpucheck.machine import detect
+    from megalong.model.attention import ring
+    from megalong.model.attention.layout import DocumentLayout
+    from megalong.runtime import init_distributed
+
+    init_distributed(ParallelConfig(context_parallel=2), device="cpu")
+    ctx = types.SimpleNamespace(on_gpu=False, device=torch.device("cpu"), world_size=2, machine=detect("cpu"))
+    result = context_parallel.check_megalong(ctx)
+    seq, scale = result.figures["seq_length"], 1.0 / math.sqrt(cases.HEAD_DIM)
+    one_document = DocumentLayout.from_sample_cu_seqlens([torch.tensor([0, seq])] * 2, seq)
+    errors = context_parallel.kernel_errors(
+        ctx, lambda q, k, v, layout: ring.ring_attention(q, k, v, one_document, dist.group.WORLD, scale), 4, 1, seq)
+    failures: list = []
+    context_parallel._judge_kernel("ring without documents", 4, 1, errors, 2, failures, {})
+    return {"status": result.status, "reason": result.reason, "figures": result.figures,
+            "without_documents": failures}

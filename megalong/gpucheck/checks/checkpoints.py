@@ -29,7 +29,6 @@ from megalong.gpucheck.tolerances import bf16_forward_bound, fp8_forward_bound, 
 # A multiple of 16: Transformer Engine's FP8 GEMMs need token counts divisible by 16.
 PROBE_TOKENS = 64
 CPU_ONLY = {"CUDA_VISIBLE_DEVICES": ""}
-SOURCES = ("cpu-written", "hf-converted")
 LAYERS = cases.CHECKPOINT_MODEL.num_layers
 
 

@@ -3,16 +3,22 @@
 Kernel level (``cp.te-ring``, ``cp.te-a2a``, ``cp.te-wide``): q, k, v and the output gradient
 are drawn once (bf16, the same on every rank) for micro-batch 2 of packed documents: runs of
 one-token documents, lengths that are not multiples of 2 x CP (TE pads every document to
-one), documents crossing the CP chunks, one long document. The reference is megalong's sdpa
-attention in fp32 over the whole sequence; each rank runs megalong's
-``TEContextParallelKernel`` (tokens exchanged into TE's THD layout, TE's ring or all-to-all,
-exchanged back) on its load-balanced share. Output and dq/dk/dv, norm-wise over all ranks,
-must be within the bf16 attention bounds with CP merges (tolerances.attention_*_bound).
+one), documents crossing the CP chunks, one long document. The reference is the definition
+(``reference_attention``: the whole document mask written out) in fp32 over the whole
+sequence; each rank runs megalong's ``TEContextParallelKernel`` (tokens exchanged into TE's
+THD layout, TE's ring or all-to-all, exchanged back) on its load-balanced share. Output and
+dq/dk/dv, norm-wise over all ranks, must be within the bf16 attention bounds with CP merges
+(tolerances.attention_*_bound).
 The ring runs with a single KV head (4 query heads); the all-to-all with CP KV heads, one per
 rank after the exchange. Where megalong refuses the all-to-all on this TE version (2.9:
 not on packed documents; 2.10+: heads not divisible by CP), the check is that
 ``check_for_machine`` refuses it with the documented message, and the refused kernel is
 not run; a configuration with one KV head for CP=2 is always checked for refusal on 2.10+.
+
+``cp.megalong``: megalong's own context parallelism, the same way at CP=2 with 4 query heads
+and one KV head: its ring (the PyTorch block kernel, what attention_backend sdpa or flash
+runs with cp_comm ring) and its all-to-all (KV heads repeated to the CP size, then flash-attn
+when it imports, else sdpa: what megalong's refusal of TE's all-to-all recommends instead).
 
 Model level (``cp.model``): the whole model at CP=2 (TE layers, bf16, TE's ring and
 all-to-all) against the fp32 reference at CP=1, loss and every gradient (summed over the CP
@@ -32,17 +38,6 @@ from megalong.gpucheck.compare import gradients
 from megalong.gpucheck.records import CheckResult
 from megalong.gpucheck.tolerances import attention_forward_bound, attention_gradient_bound
 
-HEAD_DIM = 128
-
-
-def _layout(seq_length: int):
-    from megalong.model.attention.layout import DocumentLayout
-
-    lengths = cases.micro_batch_lengths(seq_length, seed=3)
-    cu = [torch.tensor([0, *torch.tensor(sample).cumsum(0).tolist()]) for sample in lengths]
-    return DocumentLayout.from_sample_cu_seqlens(cu, seq_length)
-
-
 def _global_relative_error(got: torch.Tensor, ref: torch.Tensor, group) -> float:
     """||got - ref|| / ||ref|| over the shards of every rank of ``group``."""
     sums = torch.tensor([float(((got.double() - ref.double()) ** 2).sum()), float((ref.double() ** 2).sum())],
@@ -51,31 +46,20 @@ def _global_relative_error(got: torch.Tensor, ref: torch.Tensor, group) -> float
     return math.sqrt(float(sums[0]) / float(sums[1])) if float(sums[1]) else math.inf
 
 
-def kernel_errors(ctx, cp_comm: str, query_heads: int, kv_heads: int, seq_length: int) -> dict:
-    """Relative errors of TE's CP attention on this rank's share against the fp32 whole sequence."""
+def kernel_errors(ctx, attention, query_heads: int, kv_heads: int, seq_length: int) -> dict:
+    """Relative errors of ``attention(q, k, v, layout)``, a CP kernel run on this rank's
+    load-balanced share, against the definition in fp32 over the whole sequence."""
     from megalong.data.cp_shard import load_balanced_index
-    from megalong.model.attention.local import sdpa_attention
-    from megalong.model.attention.te import TEContextParallelKernel
+    from megalong.model.attention.reference import reference_attention
 
     group, cp, rank = dist.group.WORLD, dist.get_world_size(), dist.get_rank()
-    layout, scale = _layout(seq_length), 1.0 / math.sqrt(HEAD_DIM)
-    generator = torch.Generator().manual_seed(17)
-    shapes = [(seq_length, 2, query_heads, HEAD_DIM), (seq_length, 2, kv_heads, HEAD_DIM),
-              (seq_length, 2, kv_heads, HEAD_DIM), (seq_length, 2, query_heads * HEAD_DIM)]
-    q, k, v, grad_out = (torch.randn(*s, generator=generator).to(ctx.device, torch.bfloat16) for s in shapes)
-
-    def run(fn, tensors, grad):
-        leaves = [t.detach().clone().requires_grad_() for t in tensors]
-        out = fn(*leaves)
-        out.backward(grad)
-        return [out.detach()] + [leaf.grad.detach() for leaf in leaves]
-
-    reference = run(lambda a, b, c: sdpa_attention(a, b, c, layout, scale), [t.float() for t in (q, k, v)],
-                    grad_out.float())
+    layout, scale = cases.attention_layout(seq_length), 1.0 / math.sqrt(cases.HEAD_DIM)
+    q, k, v, grad_out = cases.attention_inputs(ctx.device, seq_length, query_heads, kv_heads)
+    reference = cases.attention_with_gradients(lambda a, b, c: reference_attention(a, b, c, layout.doc_ids, scale),
+                                               [t.float() for t in (q, k, v)], grad_out.float())
     index = load_balanced_index(seq_length, cp, rank).to(ctx.device)
-    kernel = TEContextParallelKernel(HEAD_DIM, scale, 1, group, cp_comm)
-    got = run(lambda a, b, c: kernel(a, b, c, layout), [t.index_select(0, index) for t in (q, k, v)],
-              grad_out.index_select(0, index))
+    got = cases.attention_with_gradients(lambda a, b, c: attention(a, b, c, layout),
+                                         [t.index_select(0, index) for t in (q, k, v)], grad_out.index_select(0, index))
     names = ("output", "dq", "dk", "dv")
     return {name: _global_relative_error(g.float(), r.index_select(0, index), group)
             for name, g, r in zip(names, got, reference)}
@@ -92,7 +76,7 @@ def refusal_failure(cp: int, query_heads: int, kv_heads: int) -> tuple[str | Non
     if problem is None:
         return None, None
     model = cases.model_config(cases.MODEL, num_attention_heads=query_heads, num_query_groups=kv_heads,
-                               hidden_size=query_heads * HEAD_DIM, transformer_impl="transformer_engine",
+                               hidden_size=query_heads * cases.HEAD_DIM, transformer_impl="transformer_engine",
                                params_dtype="bf16", attention_backend="te", cp_comm="a2a")
     try:
         check_for_machine(model, ParallelConfig(context_parallel=cp), on_gpu=True)
@@ -103,18 +87,20 @@ def refusal_failure(cp: int, query_heads: int, kv_heads: int) -> tuple[str | Non
     return problem, f"{query_heads} query / {kv_heads} KV heads at CP={cp} with TE's all-to-all was not refused"
 
 
-def _judge_kernel(cp_comm: str, query_heads: int, kv_heads: int, errors: dict, cp: int,
+def _judge_kernel(label: str, query_heads: int, kv_heads: int, errors: dict, cp: int,
                   failures: list[str], figures: dict) -> None:
     bounds = {"output": attention_forward_bound(cp), **{g: attention_gradient_bound(cp) for g in ("dq", "dk", "dv")}}
-    key = f"{cp_comm}_cp{cp}_q{query_heads}_kv{kv_heads}"
+    key = f"{label.replace(' ', '_')}_cp{cp}_q{query_heads}_kv{kv_heads}"
     figures[key] = {"relative_errors": errors, "bounds": bounds}
     for name, error in errors.items():
         if not error <= bounds[name]:
-            failures.append(f"TE {cp_comm} CP={cp} ({query_heads}/{kv_heads} heads): {name} relative error "
+            failures.append(f"{label} CP={cp} ({query_heads}/{kv_heads} heads): {name} relative error "
                             f"{error:.3g} > bound {bounds[name]:.3g}")
 
 
 def _kernel_check(ctx, name: str, cp_comm: str) -> CheckResult:
+    from megalong.model.attention.te import TEContextParallelKernel
+
     cp = ctx.world_size
     seq_length = 2048 * max(1, cp // 2)
     failures, figures = [], {"cp": cp, "seq_length": seq_length, "micro_batch": 2}
@@ -129,10 +115,34 @@ def _kernel_check(ctx, name: str, cp_comm: str) -> CheckResult:
         if f"refused_q{query_heads}_kv{kv_heads}" in figures:  # TE 2.9: megalong refuses every a2a
             return CheckResult.judged(name, failures, figures, f"TE {cp_comm} at CP={cp} is refused by megalong "
                                                                "on this TE version, with the documented message")
-    errors = kernel_errors(ctx, cp_comm, query_heads, kv_heads, seq_length)
-    _judge_kernel(cp_comm, query_heads, kv_heads, errors, cp, failures, figures)
+    kernel = TEContextParallelKernel(cases.HEAD_DIM, 1.0 / math.sqrt(cases.HEAD_DIM), 1, dist.group.WORLD, cp_comm)
+    errors = kernel_errors(ctx, kernel, query_heads, kv_heads, seq_length)
+    _judge_kernel(f"TE {cp_comm}", query_heads, kv_heads, errors, cp, failures, figures)
     return CheckResult.judged(name, failures, figures, f"TE {cp_comm} at CP={cp} with {query_heads} query / "
                                                        f"{kv_heads} KV heads within the bf16 attention bounds")
+
+
+def check_megalong(ctx) -> CheckResult:
+    """megalong's own ring and all-to-all (see the module docstring)."""
+    from functools import partial
+
+    from megalong.model.attention import local, ring, ulysses
+
+    cp, group = ctx.world_size, dist.group.WORLD
+    seq_length, scale = 2048 * max(1, cp // 2), 1.0 / math.sqrt(cases.HEAD_DIM)
+    flash = ctx.on_gpu and ctx.machine.missing("flash-attn") is None
+    whole_sequence = partial(local.flash_attention if flash else local.sdpa_attention, softmax_scale=scale)
+    kernels = {
+        "megalong ring": lambda q, k, v, layout: ring.ring_attention(q, k, v, layout, group, scale),
+        f"megalong all-to-all ({'flash' if flash else 'sdpa'})":
+            lambda q, k, v, layout: ulysses.ulysses_attention(q, k, v, layout, group, whole_sequence),
+    }
+    failures, figures = [], {"cp": cp, "seq_length": seq_length, "micro_batch": 2}
+    for label, kernel in kernels.items():
+        _judge_kernel(label, 4, 1, kernel_errors(ctx, kernel, 4, 1, seq_length), cp, failures, figures)
+    return CheckResult.judged("cp.megalong", failures, figures,
+                              f"{' and '.join(kernels)} at CP={cp} with 4 query / 1 KV heads within the bf16 "
+                              "attention bounds")
 
 
 def check_ring(ctx) -> CheckResult:

@@ -74,10 +74,7 @@ def check_fp8_trained(ctx) -> CheckResult:
     recomputed = runner.greedy_generate_recompute(prompt, 2, [])
     ids = prompt + [chosen]
     losses = torch.as_tensor(runner.token_losses(ids))
-    with torch.inference_mode():
-        tokens = torch.tensor([ids[:-1]], device=runner.device)
-        full = runner.model(tokens, torch.arange(len(ids) - 1, device=runner.device)[None], None)
-        full = full[0, :, :runner.vocab_size].float().cpu()
+    full = runs.logits(runner.model, torch.tensor(ids[:-1]), runner.vocab_size)
     del runner
 
     reference_config = dataclasses.replace(saved, transformer_impl="local", params_dtype="fp32",

@@ -1,6 +1,7 @@
 """The whole model, forward and backward, with each attention backend against the fp32 reference.
 
-Reference: Megatron-Core's local layers in fp32 with megalong's sdpa attention (TF32 off).
+Reference: Megatron-Core's local layers in fp32 with megalong's sdpa attention (TF32 off);
+``model.reference`` first checks that attention against the definition on this device.
 Candidate: the same weights (through a checkpoint, as a run would load them) in bf16, with
 Transformer Engine's layers when TE imports (its linears, norms and fused attention are
 what runs on GPUs) and the backend under test as core attention. Input: micro-batch 2 of
@@ -13,9 +14,9 @@ document boundaries would change the attention weights' gradients by O(1).
 from __future__ import annotations
 
 from megalong.gpucheck import cases, runs
-from megalong.gpucheck.compare import check_within, compare_gradients, gradients
+from megalong.gpucheck.compare import check_within, compare_gradients, gradients, relative_error
 from megalong.gpucheck.records import CheckResult
-from megalong.gpucheck.tolerances import bf16_forward_bound, bf16_gradient_bound
+from megalong.gpucheck.tolerances import U_BF16, bf16_forward_bound, bf16_gradient_bound
 
 GPU_SEQ_LENGTH, CPU_SEQ_LENGTH = 4096, 512
 REFERENCE = cases.model_config(cases.MODEL, transformer_impl="local", params_dtype="fp32", attention_backend="sdpa")
@@ -79,6 +80,34 @@ def _check_backend(ctx, backend: str) -> CheckResult:
                "seq_length": all_samples[0].seq_length,
                "documents_per_sample": [len(s.cu_seqlens) - 1 for s in all_samples]}
     return compare_with_reference(name, loss, gradients(model), ref, figures=figures)
+
+
+def check_reference(ctx) -> CheckResult:
+    """The reference's attention: megalong's sdpa path in fp32 on this device against the
+    definition (``reference_attention``, the whole document mask written out), output and
+    dq/dk/dv, on the micro-batch of packed documents the kernel checks use."""
+    import math
+
+    from megalong.model.attention.local import sdpa_attention
+    from megalong.model.attention.reference import reference_attention
+
+    seq = GPU_SEQ_LENGTH if ctx.on_gpu else CPU_SEQ_LENGTH
+    heads = (REFERENCE.num_attention_heads, REFERENCE.num_query_groups)
+    layout, scale = cases.attention_layout(seq), 1.0 / math.sqrt(cases.HEAD_DIM)
+    q, k, v, grad_out = (t.float() for t in cases.attention_inputs(ctx.device, seq, *heads))
+    got = cases.attention_with_gradients(lambda a, b, c: sdpa_attention(a, b, c, layout, scale), [q, k, v], grad_out)
+    ref = cases.attention_with_gradients(lambda a, b, c: reference_attention(a, b, c, layout.doc_ids, scale),
+                                         [q, k, v], grad_out)
+    # The model checks count the reference as exact next to their bf16 bounds; this holds when
+    # its attention is within one bf16 rounding of the definition (both are fp32, so what
+    # separates them is summation order, far below that). A wrong mask is off by O(1).
+    failures: list[str] = []
+    errors = {name: check_within(f"fp32 sdpa {name} relative error", relative_error(g, r), U_BF16, failures)
+              for name, g, r in zip(("output", "dq", "dk", "dv"), got, ref)}
+    return CheckResult.judged(
+        "model.reference", failures, {"device": str(ctx.device), "seq_length": seq, "relative_errors": errors,
+                                      "bound": U_BF16},
+        f"fp32 sdpa attention within {U_BF16:.1e} of the definition (worst {max(errors.values()):.1e})")
 
 
 def check_sdpa(ctx) -> CheckResult:

@@ -49,7 +49,8 @@ def _trainer(ctx, parallel: dict, initial: str, samples: list, steps: int, lr: f
 
 def _first_step_gradients(ctx, parallel: dict, initial: str, samples: list, save_to=None) -> tuple[float, dict]:
     """(loss, gradients by checkpoint name) of step 1 at ``parallel``; with ``save_to``, the
-    gradients are also saved as a checkpoint (copied into the weights), in any layout's shape."""
+    gradients are saved instead as a checkpoint (copied into the weights), which any layout
+    reads, and none are returned."""
     from megalong.config.parallel import ParallelConfig
     from megalong.training.checkpoint import unwrap
 
@@ -57,8 +58,10 @@ def _first_step_gradients(ctx, parallel: dict, initial: str, samples: list, save
     try:
         loss = trainer.train_step(0).loss
         chunks = [unwrap(chunk) for chunk in trainer.model]
-        grads = {checkpoint_name(n): p.main_grad.detach().float().cpu() for n, p in chunks[0].named_parameters()}
-        if save_to is not None:
+        grads = {}
+        if save_to is None:
+            grads = {checkpoint_name(n): p.main_grad.detach().float().cpu() for n, p in chunks[0].named_parameters()}
+        else:
             with torch.no_grad():
                 for param in chunks[0].parameters():
                     param.copy_(param.main_grad)
