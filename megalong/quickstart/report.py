@@ -18,9 +18,11 @@ import json
 import os
 from pathlib import Path
 
+from megalong.eval.tasks import KV_KEYS
+
 STAGES = ("stage1", "stage2", "sft")
-# A model copying the number of a random key of kv_lookup's 32-key alphabet scores about this.
-KV_CHANCE = 1 / 32
+# A model copying the number of a random key of kv_lookup's alphabet scores about this.
+KV_CHANCE = 1 / len(KV_KEYS)
 
 
 def read_metrics(metrics_file: Path) -> dict[int, dict]:
@@ -34,18 +36,22 @@ def read_metrics(metrics_file: Path) -> dict[int, dict]:
     return dict(sorted(by_step.items()))
 
 
+def losses_of(by_step: dict[int, dict]) -> list[tuple[int, float]]:
+    """(step, loss) pairs of :func:`read_metrics`'s records, one per step."""
+    return [(step, float(record["loss"])) for step, record in by_step.items()]
+
+
 def read_losses(metrics_file: Path) -> list[tuple[int, float]]:
-    """(step, loss) pairs, one per step."""
-    return [(step, float(record["loss"])) for step, record in read_metrics(metrics_file).items()]
+    return losses_of(read_metrics(metrics_file))
 
 
-def throughput(metrics_file: Path) -> dict:
-    """Training steps, tokens, time inside steps and tokens/s of one run (each line of
-    ``metrics.jsonl`` has the step's time and its tokens per second)."""
-    records = list(read_metrics(metrics_file).values())
+def throughput(by_step: dict[int, dict]) -> dict:
+    """Training steps, tokens, time inside steps and tokens/s of one run, from
+    :func:`read_metrics`'s records (each has the step's time and its tokens)."""
+    records = list(by_step.values())
     seconds = sum(r["step_time_s"] for r in records)
-    tokens = sum(r["tokens_per_s"] * r["step_time_s"] for r in records)
-    return {"steps": len(records), "tokens": round(tokens), "step_seconds": round(seconds, 1),
+    tokens = sum(r["tokens"] for r in records)
+    return {"steps": len(records), "tokens": tokens, "step_seconds": round(seconds, 1),
             "tokens_per_s": round(tokens / seconds, 1) if seconds else None}
 
 
@@ -176,12 +182,13 @@ def write_report(quickstart, elapsed_s: float) -> dict:
     out: Path = quickstart.out
     size = quickstart.size
     boundary, end = size.stage1_seq_length, size.stage2_seq_length
-    curves = {stage: read_losses(quickstart.run_dir(stage) / "metrics.jsonl") for stage in STAGES}
+    metrics = {stage: read_metrics(quickstart.run_dir(stage) / "metrics.jsonl") for stage in STAGES}
+    curves = {stage: losses_of(by_step) for stage, by_step in metrics.items()}
     plot_losses(curves, out / "loss_curves.png")
     first, last = loss_fell(curves["stage1"])
     steps = quickstart.finished_steps()
     stages = {stage: {"wall_seconds": steps.get(stage, {}).get("seconds"),
-                      **throughput(quickstart.run_dir(stage) / "metrics.jsonl")} for stage in STAGES}
+                      **throughput(metrics[stage])} for stage in STAGES}
 
     results = json.loads((quickstart.eval_dir / "results.json").read_text())
     bands = {row["label"]: position_bands(row["perplexity"]["buckets"], boundary)
@@ -210,7 +217,7 @@ def write_report(quickstart, elapsed_s: float) -> dict:
         "artifacts": {name: {"path": str(path), "bytes": size_bytes(path)} for name, path in artifacts.items()},
     }
 
-    lengths = list(next(iter(next(iter(recall.values())).values()))) if recall else []
+    lengths = [str(n) for n in results["settings"]["recall"]["lengths"]] if recall else []
     lines = [
         "# megalong quickstart report",
         "",
@@ -249,8 +256,8 @@ def write_report(quickstart, elapsed_s: float) -> dict:
         "",
         "Exact match, the same base-format prompts for every model. `niah_single` is the needle test for real "
         "models (a model this small is not expected to pass it); `kv_lookup` asks for the number of a key that "
-        "appears once among records of 31 other keys, the format of the quickstart's `synthetic_kv` training "
-        "domain.",
+        f"appears once among records of {len(KV_KEYS) - 1} other keys, the format of the quickstart's "
+        "`synthetic_kv` training domain.",
         "",
         *_table(["model", "task", *(f"{n} tokens" for n in lengths)],
                 [[label, task, *(f"{by_length[n]:.2f}" for n in lengths)]

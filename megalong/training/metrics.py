@@ -139,7 +139,7 @@ class MetricsWriter:
         if self.peak_tflops:
             values["mfu"] = m.tflops_per_device / self.peak_tflops
         if self._file is not None:
-            row = {"step": m.step, **values}
+            row = {"step": m.step, "tokens": m.tokens, **values}
             if m.samples is not None:
                 row["samples"] = m.samples
             self._file.write(json.dumps(row) + "\n")

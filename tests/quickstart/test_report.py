@@ -61,9 +61,9 @@ def test_recall_words_compare_with_copying_a_random_key():
 def test_throughput_counts_each_step_once(tmp_path):
     metrics = tmp_path / "metrics.jsonl"
     records = [(1, 2.0, 100.0), (2, 1.0, 300.0), (2, 2.0, 200.0), (3, 1.0, 200.0)]  # step 2 rerun after a resume
-    metrics.write_text("".join(json.dumps({"step": s, "loss": 1.0, "step_time_s": t, "tokens_per_s": r}) + "\n"
-                               for s, t, r in records))
-    assert report.throughput(metrics) == {"steps": 3, "tokens": 800, "step_seconds": 5.0, "tokens_per_s": 160.0}
+    metrics.write_text("".join(json.dumps({"step": s, "loss": 1.0, "step_time_s": t, "tokens_per_s": r,
+                                           "tokens": round(t * r)}) + "\n" for s, t, r in records))
+    assert report.throughput(report.read_metrics(metrics)) == {"steps": 3, "tokens": 800, "step_seconds": 5.0, "tokens_per_s": 160.0}
 
 
 def test_sizes_count_files_not_what_links_point_to(tmp_path):
