@@ -80,6 +80,12 @@ def _flag_overrides(args: argparse.Namespace) -> list[str]:
     return overrides
 
 
+def overrides_of(args: argparse.Namespace) -> list[str]:
+    """Every override, weakest first: the flags, then the positionals that look like key=value
+    (an override, not a model directory)."""
+    return _flag_overrides(args) + [text for text in args.inputs if "=" in text]
+
+
 def run(args: argparse.Namespace) -> int:
     import logging
     import sys
@@ -88,10 +94,8 @@ def run(args: argparse.Namespace) -> int:
     from megalong.eval.config import EvalConfig
     from megalong.eval.evaluate import evaluate
 
-    # A positional that looks like key=value is an override, not a model directory.
-    overrides = [text for text in args.inputs if "=" in text]
     try:
-        cfg = load(EvalConfig, args.config, _flag_overrides(args) + overrides)
+        cfg = load(EvalConfig, args.config, overrides_of(args))
         evaluate(cfg)
     except (ValueError, FileNotFoundError, FileExistsError) as err:
         # Bad input (config, paths, settings that clash with a previous run): say what, no traceback.

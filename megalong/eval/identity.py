@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Optional
 
 from megalong.checkpoint.layout import MODEL_CONFIG_FILE, MODEL_SUBDIR, TRAIN_STATE_FILE, iteration_step
-from megalong.training.checkpoint import read_train_state
 
 # Files of a Hugging Face directory that hold weights (a sharded export has several plus an index).
 _HF_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json")
@@ -54,6 +53,10 @@ def _slug(text: str) -> str:
 
 def _step(path: Path, kind: str) -> Optional[int]:
     if kind == "megalong" and (path / TRAIN_STATE_FILE).is_file():
+        # Imported here: the training package costs ~1.4 s to import, which an evaluation of
+        # Hugging Face models alone need not pay.
+        from megalong.training.checkpoint import read_train_state
+
         return int(read_train_state(path).step)
     return iteration_step(path)
 

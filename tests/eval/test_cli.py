@@ -88,8 +88,7 @@ def test_flags_yaml_and_overrides_make_one_config(tmp_path):
     args = parser.parse_args(["weights", "recall.seed=5", "runs/2024: a/iter_0000010", "perplexity.num_documents=4",
                               "--out", "o", "--config", str(recipe), "--lengths", "4K,6000", "--tasks", "json_kv",
                               "--ppl-data", "data/x", "--samples", "2", "--labels", "first, second"])
-    overrides = [text for text in args.inputs if "=" in text]
-    cfg = load(EvalConfig, args.config, eval_cli._flag_overrides(args) + overrides)
+    cfg = load(EvalConfig, args.config, eval_cli.overrides_of(args))
     # Paths stay strings whatever they look like to YAML; overrides may sit among them.
     assert cfg.models == ["weights", "runs/2024: a/iter_0000010"] and cfg.labels == ["first", "second"]
     assert (cfg.out, cfg.perplexity.data) == ("o", "data/x")
