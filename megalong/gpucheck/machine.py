@@ -209,11 +209,12 @@ def version_problems(machine: Machine) -> list[str]:
 
 def version_notes(machine: Machine) -> list[str]:
     """Worth reading, not failures: versions megalong's GPU code was not written against."""
-    from megalong.model.backends import TESTED_TE, _version_tuple
+    from megalong.compat import parse_version
+    from megalong.model.backends import TESTED_TE
 
     notes = list(machine.notes)
     if machine.te_version is not None:
-        te = _version_tuple(machine.te_version)
+        te = parse_version(machine.te_version)[:2]
         if not TESTED_TE[0] <= te <= TESTED_TE[1]:
             low, high = (".".join(map(str, v)) for v in TESTED_TE)
             notes.append(f"Transformer Engine {machine.te_version} is outside the releases megalong's TE paths "

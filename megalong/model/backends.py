@@ -16,6 +16,7 @@ import functools
 import logging
 from typing import Optional
 
+from megalong.compat import parse_version
 from megalong.config.loader import ConfigError
 from megalong.config.parallel import ParallelConfig
 from megalong.model.config import FP8Config, ModelConfig
@@ -25,11 +26,6 @@ log = logging.getLogger(__name__)
 # Megatron-Core's transformer_engine extension and megalong's TE paths are read against these
 # releases (setup.py's gpu extra).
 TESTED_TE = ((2, 9), (2, 11))
-
-
-def _version_tuple(text: str) -> tuple[int, int]:
-    parts = [int("".join(ch for ch in part if ch.isdigit()) or 0) for part in text.split(".")[:2]]
-    return (parts + [0, 0])[0], (parts + [0, 0])[1]
 
 
 @functools.lru_cache(maxsize=1)
@@ -43,7 +39,7 @@ def transformer_engine_version() -> Optional[tuple[int, int]]:
             log.warning("Transformer Engine is installed but does not import (%s: %s); not using it",
                         type(err).__name__, err)
         return None
-    return _version_tuple(getattr(transformer_engine, "__version__", "0.0"))
+    return parse_version(getattr(transformer_engine, "__version__", "0.0"))[:2]
 
 
 @functools.lru_cache(maxsize=1)
