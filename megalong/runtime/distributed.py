@@ -13,7 +13,7 @@ import os
 import random
 import re
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Mapping, Optional
 
 import torch
@@ -35,6 +35,7 @@ class LaunchEnv:
     master_addr: str
     master_port: int
     launcher: str  # "torchrun", "slurm" or "single"
+    ranks_on_node: Optional[int] = None  # processes on this node, when the launcher says
 
 
 def _first_slurm_host(nodelist: str) -> str:
@@ -56,8 +57,21 @@ def _first_slurm_host(nodelist: str) -> str:
     return prefix + first
 
 
+def _ranks_on_node(env: Mapping[str, str]) -> Optional[int]:
+    for name in ("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE"):  # torchrun, srun
+        value = env.get(name, "")
+        if value.isdigit():
+            return int(value)
+    return None
+
+
 def read_launch_env(environ: Mapping[str, str] | None = None) -> LaunchEnv:
     env = os.environ if environ is None else environ
+    launch = _launch_env(env)
+    return replace(launch, ranks_on_node=_ranks_on_node(env))
+
+
+def _launch_env(env: Mapping[str, str]) -> LaunchEnv:
     if "RANK" in env and "WORLD_SIZE" in env:
         return LaunchEnv(
             rank=int(env["RANK"]),
@@ -142,16 +156,6 @@ def resolve_device(requested: str) -> str:
     return requested
 
 
-def local_world_size(environ: Mapping[str, str] | None = None) -> Optional[int]:
-    """Processes on this node, as the launcher says (torchrun, srun); None when unknown."""
-    env = os.environ if environ is None else environ
-    for name in ("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE"):
-        value = env.get(name, "")
-        if value.isdigit():
-            return int(value)
-    return None
-
-
 def check_ranks_fit_gpus(local_rank: int, ranks_on_node: Optional[int], gpus: int) -> None:
     """One GPU per process: NCCL refuses two ranks on one GPU ("Duplicate GPU detected"), so
     say so before any process group exists."""
@@ -189,7 +193,7 @@ def init_distributed(
 
     device = resolve_device(device)
     if device == "cuda":
-        check_ranks_fit_gpus(launch.local_rank, local_world_size(), torch.cuda.device_count())
+        check_ranks_fit_gpus(launch.local_rank, launch.ranks_on_node, torch.cuda.device_count())
         torch.cuda.set_device(launch.local_rank)
         torch_device = torch.device("cuda", torch.cuda.current_device())
         backend = "nccl"
