@@ -37,6 +37,9 @@ class TrainingStream(Protocol):
     def describe(self) -> str:
         """What the stream serves, for the log."""
 
+    def report(self):
+        """What the stream has drawn (per domain, for a mixture), logged when training ends."""
+
 
 @dataclass
 class MicroBatch:
