@@ -99,6 +99,16 @@ def _from_every_rank(value) -> list:
     return gathered
 
 
+def _from_rank0(value):
+    """Rank 0's ``value``, on every rank (a collective; a broadcast, so each rank receives one
+    copy rather than one per rank)."""
+    if not torch.distributed.is_initialized():
+        return value
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def read_train_state(directory: str | Path) -> TrainState:
     path = Path(directory) / TRAIN_STATE_FILE
     try:
@@ -240,7 +250,7 @@ def save_checkpoint(
                 layout.write_latest(save_dir, final)
             except OSError as err:
                 failure = str(err)
-        failure = _from_every_rank(failure)[0]  # rank 0's outcome, and a barrier: the rename is done
+        failure = _from_rank0(failure)  # rank 0's outcome, and a barrier: the rename is done
         if failure:
             raise CheckpointError(
                 f"Checkpoint of step {step} was written but could not be published: {failure}"
@@ -276,7 +286,7 @@ def _record_checksums(tmp: Path) -> Optional[str]:
     files it wrote (:func:`megalong.checkpoint.checksums.owner`), rank 0 writes them all.
     Returns what failed, the same on every rank (None when all went well)."""
     world = _world_size()
-    files = _from_every_rank(checksums.checkpoint_files(tmp) if _rank() == 0 else None)[0]
+    files = _from_rank0(checksums.checkpoint_files(tmp) if _rank() == 0 else None)
     try:
         mine, failure = checksums.records(tmp, [f for f in files if checksums.owner(f, world) == _rank()]), None
     except OSError as err:
@@ -288,7 +298,7 @@ def _record_checksums(tmp: Path) -> Optional[str]:
             checksums.write(tmp, {name: record for part, _ in gathered for name, record in part.items()})
         except OSError as err:
             failure = f"rank 0: {err}"
-    return _from_every_rank(failure)[0]
+    return _from_rank0(failure)
 
 
 def verify_checkpoint(directory: str | Path) -> list[str]:
@@ -305,7 +315,7 @@ def verify_checkpoint(directory: str | Path) -> list[str]:
         problem = None
     except ValueError as err:
         recorded, problem = None, str(err)
-    recorded, problem = _from_every_rank((recorded, problem))[0]
+    recorded, problem = _from_rank0((recorded, problem))
     if problem:
         return [problem]
     if recorded is None:
