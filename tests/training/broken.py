@@ -54,15 +54,13 @@ def train_catching(run_dict: dict, file_size_limit: int = 0, limited_rank: int =
     files larger than that many bytes (RLIMIT_FSIZE; SIGXFSZ ignored, so a write past it fails
     with EFBIG as on a full disk) while it trains; the limit is lifted afterwards."""
     import resource
-    import signal
 
-    from tests.training.helpers import train_from_dict
+    from tests.training.helpers import limit_file_size, train_from_dict
 
     limited = file_size_limit and _rank() == limited_rank
     previous = resource.getrlimit(resource.RLIMIT_FSIZE)
     if limited:
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, previous[1]))
+        limit_file_size(file_size_limit)
     try:
         return train_from_dict(run_dict)
     except Exception as err:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import os
 import subprocess
@@ -240,17 +241,20 @@ def start_training_command(recipe: Path, log: Path, file_size_limit: int = 0) ->
     with SIGXFSZ ignored: a write past it fails as on a full disk)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 
-    def limit_file_size() -> None:
-        import resource
-        import signal
-
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
-
     with open(log, "ab") as out:
         return subprocess.Popen([sys.executable, "-m", "megalong", "train", str(recipe)], cwd=ROOT, env=env,
                                 stdout=out, stderr=subprocess.STDOUT,
-                                preexec_fn=limit_file_size if file_size_limit else None)
+                                preexec_fn=functools.partial(limit_file_size, file_size_limit) if file_size_limit else None)
+
+
+def limit_file_size(limit: int) -> None:
+    """Make this process's writes past ``limit`` bytes fail with EFBIG, as on a full disk
+    (SIGXFSZ, which would kill it instead, ignored)."""
+    import resource
+    import signal
+
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
 
 
 def wait_for_step(proc: subprocess.Popen, metrics: Path, step: int, timeout: float = 300) -> None:
