@@ -105,6 +105,12 @@ def idx_path(prefix: str | Path) -> Path:
     return Path(f"{prefix}.idx")
 
 
+def sidecar_path(prefix: str | Path) -> Path:
+    """The dataset's JSON sidecar (settings and statistics), written last: its presence marks
+    a complete dataset."""
+    return Path(f"{prefix}.json")
+
+
 def _tmp(path: Path) -> Path:
     return path.with_name(f"{path.name}.tmp.{tmp_tag()}")
 

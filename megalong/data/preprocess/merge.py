@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from megalong.data.preprocess.indexed_writer import IndexedDatasetWriter, bin_path, idx_path, read_index
+from megalong.data.preprocess.indexed_writer import IndexedDatasetWriter, bin_path, idx_path, read_index, sidecar_path
 from megalong.data.preprocess.report import EXAMPLES_PER_REASON, LengthHistogram, resolve_examples
 from megalong.data.preprocess.worker import shard_prefix
 
@@ -71,7 +71,7 @@ def merge_shards(work_dir: str | Path, num_shards: int, output_prefix: str | Pat
     try:
         for shard_id in range(num_shards):
             prefix = shard_prefix(work_dir, shard_id)
-            stats = json.loads(Path(f"{prefix}.json").read_text(encoding="utf-8"))
+            stats = json.loads(sidecar_path(prefix).read_text(encoding="utf-8"))
             skipped.update(stats["skipped"])
             repo_file_skips.update(stats.get("repo_files_skipped", {}))
             input_bytes += stats["input_bytes"]
@@ -118,4 +118,4 @@ def merge_shards(work_dir: str | Path, num_shards: int, output_prefix: str | Pat
 
 
 def outputs_exist(prefix: str | Path) -> bool:
-    return bin_path(prefix).is_file() and idx_path(prefix).is_file() and Path(f"{prefix}.json").is_file()
+    return bin_path(prefix).is_file() and idx_path(prefix).is_file() and sidecar_path(prefix).is_file()

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 from megalong.data.preprocess.config import PreprocessConfig
-from megalong.data.preprocess.indexed_writer import bin_path, idx_path, remove_stale_temps
+from megalong.data.preprocess.indexed_writer import bin_path, idx_path, remove_stale_temps, sidecar_path
 from megalong.data.preprocess.merge import merge_shards
 from megalong.data.preprocess.progress import ProgressLine
 from megalong.data.preprocess.sources import Shard, plan_shards
@@ -121,14 +121,14 @@ def _refuse_foreign_outputs(cfg: PreprocessConfig) -> None:
                 f"{work_dir} exists without a plan.json (it holds {', '.join(foreign[:3])}"
                 f"{' ...' if len(foreign) > 3 else ''}), so it is not the work of a run that can be resumed; "
                 "remove it, or choose another --output-prefix")
-    sidecar_path = Path(f"{cfg.output_prefix}.json")
-    existing = [str(p) for p in (bin_path(cfg.output_prefix), idx_path(cfg.output_prefix), sidecar_path)
+    sidecar_file = sidecar_path(cfg.output_prefix)
+    existing = [str(p) for p in (bin_path(cfg.output_prefix), idx_path(cfg.output_prefix), sidecar_file)
                 if os.path.lexists(p)]
     if not existing:
         return
     what = "files not made by megalong preprocess"
     try:
-        theirs, ours = json.loads(sidecar_path.read_text(encoding="utf-8"))["settings"], cfg.plan_settings()
+        theirs, ours = json.loads(sidecar_file.read_text(encoding="utf-8"))["settings"], cfg.plan_settings()
         differing = sorted(k for k in theirs.keys() | ours.keys() if theirs.get(k) != ours.get(k))
         what = f"a dataset made with other settings ({', '.join(differing)})" if differing else "a dataset"
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
@@ -279,8 +279,8 @@ def merge(cfg: PreprocessConfig, plan: dict) -> dict:
             f"{len(missing)} of {num_shards} shards in {work_dir} are not finished yet "
             f"(shard ids {', '.join(map(str, missing[:10]))}{' ...' if len(missing) > 10 else ''}); "
             "run the tokenize stage for them first (each array task i of N owns the shards with id mod N == i)")
-    sidecar_path = Path(f"{cfg.output_prefix}.json")
-    sidecar_path.unlink(missing_ok=True)  # a sidecar must only ever sit next to the outputs it describes
+    sidecar_file = sidecar_path(cfg.output_prefix)
+    sidecar_file.unlink(missing_ok=True)  # a sidecar must only ever sit next to the outputs it describes
     log.info("merging %d shards into %s.bin/.idx%s", num_shards, cfg.output_prefix,
              " (dropping exact duplicates)" if cfg.dedup else "")
     counts = merge_shards(work_dir, num_shards, cfg.output_prefix, cfg.dedup)
@@ -305,7 +305,7 @@ def merge(cfg: PreprocessConfig, plan: dict) -> dict:
         "shards": num_shards,
         "created_by": f"megalong {__version__} preprocess",
     }
-    write_json_atomic(sidecar_path, sidecar)
+    write_json_atomic(sidecar_file, sidecar)
     if not cfg.keep_work:
         shutil.rmtree(work_dir, ignore_errors=True)
     return sidecar
@@ -314,11 +314,11 @@ def merge(cfg: PreprocessConfig, plan: dict) -> dict:
 def already_complete(cfg: PreprocessConfig) -> bool:
     """True when the outputs exist with this run's settings and no work is pending (a rerun
     after success, e.g. a requeued SLURM job, then does nothing)."""
-    sidecar_path = Path(f"{cfg.output_prefix}.json")
-    if Path(cfg.work_dir).exists() or not sidecar_path.is_file():
+    sidecar_file = sidecar_path(cfg.output_prefix)
+    if Path(cfg.work_dir).exists() or not sidecar_file.is_file():
         return False
     try:
-        sidecar = json.loads(sidecar_path.read_text(encoding="utf-8"))
+        sidecar = json.loads(sidecar_file.read_text(encoding="utf-8"))
     except ValueError:
         return False
     return sidecar.get("settings") == cfg.plan_settings() and all(
@@ -338,7 +338,7 @@ def run(cfg: PreprocessConfig, tokenizer, stage: str = "all", task_index: int = 
     remove_leftover_temps(cfg)
     if already_complete(cfg):
         log.info("%s.bin/.idx/.json already exist with these settings: nothing to do", cfg.output_prefix)
-        return json.loads(Path(f"{cfg.output_prefix}.json").read_text(encoding="utf-8"))
+        return json.loads(sidecar_path(cfg.output_prefix).read_text(encoding="utf-8"))
     plan = load_or_create_plan(cfg, tokenizer)
     if stage in ("all", "tokenize"):
         tokenize_shards(cfg, plan, tokenizer, task_index, num_tasks, progress_stream)

@@ -17,7 +17,7 @@ from typing import Callable
 import numpy as np
 
 from megalong.data.preprocess.config import PreprocessConfig
-from megalong.data.preprocess.indexed_writer import IndexedDatasetWriter, tmp_tag
+from megalong.data.preprocess.indexed_writer import IndexedDatasetWriter, sidecar_path, tmp_tag
 from megalong.data.preprocess.readers import iter_documents
 from megalong.data.preprocess.report import SkipLog
 from megalong.data.preprocess.sources import Shard
@@ -38,7 +38,7 @@ def shard_is_done(work_dir: str | Path, shard_id: int) -> bool:
     reached the disk fails this check and is tokenized again)."""
     prefix = shard_prefix(work_dir, shard_id)
     try:
-        stats = json.loads(Path(f"{prefix}.json").read_text(encoding="utf-8"))
+        stats = json.loads(sidecar_path(prefix).read_text(encoding="utf-8"))
         return all(os.path.getsize(f"{prefix}{ext}") == size for ext, size in stats["file_sizes"].items())
     except (OSError, ValueError, KeyError):
         return False
