@@ -8,6 +8,10 @@ from typing import List, Literal, Optional
 
 from megalong.eval.tasks import TASKS, TaskOptions
 
+# Positions whose logits exist at once when computing losses: 1,024 x 128,256 fp32 logits
+# are 0.5 GB, and a chunk that size keeps the output-layer matmul efficient.
+DEFAULT_LOSS_CHUNK = 1024
+
 
 @dataclass
 class RecallConfig:
@@ -53,7 +57,7 @@ class PerplexityConfig:
     add_bos: bool = True
     # Positions whose logits exist at once while computing losses (memory: chunk x vocabulary
     # x 4 bytes, about 0.5 GB per 1,024 positions for Llama-3); does not change the results.
-    chunk_tokens: int = 1024
+    chunk_tokens: int = DEFAULT_LOSS_CHUNK
 
     @property
     def bucket_width(self) -> int:

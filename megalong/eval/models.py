@@ -30,12 +30,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from megalong.eval.config import DEFAULT_LOSS_CHUNK
+
 log = logging.getLogger(__name__)
 
 MODEL_KINDS = ("auto", "hf", "megalong")
-# Positions whose logits exist at once when computing losses: 1,024 x 128,256 fp32 logits
-# are 0.5 GB, and a chunk that size keeps the output-layer matmul efficient.
-DEFAULT_LOSS_CHUNK = 1024
 
 
 def resolve_model(path: str | Path, kind: str = "auto") -> tuple[Path, str]:
