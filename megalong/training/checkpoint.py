@@ -444,14 +444,24 @@ def prune_checkpoints(save_dir: str | Path, keep_last: int) -> list[str]:
 def load_checkpoint(
     directory: str | Path,
     model_chunks: list,
-    optimizer=None,
+    optimizer,
     optimizer_format: str = "fully_reshardable",
+    load_optimizer_state: bool = True,
     restore_rng_for_layout: Optional[str] = None,
     on_gpu: bool = False,
 ) -> TrainState:
-    """Load weights (and the optimizer state and RNG when asked) saved at any layout.
+    """Load weights (and the optimizer state and RNG when asked) saved at any layout into
+    ``model_chunks`` and ``optimizer``, the optimizer built over them.
 
-    ``optimizer=None`` loads weights only. RNG states are restored only when
+    With ``load_optimizer_state=False`` (a new stage with a fresh optimizer) the optimizer's
+    own copy of the weights is refreshed from the loaded ones. A mixed-precision optimizer
+    (bf16 parameters) keeps fp32 master weights taken from the parameters when it was built
+    and copies them into the model at every step (Megatron-Core's float16 and distributed
+    optimizers alike): without the refresh, the first step would put the random
+    initialization back, and the run would train from scratch with nothing in the log to
+    say so. Megatron-LM calls the same ``reload_model_params`` whenever it loads weights
+    without optimizer state. (An fp32 optimizer updates the parameters themselves: the
+    refresh changes nothing there.) RNG states are restored only when
     ``restore_rng_for_layout`` equals the layout the checkpoint was saved at.
     """
     from megatron.core import dist_checkpointing
@@ -462,7 +472,7 @@ def load_checkpoint(
     model_path = directory / MODEL_SUBDIR
     if not model_path.is_dir():
         raise FileNotFoundError(f"no model weights at {model_path}")
-    if optimizer is not None:
+    if load_optimizer_state:
         optimizer_path = directory / OPTIMIZER_SUBDIR
         if not optimizer_path.is_dir():
             raise FileNotFoundError(f"no optimizer state at {optimizer_path}")
@@ -477,6 +487,8 @@ def load_checkpoint(
         torch_adam.load_state_dict(optimizer, loaded)
     with _naming_unreadable(model_path):
         weights.load_model_state([unwrap(c) for c in model_chunks], model_path)
+    if not load_optimizer_state:
+        optimizer.reload_model_params()
 
     if restore_rng_for_layout is not None:
         rng_file = directory / RNG_SUBDIR / f"rank_{_rank():05d}.pt"

@@ -209,7 +209,8 @@ class Trainer:
                 log.info("New run from initial weights %s (RoPE theta %g)%s; fresh LR schedule from step 0",
                          source, self.model_config.rope_theta,
                          ", carrying its optimizer state" if carry else ", fresh optimizer state")
-            ckpt.load_checkpoint(source, self.model, self.optimizer if carry else None, run.checkpoint.optimizer_format)
+            ckpt.load_checkpoint(source, self.model, self.optimizer, run.checkpoint.optimizer_format,
+                                 load_optimizer_state=carry)
             # The loaded optimizer state brings the old run's learning rates: set this schedule's.
             self.scheduler.step(0)
             return
