@@ -27,7 +27,8 @@ from megalong.training.batches import MicroBatcher, build_stream
 from megalong.training.config import RunConfig
 from megalong.training.loss import masked_loss_sum
 from megalong.training.metrics import MetricsWriter, StepMetrics, training_flops
-from megalong.training.optimizer import build_optimizer, build_scheduler, current_lr, wrap_with_ddp
+from megalong.training.optimizer import (build_optimizer, build_scheduler, current_lr, hyperparameters_kept,
+                                         wrap_with_ddp)
 from megalong.training.signals import REQUEUE_EXIT_CODE, StopWatch, stop_signals_deferred
 
 log = logging.getLogger(__name__)
@@ -209,10 +210,10 @@ class Trainer:
                 log.info("New run from initial weights %s (RoPE theta %g)%s; fresh LR schedule from step 0",
                          source, self.model_config.rope_theta,
                          ", carrying its optimizer state" if carry else ", fresh optimizer state")
-            ckpt.load_checkpoint(source, self.model, self.optimizer, run.checkpoint.optimizer_format,
-                                 load_optimizer_state=carry)
-            # The loaded optimizer state brings the old run's learning rates: set this schedule's.
-            self.scheduler.step(0)
+            with hyperparameters_kept(self.optimizer):  # the moments carry over, not the old run's LR
+                ckpt.load_checkpoint(source, self.model, self.optimizer, run.checkpoint.optimizer_format,
+                                     load_optimizer_state=carry)
+            self.scheduler.step(0)  # this schedule's learning rate for the first step
             return
         if self.is_logging_rank:
             log.info("New run from randomly initialized weights (seed %d)", run.seed)
