@@ -19,16 +19,8 @@ SEQ, BATCH, REAL_VOCAB = 96, 2, 500  # vocabulary padded to 512: rank 1 of TP=2 
 
 
 def _model(tp: int, sp: bool, tied: bool, seed: int = 7, **shape):
-    """test-tiny with a padded vocabulary; ``sp``: the output layer sequence-parallel.
-
-    Megatron's local layer spec (its torch norms) refuses sequence parallelism, so on the
-    CPU the decoder runs without it and its output is scattered over the TP ranks along the
-    sequence (Megatron's scatter_to_sequence_parallel_region, whose backward gathers), as a
-    sequence-parallel decoder leaves it; the output layer is switched to its
-    sequence-parallel mode (all-gather in forward, reduce-scatter of the input gradient).
-    """
-    from megatron.core.tensor_parallel import scatter_to_sequence_parallel_region
-
+    """test-tiny with a padded vocabulary; ``sp``: with sequence parallelism (the decoder's
+    output split over the TP ranks along the sequence, gathered by the output layer)."""
     from megalong.model import preset_config
     from megalong.model.llama import build_model
     from megalong.runtime import set_seed
@@ -36,12 +28,7 @@ def _model(tp: int, sp: bool, tied: bool, seed: int = 7, **shape):
     set_seed(seed)
     overrides = {"vocab_size": REAL_VOCAB, "tie_word_embeddings": tied, "num_layers": 2, **shape}
     config = preset_config("test-tiny", transformer_impl="local", **overrides)
-    model = build_model(config, ParallelConfig(tensor_parallel=tp), on_gpu=False)[0]
-    if sp:
-        decoder_forward = model.decoder.forward
-        model.decoder.forward = lambda *a, **k: scatter_to_sequence_parallel_region(decoder_forward(*a, **k))
-        model.output_layer.sequence_parallel, model.output_layer.allreduce_dgrad = True, False
-    return model
+    return build_model(config, ParallelConfig(tensor_parallel=tp, sequence_parallel=sp), on_gpu=False)[0]
 
 
 def _inputs(seq: int = SEQ, batch: int = BATCH, vocab: int = REAL_VOCAB):

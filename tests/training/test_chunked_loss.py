@@ -31,7 +31,9 @@ def single():
 
 @pytest.fixture(scope="module")
 def tp2(workdir, two_process_results):
-    run = short_run(workdir, "chunked-tp2", parallel={"tensor_parallel": 2}, loss={"chunk_tokens": 24})
+    # The recipes' shape: chunks under sequence parallelism (against the TP=2 run without it).
+    run = short_run(workdir, "chunked-tp2", parallel={"tensor_parallel": 2, "sequence_parallel": True},
+                    loss={"chunk_tokens": 24})
     return run_processes(loss_chunks.tp2_job, 2, (run,))
 
 
@@ -106,7 +108,7 @@ def test_training_run_with_chunked_loss_matches_unchunked(workdir, tp2):
     (_, (code0, installed0)), (_, (code1, installed1)) = tp2
     assert (code0, code1) == (0, 0) and installed0 == installed1 == [24]
     chunked = read_losses(workdir / "chunked-tp2" / "metrics.jsonl")
-    full = read_losses(workdir / "reshard" / "metrics.jsonl")  # the same run at TP=2, unchunked
+    full = read_losses(workdir / "reshard" / "metrics.jsonl")  # the same run at TP=2, unchunked, no SP
     assert sorted(chunked) == [1, 2, 3, 4]
     for step in chunked:
         assert chunked[step] == pytest.approx(full[step], rel=1e-5), step
