@@ -60,7 +60,12 @@ def test_a_stage_from_converted_hf_weights_keeps_them_exactly(workdir, single_pr
     """HF bf16 -> `megalong convert hf-to-megatron` -> one step at lr 0 (bf16) -> `megalong
     convert megatron-to-hf`: every tensor bitwise the original's."""
     if layout == "dp2":
-        request.getfixturevalue("dp2_through_the_command")
+        output = request.getfixturevalue("dp2_through_the_command")
+        # What a user reads: where the weights come from, and the first loss next to a random
+        # model's. These weights are a random model's, so the warning must be there.
+        assert f"New run from initial weights {bf16.converted(workdir)}: weights directory" in output
+        assert "First step from the initial weights: loss" in output and "ln(512) = 6.238" in output
+        assert "of a model that has learned nothing. A stage started from trained weights" in output
     else:
         assert set(single_process_results["bf16_codes"]) == {0}
         assert {codes[1] for codes in eight_process_results} == {0}
