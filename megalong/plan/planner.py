@@ -179,6 +179,8 @@ def _problem(layout: Layout, request: PlanRequest) -> Optional[tuple[str, str]]:
         model.validate(tp, pp)
     except LayoutError as err:
         return "the model's heads, KV heads, FFN or layers do not split over TP/PP", str(err)
+    if world % (tp * pp * cp):
+        return ("TP x PP x CP must divide the GPUs", f"TP x PP x CP = {tp * pp * cp} does not divide the {world} GPUs")
     if tp * pp * cp * layout.data_parallel != world:
         return ("TP x PP x CP x DP must be all GPUs",
                 f"TP x PP x CP x DP = {tp * pp * cp * layout.data_parallel} is not the {world} GPUs")

@@ -178,8 +178,7 @@ class Workload:
         return self._dp_cache[key]
 
     def describe(self) -> str:
-        return (f"attention work {self.attention_fraction_of_full:.0%} of full-length causal attention "
-                f"({self.source})")
+        return f"{self.attention_fraction_of_full:.0%} of full-length causal attention ({self.source})"
 
 
 def _stand_in_layouts(data, global_batch: int, steps: int) -> list[list[tuple[int, object]]]:
