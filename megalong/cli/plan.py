@@ -117,7 +117,8 @@ def _print_candidate(label: str, candidate, request, best_time=None) -> None:
     verdict = "fits in" if candidate.fits else "does NOT fit in"
     print(f"   memory {memory.total / GB:.1f} GB {verdict} {request.gpu.memory_gb:g} GB ({parts}; "
           f"pipeline stage {memory.pipeline_stage})")
-    times = ", ".join(f"{name[:-2].replace('_', ' ')} {value:.2f}" for name, value in time.breakdown().items() if value)
+    times = ", ".join(f"{name[:-2].replace('_', ' ')} {value:.2f}" for name, value in time.breakdown().items()
+                      if value >= 0.005)
     slower = f"; {time.total_s / best_time:.2f}x the best layout's step" if best_time else ""
     print(f"   time   {time.total_s:.2f} s/step ({times}){slower}")
     print(f"          {time.tokens_per_s_per_gpu(tokens, request.world_size):,.0f} tokens/s per GPU, "

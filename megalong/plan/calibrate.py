@@ -87,10 +87,10 @@ def request_for(run: PublishedRun, table: PublishedTable) -> PlanRequest:
         nodes=max(1, world // GPUS_PER_NODE), gpus_per_node=min(world, GPUS_PER_NODE),
         gpu=gpu_spec(run.gpu, run.gpu_memory_gb), loss_chunk_tokens=None if framework == "megatron" else 8192,
         precisions=(run.precision,), pin=pin, workload=workload,
-        stack=(NEMO_PERFORMANCE if framework == "megatron" else MEGALONG).with_(fsdp=run.fsdp),
-        # The question for a run that ran is whether it fits the GPU, not whether to leave a
-        # margin for a new one.
-        memory_headroom=0.0,
+        stack=(NEMO_PERFORMANCE if framework == "megatron" else MEGALONG).with_(fsdp=run.fsdp and run.has_layout),
+        # The question for a layout that ran is whether it fits the GPU, not whether to leave
+        # a margin for a new run (megalong's own choice, for a run published without layout, does).
+        memory_headroom=0.0 if run.has_layout else PlanRequest.memory_headroom,
     )
 
 
