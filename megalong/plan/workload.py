@@ -30,7 +30,6 @@ From the same samples, the two imbalances that stretch a step:
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import numpy as np
 
@@ -208,14 +207,3 @@ def _stand_in_layouts(data, global_batch: int, steps: int) -> list[list[tuple[in
         domains, samples = blend.lookup(step * global_batch, global_batch)
         out.append([(int(d), indices[int(d)].layout(int(j))) for d, j in zip(domains, samples)])
     return out
-
-
-def workload_for(data, global_batch: int, document_masking: Optional[bool] = True) -> Workload:
-    """The workload of a recipe's ``data`` section: its mixture when it has one and
-    ``document_masking`` holds, else full-length sequences."""
-    if document_masking and data is not None and data.has_mixture:
-        return Workload.from_data(data, global_batch)
-    seq = data.seq_length if data is not None else None
-    if seq is None:
-        raise ValueError("a workload needs a sequence length")
-    return Workload.full_sequences(seq, global_batch)
