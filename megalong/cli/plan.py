@@ -80,6 +80,7 @@ def _request(args):
     if unknown or not precisions:
         raise ConfigError(f"--precision: unknown {', '.join(unknown) or '(empty)'}; use bf16 and/or fp8")
     pin = parse_layout(args.layout)
+    pin.check_world(args.nodes * args.gpus_per_node)
     if pin.precision:
         precisions = (pin.precision,)
     memory = parse_memory(args.gpu_memory) if args.gpu_memory else None
@@ -155,8 +156,9 @@ def _print_text(result, args) -> None:
             _print_candidate("Recipe's layout:", result.recipe.candidate, request, best_time)
     print()
     if not result.candidates:
-        print("No layout fits. Closest ones:")
-        for rejection in closest_to_fitting(result, args.top):
+        closest = closest_to_fitting(result, args.top)
+        print("No layout fits." + (" Closest ones:" if closest else " None is even valid (reasons below)."))
+        for rejection in closest:
             print(f"  {rejection.layout.describe()}: {rejection.reason}; {rejection.memory.describe()}")
     else:
         print(f"Best {min(args.top, len(result.candidates))} of {len(result.candidates)} layouts that fit:")

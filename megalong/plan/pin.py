@@ -42,6 +42,16 @@ class LayoutPin:
         """``[the pinned value]`` when ``name`` is pinned, else ``options``."""
         return [getattr(self, name)] if self.is_pinned(name) else list(options)
 
+    def check_world(self, world_size: int) -> None:
+        """Refuse pinned parallel sizes that cannot cover ``world_size`` GPUs."""
+        given = {name: getattr(self, name) for name in ("tp", "pp", "cp", "dp") if getattr(self, name) is not None}
+        product = 1
+        for value in given.values():
+            product *= value
+        named = " x ".join(f"{name}={value}" for name, value in given.items())
+        if world_size % product or (len(given) == 4 and product != world_size):
+            raise ConfigError(f"--layout: {named} = {product} cannot cover the {world_size} GPUs")
+
     def describe(self) -> str:
         parts = []
         for f in fields(self):

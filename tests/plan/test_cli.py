@@ -120,6 +120,9 @@ def test_plan_errors_name_the_problem(tmp_path, capsys):
     assert main(["plan", "--model", "llama3-8b", "--seq-length", "8192", "--global-batch", "8", *ONE_NODE,
                  "--layout", "tp=4,zz=2"]) == 2
     assert "--layout: unknown key 'zz'" in capsys.readouterr().err
+    assert main(["plan", "--model", "llama3-8b", "--seq-length", "8192", "--global-batch", "8", *ONE_NODE,
+                 "--layout", "tp=4,cp=4"]) == 2
+    assert "tp=4 x cp=4 = 16 cannot cover the 8 GPUs" in capsys.readouterr().err
 
 
 def test_recipe_overrides_and_incomplete_models(tmp_path, capsys):
