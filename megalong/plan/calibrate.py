@@ -76,9 +76,10 @@ def request_for(run: PublishedRun, table: PublishedTable) -> PlanRequest:
         workload = Workload.full_sequences(run.seq_length, run.global_batch)
     if run.has_layout:
         world = run.world_size
+        # vp None is "not interleaved" (pinned); recomputation is searched unless published.
+        published = {"recompute": run.recompute} if run.recompute else {}
         pin = LayoutPin(tp=run.tp, pp=run.pp, cp=run.cp, dp=run.dp, vp=run.vp, mbs=run.mbs,
-                        recompute=run.recompute if run.recompute else LayoutPin().recompute,
-                        distributed_optimizer=True, precision=run.precision)
+                        distributed_optimizer=True, precision=run.precision, **published)
     else:  # a whole run's cost without its layout: megalong's best layout on one node
         world = GPUS_PER_NODE
         pin = LayoutPin(precision=run.precision)
