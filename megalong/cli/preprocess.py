@@ -30,9 +30,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     io.add_argument("--input", "--inputs", dest="inputs", nargs="+", metavar="PATH",
                     help="files, directories or glob patterns (JSONL .jsonl/.json[.gz|.zst], Parquet, "
                          "or a directory with --input-format text / code-repos)")
-    io.add_argument("--input-format", choices=["auto", "jsonl", "parquet", "text", "code-repos"],
+    io.add_argument("--input-format", choices=["auto", "jsonl", "parquet", "text", "code-repos", "mds"],
                     help="default auto: JSONL and Parquet by file name; 'text' = one document per file of a "
-                         "directory; 'code-repos' = one document per sub-directory (repository)")
+                         "directory; 'code-repos' = one document per sub-directory (repository); 'mds' = "
+                         "mosaicml-streaming dataset directories (ProLong's released data): tokenized documents, "
+                         "or packed samples kept as released")
     io.add_argument("--text-key", "--json-keys", dest="text_key", help="JSON key / Parquet column of the text (default: text)")
     io.add_argument("--output-prefix", help="writes PREFIX.bin, PREFIX.idx, PREFIX.json (work files in PREFIX.work/)")
     io.add_argument("--overwrite", action="store_true", default=None,
@@ -124,8 +126,13 @@ def run(args: argparse.Namespace) -> int:
 def _print_summary(prefix: str, sidecar: dict) -> None:
     from megalong.data.preprocess.report import REASONS, REPO_FILE_REASONS, format_location
 
-    print(f"wrote {prefix}.bin/.idx: {sidecar['documents']:,} documents, {sidecar['tokens']:,} tokens "
-          f"(lengths {sidecar['min_length']}..{sidecar['max_length']}); details in {prefix}.json")
+    if sidecar.get("kind") == "packed":
+        print(f"wrote {prefix}.bin/.idx: {sidecar['documents']:,} packed samples of {sidecar['min_length']}.."
+              f"{sidecar['max_length']} tokens, {sidecar['spans']:,} documents in them, {sidecar['tokens']:,} tokens"
+              f"{', with the loss mask' if sidecar.get('loss_mask') else ''}; details in {prefix}.json")
+    else:
+        print(f"wrote {prefix}.bin/.idx: {sidecar['documents']:,} documents, {sidecar['tokens']:,} tokens "
+              f"(lengths {sidecar['min_length']}..{sidecar['max_length']}); details in {prefix}.json")
     if sidecar["skipped_total"]:
         print(f"skipped {sidecar['skipped_total']:,} records:")
         for reason, count in sidecar["skipped"].items():

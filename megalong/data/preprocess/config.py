@@ -5,13 +5,14 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-INPUT_FORMATS = ("auto", "jsonl", "parquet", "text", "code-repos")
+INPUT_FORMATS = ("auto", "jsonl", "parquet", "text", "code-repos", "mds")
 
 
 @dataclass
 class PreprocessConfig:
     # Files, directories or glob patterns. JSONL (.jsonl/.json, plain, .gz or .zst) and Parquet
-    # are recognised by name; directories of text files or of repositories need input_format.
+    # are recognised by name; directories of text files, of repositories or MDS datasets
+    # (mosaicml-streaming, each directory with its index.json) need input_format.
     inputs: list[str] = field(default_factory=list)
     input_format: str = "auto"
     # JSON key / Parquet column holding the document text.
@@ -21,7 +22,8 @@ class PreprocessConfig:
     # A tokenizer spec for megalong.data.tokenizer.load_tokenizer ("llama3", a file or a directory).
     tokenizer: str = "llama3"
     # BOS/EOS policy. Default: <|begin_of_text|> text <|end_of_text|>, the way Llama-3 was
-    # pre-trained; Megatron-LM's --append-eod is add_bos=False, add_eos=True.
+    # pre-trained; Megatron-LM's --append-eod is add_bos=False, add_eos=True. MDS documents
+    # (already tokenized) get the same; packed MDS samples are stored as released (no policy).
     add_bos: bool = True
     add_eos: bool = True
     # Keep documents whose stored length (BOS/EOS included) is within [min_tokens, max_tokens];

@@ -64,7 +64,7 @@ def _input_fingerprint(shards: list[Shard]) -> dict:
     """Size and modification time of every input file that shards address by offset or row,
     and of what was found unreadable (if it is fixed, the plan is out of date)."""
     kinds = ("jsonl-range", "jsonl-stream", "parquet", "unreadable")
-    files = sorted({item[0] for s in shards if s.kind in kinds for item in s.items})
+    files = sorted({item[0] for s in shards if s.kind in kinds or s.kind.startswith("mds-") for item in s.items})
     return {name: _file_state(name) for name in files}
 
 
@@ -145,7 +145,7 @@ def remove_leftover_temps(cfg: PreprocessConfig) -> None:
     """Delete the temporary files killed runs on this host left at the prefix and in the work
     directory; say which ones of other processes are left alone."""
     prefix = Path(cfg.output_prefix)
-    outputs = {f"{prefix.name}{ext}" for ext in (".bin", ".idx", ".lengths", ".json")}
+    outputs = {f"{prefix.name}{ext}" for ext in (".bin", ".idx", ".lengths", ".counts", ".modes", ".json")}
     removed, kept = remove_stale_temps(prefix.parent, outputs.__contains__)
     work_removed, work_kept = remove_stale_temps(cfg.work_dir, lambda name: True)  # all of it is ours
     removed, kept = removed + work_removed, kept + work_kept
@@ -283,7 +283,10 @@ def merge(cfg: PreprocessConfig, plan: dict) -> dict:
     sidecar_file.unlink(missing_ok=True)  # a sidecar must only ever sit next to the outputs it describes
     log.info("merging %d shards into %s.bin/.idx%s", num_shards, cfg.output_prefix,
              " (dropping exact duplicates)" if cfg.dedup else "")
-    counts = merge_shards(work_dir, num_shards, cfg.output_prefix, cfg.dedup)
+    kinds = {shard["kind"] for shard in plan["shards"]}
+    packed = bool(kinds & {"mds-packed", "mds-packed-mask"})
+    masked = "mds-packed-mask" in kinds
+    counts = merge_shards(work_dir, num_shards, cfg.output_prefix, cfg.dedup, grouped=packed, multimodal=masked)
     from megalong import __version__
 
     settings = plan["settings"]
@@ -305,10 +308,28 @@ def merge(cfg: PreprocessConfig, plan: dict) -> dict:
         "shards": num_shards,
         "created_by": f"megalong {__version__} preprocess",
     }
+    if packed:
+        sidecar.update(packed_sidecar(masked))
     write_json_atomic(sidecar_file, sidecar)
     if not cfg.keep_work:
         shutil.rmtree(work_dir, ignore_errors=True)
     return sidecar
+
+
+def packed_sidecar(masked: bool) -> dict:
+    """What a dataset of packed MDS samples says about itself (megalong.data.packed reads it)."""
+    from megalong.data.packed import SIDECAR_KIND
+
+    return {
+        "kind": SIDECAR_KIND,
+        "format": "megatron-core indexed dataset (.bin/.idx): one document per packed sample (tokens exactly as "
+                  "released), " + ("multimodal: one sequence per run of equal target flag inside a span, mode "
+                               "bit 0 = target (mask != 0), bit 1 = the run opens a span" if masked
+                               else "one sequence per span (a document inside the sample)"),
+        "loss_mask": masked,
+        "bos_eos": {"add_bos": False, "add_eos": False, "meaning": "packed samples are stored as released: nothing added"},
+        "filters": {"min_tokens": 0, "max_tokens": 0, "dedup": False},
+    }
 
 
 def already_complete(cfg: PreprocessConfig) -> bool:

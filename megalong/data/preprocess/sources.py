@@ -9,6 +9,7 @@ gets the same shards: a resumed run, or each task of a SLURM job array.
 * compressed JSONL (.gz, .zst) cannot be seeked: one shard per file;
 * Parquet is cut at row groups;
 * text files and code repositories are grouped whole;
+* MDS datasets (mosaicml-streaming) are cut at their shard files (mds_input.py);
 * what cannot be read at all (a directory that cannot be listed, a dangling link, a named
   pipe) gets a shard of kind ``unreadable``, so the worker reports it like any bad input:
   counted with its path, or the stop of a ``--strict`` run.
@@ -37,9 +38,10 @@ class InputError(ValueError):
 
 @dataclass
 class Shard:
-    kind: str  # jsonl-range | jsonl-stream | parquet | text-files | code-repos | unreadable
+    kind: str  # jsonl-range | jsonl-stream | parquet | text-files | code-repos | mds-<layout> | unreadable
     # jsonl-range: [[path, start, end]]; jsonl-stream: [[path]]; parquet: [[path, row_group]];
-    # text-files / code-repos: [[path], ...]; unreadable: [[path, skip reason, detail]]
+    # text-files / code-repos: [[path], ...]; mds-*: [[shard file, dataset dir, number, index entry]];
+    # unreadable: [[path, skip reason, detail]]
     items: list = field(default_factory=list)
     input_bytes: int = 0
 
@@ -104,6 +106,8 @@ def plan_shards(cfg: PreprocessConfig) -> list[Shard]:
     # First find every unit of input and its size, then cut shards of the chosen size.
     # entries: ("file", path, size), ("group", kind, [(path, size), ...]) or ("unreadable", shard)
     entries: list[tuple] = []
+    if cfg.input_format == "mds":
+        return _plan_mds(cfg)
     for pattern in cfg.inputs:
         for path in _expand(pattern):
             fmt = cfg.input_format
@@ -199,4 +203,41 @@ def _group(kind: str, units: list, target: int) -> list[Shard]:
         current_bytes += size
     if current:
         shards.append(Shard(kind, current, current_bytes))
+    return shards
+
+
+def _plan_mds(cfg: PreprocessConfig) -> list[Shard]:
+    """MDS dataset directories: whole MDS shards, grouped up to the shard size; a directory
+    whose index cannot be read becomes an ``unreadable`` shard (counted, or the stop of a
+    strict run). Every directory must hold the same layout (documents or packed samples)."""
+    from megalong.data.preprocess.mds_input import plan_mds
+
+    units, layouts, shards = [], {}, []
+    for pattern in cfg.inputs:
+        for path in _expand(pattern):
+            if not path.is_dir():
+                raise InputError(f"input {path}: input_format mds expects a dataset directory (with index.json)")
+            found, layout, unreadable = plan_mds(path)
+            if unreadable:
+                shards.append(Shard("unreadable", [list(unreadable)], 0))
+            if layout is not None:
+                layouts.setdefault(layout, str(path))
+            units += found
+    if len(layouts) > 1:
+        raise InputError("the MDS inputs mix layouts (" + "; ".join(f"{k}: {v}" for k, v in layouts.items())
+                         + "): packed samples and documents go to separate outputs")
+    if layouts and next(iter(layouts)) != "documents" and (cfg.min_tokens or cfg.max_tokens or cfg.dedup):
+        raise InputError("--min-tokens, --max-tokens and --dedup filter documents; packed MDS samples are kept "
+                         "exactly as released")
+    total = sum(size for _, size, _ in units)
+    target = max(1, int(cfg.shard_size_mb * (1 << 20)) if cfg.shard_size_mb else auto_shard_bytes(total))
+    current, current_bytes = [], 0
+    for kind, size, item in units:
+        if current and current_bytes + size > target:
+            shards.append(Shard(kind, current, current_bytes))
+            current, current_bytes = [], 0
+        current.append(item)
+        current_bytes += size
+    if current:
+        shards.append(Shard(units[-1][0], current, current_bytes))
     return shards
