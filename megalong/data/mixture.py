@@ -8,7 +8,7 @@ A mixture recipe (YAML, e.g. ``megalong/recipes/mixtures/prolong_stage1_64k.yaml
     domains:
       - name: books_64k
         weight: 30                # share of samples (= of tokens: every sample has seq_length)
-        kind: long                # long | concat | sft   (see megalong.data.packing)
+        kind: long                # long | concat | sft | packed   (see megalong.data.packing)
         paths: [books/books_text_document]   # Megatron .bin/.idx prefixes, relative ones
                                              # resolve under data.data_root
 
@@ -40,7 +40,7 @@ class DomainSpec:
     name: str
     weight: float
     paths: list[str]
-    kind: Literal["long", "concat", "sft"] = "concat"
+    kind: Literal["long", "concat", "sft", "packed"] = "concat"
     # Long domains: documents shorter than this are skipped and longer ones cut into chunks
     # of exactly this many tokens; defaults to seq_length (ProLong's cut).
     chunk_length: Optional[int] = None
@@ -135,6 +135,11 @@ class DomainSource:
 
                 dataset = open_chat_dataset(prefix)
                 lengths.append(conversation_lengths(dataset))
+            elif spec.kind == "packed":
+                from megalong.data.packed import PackedDataset
+
+                dataset = PackedDataset(prefix)
+                lengths.append(dataset.sample_lengths)
             else:
                 dataset = IndexedDataset(prefix)
                 lengths.append(np.asarray(dataset.sequence_lengths, dtype=np.int64))
@@ -144,11 +149,12 @@ class DomainSource:
         self.first_document = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
         self.lengths = np.concatenate(lengths) if lengths else np.zeros(0, dtype=np.int64)
         self.index = build_index(spec.kind, self.lengths, seq_length, seed, spec.name,
-                                 chunk_length=spec.chunk_length)
+                                 chunk_length=spec.chunk_length, spans=self._span_lengths)
         if self.index.tokens_per_epoch == 0:
             what = {"long": f"no document of at least {spec.chunk_length or seq_length:,} tokens",
                     "concat": "no tokens",
-                    "sft": f"no conversation of at most {seq_length:,} tokens"}[spec.kind]
+                    "sft": f"no conversation of at most {seq_length:,} tokens",
+                    "packed": "no packed sample"}[spec.kind]
             raise ValueError(f"domain {spec.name!r} ({spec.kind}) has {what} in {', '.join(self.prefixes)}")
 
     @property
@@ -158,6 +164,10 @@ class DomainSource:
     def _locate(self, document: int) -> tuple[object, int]:
         i = int(np.searchsorted(self.first_document, document, side="right") - 1)
         return self.datasets[i], int(document - self.first_document[i])
+
+    def _span_lengths(self, sample: int) -> np.ndarray:
+        dataset, local = self._locate(sample)
+        return dataset.span_lengths(local)
 
     def check_available(self, sample: int) -> None:
         """Refuse (when repeats are off) a sample that would start a second epoch."""
@@ -176,6 +186,8 @@ class DomainSource:
         return self.index.layout(sample)
 
     def read(self, layout: SampleLayout) -> PackedSample:
+        if self.spec.kind == "packed":
+            return self._read_packed(layout)
         pieces, masks = [], []
         next_token = None
         for k, (doc, off, length) in enumerate(zip(layout.documents, layout.offsets, layout.lengths)):
@@ -195,6 +207,15 @@ class DomainSource:
             pieces.append(tokens)
         return materialize(layout, pieces, next_token, self.pad_token_id, self.seq_length,
                            target_masks=masks if self.spec.kind == "sft" else None)
+
+    def _read_packed(self, layout: SampleLayout) -> PackedSample:
+        """A stored packed sample as it is: its spans are the layout's pieces; with a mask,
+        a token is a target where the mask was non-zero (megalong.data.packed)."""
+        dataset, local = self._locate(int(layout.documents[0]))
+        tokens, target = dataset.read(local)
+        cuts = np.cumsum(layout.lengths)[:-1]
+        return materialize(layout, np.split(tokens, cuts), None, self.pad_token_id, self.seq_length,
+                           target_masks=None if target is None else np.split(target, cuts))
 
 
 class Blend:
