@@ -46,6 +46,11 @@ class DomainSpec:
     chunk_length: Optional[int] = None
     # Per-domain override of the mixture's allow_repeat.
     allow_repeat: Optional[bool] = None
+    # SFT domains: "whole" packs whole conversations and pads the rest of a sample (a
+    # conversation longer than a sample is dropped); "fill" fills every sample, cutting the
+    # conversation that crosses its end and starting the next sample with the rest, the way
+    # ProLong's released SFT data was packed (datatools). See megalong.data.packing.
+    sft_packing: Literal["whole", "fill"] = "whole"
 
     def __post_init__(self):
         if not self.name:
@@ -56,6 +61,8 @@ class DomainSpec:
             raise ValueError(f"domain {self.name!r}: paths is empty (list the .bin/.idx prefixes)")
         if self.chunk_length is not None and self.kind != "long":
             raise ValueError(f"domain {self.name!r}: chunk_length only applies to kind: long")
+        if self.sft_packing != "whole" and self.kind != "sft":
+            raise ValueError(f"domain {self.name!r}: sft_packing only applies to kind: sft")
 
 
 @dataclass
@@ -149,7 +156,8 @@ class DomainSource:
         self.first_document = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
         self.lengths = np.concatenate(lengths) if lengths else np.zeros(0, dtype=np.int64)
         self.index = build_index(spec.kind, self.lengths, seq_length, seed, spec.name,
-                                 chunk_length=spec.chunk_length, spans=self._span_lengths)
+                                 chunk_length=spec.chunk_length, spans=self._span_lengths,
+                                 sft_packing=spec.sft_packing)
         if self.index.tokens_per_epoch == 0:
             what = {"long": f"no document of at least {spec.chunk_length or seq_length:,} tokens",
                     "concat": "no tokens",
@@ -189,24 +197,27 @@ class DomainSource:
         if self.spec.kind == "packed":
             return self._read_packed(layout)
         pieces, masks = [], []
-        next_token = None
+        next_token, next_target = None, False
         for k, (doc, off, length) in enumerate(zip(layout.documents, layout.offsets, layout.lengths)):
             dataset, local = self._locate(int(doc))
+            read_length = int(length) + (1 if layout.continues and k == len(layout.documents) - 1 else 0)
             if self.spec.kind == "sft":
                 from megalong.data.sft import read_conversation
 
                 tokens, mask = read_conversation(dataset, local)
-                pieces.append(tokens)
+                tokens, mask = tokens[off:off + read_length], mask[off:off + read_length]
+                if read_length > length:  # a cut conversation goes on in the next sample
+                    next_target = bool(mask[-1])
+                    mask = mask[:-1]
                 masks.append(mask)
-                continue
-            read_length = int(length) + (1 if layout.continues and k == len(layout.documents) - 1 else 0)
-            tokens = dataset.get(local, offset=int(off), length=read_length)
+            else:
+                tokens = dataset.get(local, offset=int(off), length=read_length)
             if read_length > length:
                 next_token = int(tokens[-1])
                 tokens = tokens[:-1]
             pieces.append(tokens)
         return materialize(layout, pieces, next_token, self.pad_token_id, self.seq_length,
-                           target_masks=masks if self.spec.kind == "sft" else None)
+                           target_masks=masks if self.spec.kind == "sft" else None, next_target=next_target)
 
     def _read_packed(self, layout: SampleLayout) -> PackedSample:
         """A stored packed sample as it is: its spans are the layout's pieces; with a mask,

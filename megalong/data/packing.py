@@ -9,9 +9,12 @@ Three ways a domain's documents become samples of ``seq_length`` inputs:
 * ``concat`` (:class:`ConcatIndex`): shuffled documents laid end to end and cut every
   ``seq_length`` tokens; the cut-off tail of one sample starts the next, so a document
   longer than a sample is split and no token is lost.
-* ``sft``    (:class:`ConversationPackIndex`): whole conversations packed in order into a
-  sample until the next one does not fit, the rest padded; a conversation longer than a
-  sample is dropped (counted).
+* ``sft``    (:class:`ConversationPackIndex`, ``sft_packing: whole``, the default): whole
+  conversations packed in order into a sample until the next one does not fit, the rest
+  padded; a conversation longer than a sample is dropped (counted). With ``sft_packing:
+  fill`` (:class:`ConversationFillIndex`): conversations laid end to end like ``concat``, so
+  every sample is full and the conversation crossing a sample's end goes on in the next one,
+  as ProLong's released SFT data was packed (datatools' ``scripts/pack.py``, SingleBuffer).
 * ``packed`` (:class:`PackedSampleIndex`): samples packed before (ProLong's released data,
   megalong.data.packed): each stored sample is one training sample, its spans the documents.
 
@@ -306,6 +309,16 @@ class ConversationPackIndex:
         return SampleLayout(chosen, np.zeros_like(chosen), lengths, pad_length=pad)
 
 
+class ConversationFillIndex(ConcatIndex):
+    """SFT with ``sft_packing: fill``: conversations shuffled and laid end to end, cut every
+    ``seq_length`` tokens (ConcatIndex): no padding; the conversation that crosses a sample's
+    end is cut there, its rest a document of its own at the start of the next sample (the last
+    input of the sample predicts the rest's first token, when that is an assistant token)."""
+
+    kind = "sft"
+    packing = "fill"
+
+
 class PackedSampleIndex:
     """Samples packed before megalong saw them (ProLong's released data): stored sample g is
     one training sample as it is, its spans (``spans(g)``: their lengths) the attention
@@ -351,9 +364,13 @@ class PackedSampleIndex:
 
 
 def build_index(kind: str, lengths: np.ndarray, seq_length: int, seed: int, name: str,
-                chunk_length: int | None = None, spans: Callable[[int], np.ndarray] | None = None):
+                chunk_length: int | None = None, spans: Callable[[int], np.ndarray] | None = None,
+                sft_packing: str = "whole"):
     """The index for a domain of ``kind`` ('long', 'concat', 'sft' or 'packed') over
-    document lengths; ``spans(g)`` gives the span lengths of packed sample g."""
+    document lengths; ``spans(g)`` gives the span lengths of packed sample g; ``sft_packing``
+    ('whole' or 'fill') chooses how an sft domain packs its conversations."""
+    if kind == "sft" and sft_packing == "fill":
+        return ConversationFillIndex(lengths, seq_length, seed, name)
     if kind == "packed":
         if spans is None:
             raise ValueError(f"domain {name!r}: a packed index needs the span lengths of its samples")
@@ -376,12 +393,13 @@ def _positions(seq_length: int) -> np.ndarray:
 
 def materialize(layout: SampleLayout, pieces: list[np.ndarray], next_token: int | None,
                 pad_token_id: int, seq_length: int,
-                target_masks: list[np.ndarray] | None = None) -> PackedSample:
+                target_masks: list[np.ndarray] | None = None, next_target: bool = False) -> PackedSample:
     """Assemble a PackedSample from the tokens of each piece of ``layout``.
 
     ``pieces[i]`` holds the tokens of piece i; ``next_token`` is the token after the last
     piece when ``layout.continues``. ``target_masks[i]`` (SFT) marks which tokens of piece i
-    are worth predicting (assistant turns); the loss of input j is on when token j+1 is.
+    are worth predicting (assistant turns); the loss of input j is on when token j+1 is;
+    ``next_target`` says whether ``next_token`` is.
     """
     seg_lengths = layout.segment_lengths
     if int(seg_lengths.sum()) != seq_length:
@@ -420,6 +438,8 @@ def materialize(layout: SampleLayout, pieces: list[np.ndarray], next_token: int 
     if layout.continues:
         doc_last = doc_last[:-1]
     loss_mask[doc_last] = 0.0
+    if layout.continues and target_masks is not None:
+        loss_mask[-1] = float(next_target)
     if layout.pad_length:
         loss_mask[seq_length - layout.pad_length:] = 0.0
     return PackedSample(tokens=tokens, labels=labels, loss_mask=loss_mask,
