@@ -46,6 +46,11 @@ class PreprocessConfig:
     # document; a repository document stops growing at repo_max_bytes (0 = no cap).
     repo_max_file_bytes: int = 1_000_000
     repo_max_bytes: int = 0
+    # For input_format code-repos given Parquet files with one row per source file (The Stack
+    # v1): the columns of the repository name, the file's path in it and its text.
+    repo_key: str = "max_stars_repo_name"
+    repo_path_key: str = "max_stars_repo_path"
+    repo_content_key: str = "content"
     # Keep <output_prefix>.work/ after a successful merge (for inspection).
     keep_work: bool = False
     # Replace a dataset already at output_prefix that this run did not make (without it, an
@@ -93,4 +98,7 @@ class PreprocessConfig:
             "text_suffixes": list(self.text_suffixes),
             "repo_max_file_bytes": self.repo_max_file_bytes,
             "repo_max_bytes": self.repo_max_bytes,
+            "repo_key": self.repo_key,
+            "repo_path_key": self.repo_path_key,
+            "repo_content_key": self.repo_content_key,
         }

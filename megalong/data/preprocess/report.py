@@ -53,6 +53,7 @@ REPO_FILE_REASONS = {
     "repo_cap": "past the repository cap (repo_max_bytes)",
     "unreadable": "the file could not be read",
     "unreadable_directory": "the directory could not be listed: the files in it are missing",
+    "duplicate_path": "a second dataset row with the same path in the repository (the first is kept)",
 }
 # Input errors, not policy: --strict stops at them.
 REPO_FILE_ERRORS = frozenset({"unreadable", "unreadable_directory"})

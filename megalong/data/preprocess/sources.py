@@ -41,6 +41,8 @@ class Shard:
     kind: str  # jsonl-range | jsonl-stream | parquet | text-files | code-repos | mds-<layout> | unreadable
     # jsonl-range: [[path, start, end]]; jsonl-stream: [[path]]; parquet: [[path, row_group]];
     # text-files / code-repos: [[path], ...]; mds-*: [[shard file, dataset dir, number, index entry]];
+    # repo-rows-partition: [[parquet file, buckets, repo column, path column, content column]];
+    # repo-rows-group: [[bucket, buckets, [partition shard ids]]];
     # unreadable: [[path, skip reason, detail]]
     items: list = field(default_factory=list)
     input_bytes: int = 0
@@ -112,6 +114,9 @@ def plan_shards(cfg: PreprocessConfig) -> list[Shard]:
         for path in _expand(pattern):
             fmt = cfg.input_format
             unreadable: list[Shard] = []
+            if fmt == "code-repos" and path.is_file() and _is_parquet(path.name):
+                entries.append(("repo-rows", path))
+                continue
             if fmt in ("text", "code-repos"):
                 if not path.is_dir():
                     raise InputError(f"input {path}: input_format {fmt} expects a directory")
@@ -129,10 +134,19 @@ def plan_shards(cfg: PreprocessConfig) -> list[Shard]:
                 )
             entries += [("file", f, _size(f)) for f in chosen]
             entries += [("unreadable", shard) for shard in unreadable]
+    row_files = [e[1] for e in entries if e[0] == "repo-rows"]
+    if row_files and len(row_files) != len(entries):
+        raise InputError("--input-format code-repos takes either repository directories or Parquet files of one "
+                         "row per source file, not both in one run")
     total = sum(e[2] if e[0] == "file" else sum(size for _, size in e[2]) if e[0] == "group" else 0
                 for e in entries)
     target = int(cfg.shard_size_mb * (1 << 20)) if cfg.shard_size_mb else auto_shard_bytes(total)
     target = max(1, target)
+    if row_files:
+        from megalong.data.preprocess.repo_rows import plan_repo_rows
+
+        columns = (cfg.repo_key, cfg.repo_path_key, cfg.repo_content_key)
+        return [Shard(kind, items, size) for kind, items, size in plan_repo_rows(row_files, target, columns)]
     shards: list[Shard] = []
     for entry in entries:
         if entry[0] == "file":

@@ -20,6 +20,7 @@ from megalong.data.preprocess.config import PreprocessConfig
 from megalong.data.preprocess.indexed_writer import IndexedDatasetWriter, sidecar_path, tmp_tag
 from megalong.data.preprocess.mds_input import SHARD_KINDS as MDS_SHARD_KINDS
 from megalong.data.preprocess.mds_input import MdsShardConverter
+from megalong.data.preprocess import repo_rows
 from megalong.data.preprocess.readers import iter_documents
 from megalong.data.preprocess.report import SkipLog
 from megalong.data.preprocess.sources import Shard
@@ -141,7 +142,12 @@ def tokenize_shard(shard_id: int, shard: Shard, cfg: PreprocessConfig, tokenizer
     extra = {}
     try:
         batcher = _ShardTokenizer(cfg, tokenizer, writer, skips, hashes, progress, shard.input_bytes)
-        if shard.kind in MDS_SHARD_KINDS:
+        if shard.kind == repo_rows.PARTITION:
+            repo_rows.partition_file(shard.items[0], repo_rows.partition_path(work_dir, shard_id), skips)
+        elif shard.kind == repo_rows.GROUP:
+            for text, where in repo_rows.group_documents(shard.items[0], Path(work_dir), cfg, skips):
+                batcher.add(text, where)
+        elif shard.kind in MDS_SHARD_KINDS:
             converter = MdsShardConverter(shard.kind, writer, skips, tokenizer.vocab_size, batcher.add_tokens, progress)
             converter.convert(shard.items)
             extra = {"mds_domains": dict(converter.domains), "spans": converter.spans}
