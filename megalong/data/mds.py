@@ -32,6 +32,7 @@ from __future__ import annotations
 import bz2
 import gzip
 import json
+import mmap
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -222,10 +223,14 @@ class ShardReader:
         self.where = str(path)
         try:
             with open(path, "rb") as handle:
-                # Whole shards are read at once: MDS shards are small (MDSWriter's default
-                # size_limit is 64 MiB) and a compressed one must be decompressed whole anyway.
-                data = handle.read()
-            self.data = data if path == shard.raw_path else _decompress(shard.info.get("compression") or "", data)
+                if path == shard.raw_path:
+                    # Memory-mapped: samples are views of the file (reading a 64 MiB shard into a
+                    # fresh bytes object cost more than converting it). The map closes when the
+                    # last view of it goes.
+                    size = os.fstat(handle.fileno()).st_size
+                    self.data = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
+                else:  # a compressed shard is decompressed whole, in memory
+                    self.data = _decompress(shard.info.get("compression") or "", handle.read())
         except MdsError as err:
             raise MdsError(f"{path}: {err}") from None
         except OSError as err:

@@ -130,6 +130,8 @@ class MdsShardConverter:
         if tokens is None:
             self.skips.skip(reason, path, detail, sample=index)
             return
+        if tokens.dtype == np.uint32:  # ids are below the vocabulary size: int32 has the same bits
+            tokens = tokens.view(np.int32)
         domain = str(sample.get("domain", ""))
         size = reader.sample_bytes(index)
         if self.layout == "documents":
