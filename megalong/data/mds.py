@@ -258,8 +258,11 @@ class ShardReader:
         self.columns = names
         self.sizes = [int(s) if s else None for s in shard.info["column_sizes"]]
         wanted = set(names if columns is None else columns)
-        self.decoders = [(_decoder(enc) if name in wanted else None)
-                         for name, enc in zip(names, shard.info["column_encodings"])]
+        try:
+            self.decoders = [(_decoder(enc) if name in wanted else None)
+                             for name, enc in zip(names, shard.info["column_encodings"])]
+        except MdsError as err:
+            raise MdsError(f"{path}: {err}") from None
         self.variable = sum(size is None for size in self.sizes)
 
     def sample(self, index: int) -> dict:

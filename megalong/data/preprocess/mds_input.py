@@ -27,6 +27,7 @@ import numpy as np
 
 from megalong.data.mds import MdsError, MdsShard, ShardReader, read_index
 from megalong.data.packed import sequences_of_sample
+from megalong.data.preprocess.sources import InputError
 
 LAYOUTS = ("documents", "packed", "packed-mask")
 SHARD_KINDS = tuple(f"mds-{layout}" for layout in LAYOUTS)
@@ -46,9 +47,13 @@ def plan_mds(dataset: Path) -> tuple[list[tuple[str, int, list]], str | None, tu
         shards = read_index(dataset)
     except MdsError as err:
         return [], None, (str(dataset / "index.json"), "unreadable_index", str(err))
+    without_tokens = [s for s in shards if "input_ids" not in s.column_names]
+    if without_tokens:
+        raise InputError(f"{without_tokens[0].path}: no input_ids column (columns: "
+                         f"{', '.join(without_tokens[0].column_names)}); --input-format mds reads tokenized data")
     layouts = {layout_of(s.column_names) for s in shards}
     if len(layouts) > 1:
-        raise ValueError(f"{dataset}: shards of different layouts ({', '.join(sorted(layouts))}); "
+        raise InputError(f"{dataset}: shards of different layouts ({', '.join(sorted(layouts))}); "
                          "give each kind of data its own output")
     layout = layouts.pop() if layouts else None
     units = [(f"mds-{layout}", s.size_on_disk, [str(s.path), str(dataset), s.number, s.info]) for s in shards]
