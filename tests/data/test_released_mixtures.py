@@ -24,7 +24,8 @@ TRAIN_SFT = "prolong-ultrachat-64K@1.0"
 
 @pytest.mark.parametrize("mixture, domains", [("prolong_released_64k", TRAIN_64K),
                                               ("prolong_released_512k", TRAIN_512K),
-                                              ("prolong_released_sft", TRAIN_SFT)])
+                                              ("prolong_released_sft", TRAIN_SFT)],
+                         ids=["64k", "512k", "sft"])
 def test_released_mixtures_have_prolongs_domains_and_shares(mixture, domains):
     spec = load_mixture(mixture)
     expected = [(name, float(share)) for name, share in (d.split("@") for d in domains.split())]
