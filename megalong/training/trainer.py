@@ -87,14 +87,14 @@ class Trainer:
             log.info("Cross entropy in chunks of %d tokens (logits recomputed in backward)",
                      run.loss.chunk_tokens)
         self.padded_vocab = chunks[0].vocab_size
-        self.model = wrap_with_ddp(chunks, run, self.runtime.on_gpu)
-        self.optimizer = build_optimizer(self.model, run, self.runtime.on_gpu)
+        self.model = wrap_with_ddp(chunks, run)
+        self.optimizer = build_optimizer(self.model, run)
         self.scheduler = build_scheduler(self.optimizer, run)
 
         config = get_model_config(self.model[0])
         config.grad_scale_func = self.optimizer.scale_loss
         config.finalize_model_grads_func = finalize_model_grads
-        if run.runtime.overlap_grad_reduce and self.runtime.on_gpu:
+        if run.runtime.overlap_grad_reduce:
             no_sync = [m.no_sync for m in self.model]
             config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
         if run.parallel.virtual_pipeline and run.parallel.virtual_pipeline > 1:
@@ -330,8 +330,7 @@ class Trainer:
             self.async_queue.maybe_finalize_async_calls(blocking=blocking)
 
     def _overlaps_param_gather(self) -> bool:
-        return (self.run.runtime.overlap_param_gather and self.runtime.on_gpu
-                and self.run.parallel.distributed_optimizer)
+        return self.run.runtime.overlap_param_gather
 
     def _metrics_writer(self) -> MetricsWriter:
         lc, save_dir = self.run.logging, self.run.checkpoint.save_dir
