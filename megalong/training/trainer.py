@@ -306,8 +306,9 @@ class Trainer:
         self.state.layout = self.layout
         self.state.data = self.stream.describe()
         # With overlapped parameter all-gather the last update reaches the model only in the
-        # next forward pass: gather it now, so the saved weights are the updated ones.
-        deferred_gather = self._overlaps_param_gather()
+        # next forward pass (each rank has updated its own shard of the weights, the rest is
+        # stale): gather it now, so the saved weights are the updated ones.
+        deferred_gather = run.runtime.overlap_param_gather
         self.finish_pending_saves()  # one checkpoint in flight at a time
         if deferred_gather:
             for chunk in self.model:
@@ -328,9 +329,6 @@ class Trainer:
         """Publish background checkpoint writes that are complete (all of them if blocking)."""
         if self.async_queue is not None:
             self.async_queue.maybe_finalize_async_calls(blocking=blocking)
-
-    def _overlaps_param_gather(self) -> bool:
-        return self.run.runtime.overlap_param_gather
 
     def _metrics_writer(self) -> MetricsWriter:
         lc, save_dir = self.run.logging, self.run.checkpoint.save_dir
