@@ -103,7 +103,7 @@ def train_observed(run_dict: dict, nan_gradient_at_step: int | None = None) -> d
         if nan_gradient_at_step is None:
             raise
         return {"error": str(error), "steps": trainer.observed}
-    return {"code": code, "steps": trainer.observed}
+    return {"code": code, "steps": trainer.observed, "buckets": trainer.buckets}
 
 
 class ObservedTrainer(Trainer):
@@ -113,7 +113,9 @@ class ObservedTrainer(Trainer):
       been dispatched before the schedule finished the backward pass (overlapped);
     - ``gather_deferred``: after the optimizer step, per chunk and bucket group, whether its
       parameter all-gather is left to the next forward pass (not yet dispatched);
-    - ``gradients``: each parameter's gradient after the data-parallel reduce, whole.
+    - ``gradients``: each parameter's gradient after the data-parallel reduce, whole;
+
+    and in ``buckets``, per model chunk, the number of buckets of each of its gradient buffers.
     """
 
     def __init__(self, *args, nan_gradient_at_step: int | None = None, **kwargs):
@@ -123,6 +125,7 @@ class ObservedTrainer(Trainer):
 
     def setup(self):
         super().setup()
+        self.buckets = [[len(buffer.buckets) for buffer in chunk.buffers] for chunk in self.model]
         finalize = self.model_transformer_config.finalize_model_grads_func
 
         def finalize_observed(model, *args, **kwargs):
