@@ -23,6 +23,9 @@ def wrap_with_ddp(model_chunks: list, run: RunConfig) -> list:
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=run.runtime.overlap_grad_reduce,
         overlap_param_gather=run.runtime.overlap_param_gather,
+        # With several chunks the interleaved schedule starts the gathers (Trainer.setup sets
+        # param_sync_func); a bucket's forward hook then only waits for its own.
+        align_param_gather=run.runtime.overlap_param_gather and len(model_chunks) > 1,
         bucket_size=run.runtime.ddp_bucket_size,
         use_distributed_optimizer=run.parallel.distributed_optimizer,
         # Per-token loss: gradients are summed, then divided by the global token count.

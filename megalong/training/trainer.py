@@ -94,15 +94,23 @@ class Trainer:
         config = get_model_config(self.model[0])
         config.grad_scale_func = self.optimizer.scale_loss
         config.finalize_model_grads_func = finalize_model_grads
+        per_chunk = (lambda funcs: funcs[0]) if len(self.model) == 1 else list
         if run.runtime.overlap_grad_reduce:
-            no_sync = [m.no_sync for m in self.model]
-            config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
-        if run.parallel.virtual_pipeline and run.parallel.virtual_pipeline > 1:
+            # Megatron-LM's --overlap-grad-reduce with its default --align-grad-reduce: the
+            # micro-batches before the last accumulate without reducing (no_sync), and a pipeline
+            # schedule starts each chunk's reduce itself, at the same point on every stage.
+            config.no_sync_func = per_chunk([m.no_sync for m in self.model])
+            config.grad_sync_func = per_chunk([m.start_grad_sync for m in self.model])
+        if len(self.model) > 1:
             # Megatron-LM's settings for the interleaved schedule. With batched p2p, PP=2 posts a
             # backward and a forward tensor to the same peer in an order the peer does not receive
             # them in (seen on gloo: wrong activations, wrong losses); overlapped p2p orders them.
             config.overlap_p2p_comm = True
             config.batch_p2p_comm = False
+            if run.runtime.overlap_param_gather:
+                # And its --align-param-gather (on by default with virtual stages): the schedule
+                # starts each chunk's parameter all-gather ahead of the chunk's first forward.
+                config.param_sync_func = [m.start_param_sync for m in self.model]
         self.model_transformer_config = config
 
         if self.stream is None:
