@@ -68,20 +68,25 @@ TWO_PROCESS_RUNS = ["off-fp32", "on-fp32", "off-bf16", "grad-only-bf16", "on-bf1
 
 
 def four_process_calls(root: Path) -> list:
-    """PP=2 x 2 virtual stages x DP=2 in bf16 (two model chunks on every rank, each with its own
-    buckets; Megatron-Core's default bucket size, so both runs cut the buffers alike): without
-    overlap and with it, both saving at step 2; the overlapped run resumed from step 2."""
+    """In bf16, with Megatron-Core's default bucket size (each model chunk is one bucket with or
+    without overlap, so the runs cut the buffers alike): PP=2 x 2 virtual stages x DP=2 (two
+    model chunks on every rank, reduced and gathered on their own) without overlap and with it,
+    both saving at step 2, and the overlapped run resumed from step 2; PP=2 x DP=2 (plain 1F1B)
+    without overlap and with it."""
     bf16 = {"params_dtype": "bf16"}
+    one_f_one_b = {"pipeline_parallel": 2, "distributed_optimizer": True}
     runs = [
-        observed_run(root, "pp-off-bf16", save_at=2, model=bf16, parallel=PIPELINE_LAYOUT),
-        observed_run(root, "pp-on-bf16", OVERLAP, save_at=2, model=bf16, parallel=PIPELINE_LAYOUT),
-        observed_run(root, "pp-on-bf16-resumed", OVERLAP, model=bf16, parallel=PIPELINE_LAYOUT,
-                     resume_from=str(root / "pp-on-bf16" / "ckpt" / "iter_0000002")),
+        observed_run(root, "vp-off-bf16", save_at=2, model=bf16, parallel=PIPELINE_LAYOUT),
+        observed_run(root, "vp-on-bf16", OVERLAP, save_at=2, model=bf16, parallel=PIPELINE_LAYOUT),
+        observed_run(root, "vp-on-bf16-resumed", OVERLAP, model=bf16, parallel=PIPELINE_LAYOUT,
+                     resume_from=str(root / "vp-on-bf16" / "ckpt" / "iter_0000002")),
+        observed_run(root, "pp-off-bf16", model=bf16, parallel=one_f_one_b),
+        observed_run(root, "pp-on-bf16", OVERLAP, model=bf16, parallel=one_f_one_b),
     ]
     return [(train_observed, (run,)) for run in runs]
 
 
-FOUR_PROCESS_RUNS = ["pp-off-bf16", "pp-on-bf16", "pp-on-bf16-resumed"]
+FOUR_PROCESS_RUNS = ["vp-off-bf16", "vp-on-bf16", "vp-on-bf16-resumed", "pp-off-bf16", "pp-on-bf16"]
 
 
 def train_observed(run_dict: dict, nan_gradient_at_step: int | None = None) -> dict:

@@ -1,9 +1,9 @@
 """Overlapped communication, as every ProLong recipe runs it (runtime.overlap_grad_reduce and
 runtime.overlap_param_gather with the distributed optimizer), on real gloo processes.
 
-Two process starts (tests/training/overlap.py describes the runs): DP=2 with several buckets,
-and PP=2 x 2 virtual stages x DP=2 (two model chunks per rank, each reduced and gathered on
-its own). Each test first checks that the overlap really happened (reduces in flight when the
+Two process starts (tests/training/overlap.py describes the runs): DP=2 with several buckets;
+PP=2 x 2 virtual stages x DP=2 (two model chunks per rank, each reduced and gathered on its
+own) and PP=2 x DP=2. Each test first checks that the overlap really happened (reduces in flight when the
 backward ended, gathers left to the next forward), so a run that quietly fell back to
 synchronous communication fails.
 
@@ -160,23 +160,38 @@ def test_a_nan_gradient_stops_the_run_before_the_reduce(overlap_dir, two_process
     assert sorted(_losses(overlap_dir, "nan-gradient")) == [1]
 
 
+def _assert_same_numbers(root, ranks, name, reference) -> None:
+    """Equal losses and, rank by rank, gradients in every step (the buffers cut alike)."""
+    losses = _losses(root, name)
+    assert sorted(losses) == [1, 2, 3] and losses == _losses(root, reference)
+    for rank in ranks:
+        for step, (ours, theirs) in enumerate(zip(rank[name]["steps"], rank[reference]["steps"]), 1):
+            _assert_gradients_match(ours["gradients"], theirs["gradients"], f"{name} step {step}")
+
+
 def test_overlap_across_virtual_pipeline_chunks(overlap_dir, four_process_overlap):
     """bf16, PP=2 x 2 virtual stages x DP=2: each rank's two chunks reduce and gather on their
-    own, overlapped with the interleaved schedule. Equal losses and gradients to the run
-    without overlap in every step, equal weights saved at step 2 with the gathers pending, and
-    an exact resume from that checkpoint."""
+    own, started by the interleaved schedule. Equal losses and gradients to the run without
+    overlap in every step, equal weights saved at step 2 with the gathers pending, and an exact
+    resume from that checkpoint."""
+    for rank in four_process_overlap:
+        _assert_not_overlapped(rank["vp-off-bf16"])
+        _assert_overlapped(rank["vp-on-bf16"], gather=True, chunks=2)
+        _assert_overlapped(rank["vp-on-bf16-resumed"], gather=True, chunks=2)
+    _assert_same_numbers(overlap_dir, four_process_overlap, "vp-on-bf16", "vp-off-bf16")
+    on = _losses(overlap_dir, "vp-on-bf16")
+    assert _losses(overlap_dir, "vp-on-bf16-resumed") == {3: on[3]}
+    for rank in four_process_overlap:
+        (step3,) = rank["vp-on-bf16-resumed"]["steps"]
+        _assert_gradients_match(step3["gradients"], rank["vp-on-bf16"]["steps"][2]["gradients"], "resumed step 3",
+                                exact=True)
+    _assert_same_saved_weights(overlap_dir, "vp-on-bf16", "vp-off-bf16")
+
+
+def test_overlap_with_a_plain_pipeline(overlap_dir, four_process_overlap):
+    """bf16, PP=2 x DP=2 (1F1B, whose schedule starts the gradient reduce itself): the numbers
+    of the run without overlap."""
     for rank in four_process_overlap:
         _assert_not_overlapped(rank["pp-off-bf16"])
-        _assert_overlapped(rank["pp-on-bf16"], gather=True, chunks=2)
-        _assert_overlapped(rank["pp-on-bf16-resumed"], gather=True, chunks=2)
-    on, off = _losses(overlap_dir, "pp-on-bf16"), _losses(overlap_dir, "pp-off-bf16")
-    assert sorted(on) == [1, 2, 3] and on == off
-    assert _losses(overlap_dir, "pp-on-bf16-resumed") == {3: on[3]}
-    for rank in four_process_overlap:
-        for step, (with_overlap, without) in enumerate(
-                zip(rank["pp-on-bf16"]["steps"], rank["pp-off-bf16"]["steps"]), 1):
-            _assert_gradients_match(with_overlap["gradients"], without["gradients"], f"step {step}")
-        (step3,) = rank["pp-on-bf16-resumed"]["steps"]
-        _assert_gradients_match(step3["gradients"], rank["pp-on-bf16"]["steps"][2]["gradients"], "resumed step 3",
-                                exact=True)
-    _assert_same_saved_weights(overlap_dir, "pp-on-bf16", "pp-off-bf16")
+        _assert_overlapped(rank["pp-on-bf16"], gather=True)
+    _assert_same_numbers(overlap_dir, four_process_overlap, "pp-on-bf16", "pp-off-bf16")
