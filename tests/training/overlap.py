@@ -35,13 +35,14 @@ PIPELINE_LAYOUT = {"pipeline_parallel": 2, "virtual_pipeline": 2, "distributed_o
 
 def observed_run(root: Path, name: str, runtime: dict | None = None, save_at: int | None = None,
                  resume_from: str | None = None, **sections) -> dict:
-    """Three steps at DP=2 with the distributed optimizer (``sections`` may change the layout)."""
+    """Three steps at DP=2 with the distributed optimizer (``sections`` may change the layout),
+    with the cross entropy in chunks as in the ProLong recipes (two per micro-batch)."""
     checkpoint = {"save_dir": str(root / name / "ckpt"), "save_interval": save_at or 0, "keep_last": 0}
     if resume_from:
         checkpoint["resume"] = resume_from
     run = helpers.tiny_run(root / name, parallel={"distributed_optimizer": True},
                            schedule={"train_steps": 3, "global_batch_size": 8},
-                           runtime=runtime or {}, checkpoint=checkpoint)
+                           runtime=runtime or {}, checkpoint=checkpoint, loss={"chunk_tokens": 32})
     return helpers.merge(run, sections)
 
 
