@@ -105,7 +105,8 @@ def resumed_single_process_results(workdir, two_process_results, eight_process_r
     resumes at one process and its controls; the eight-process run resumed here (and its
     control); the real-data mixture resumed at DP=1 from DP=2. And from copies of the matrix's
     one-process checkpoints: a resume from one with a truncated file and nothing older to fall
-    back to, the same without recorded checksums, and a background save on a full disk."""
+    back to, the same without recorded checksums, and a background save on a full disk. Last,
+    a second stage after the DP=2 mixture (real_data.stage_two_calls)."""
     one_process = str(reshard.checkpoints(workdir, "one-process"))
     mixture_resumed = real_data.mixture_run(
         workdir / "real-data", workdir / "mixture-dp2-to-1",
@@ -124,7 +125,10 @@ def resumed_single_process_results(workdir, two_process_results, eight_process_r
         (broken.train_catching, (on_a_copy(workdir, "one-process", "disk-full-async", checkpoint={"async_save": True}),
                                  broken.FILE_SIZE_LIMIT)),
     ]
-    (results,) = run_processes(helpers.in_sequence, 1, (calls,))
+    stage_two = real_data.stage_two_calls(workdir)  # from the DP=2 mixture's final checkpoint
+    (results,) = run_processes(helpers.in_sequence, 1, (calls + stage_two,))
+    results, stage_two_codes = results[:len(calls)], results[len(calls):]
     *matrix, resumed, forgetting, mixture, _, truncated, _, unrecorded, _, disk_full_async = results
     return {"matrix_codes": matrix, "eight_to_one_codes": [resumed, forgetting], "mixture_resumed_code": mixture,
-            "truncated": truncated, "unrecorded": unrecorded, "disk_full_async": disk_full_async}
+            "truncated": truncated, "unrecorded": unrecorded, "disk_full_async": disk_full_async,
+            "stage_two_codes": stage_two_codes}

@@ -101,6 +101,40 @@ def test_stage_model_takes_shape_from_weights_and_theta_from_recipe(tmp_path):
         clash.resolved_model()
 
 
+def test_stage_rope_comes_from_the_recipe_or_else_the_initial_weights(tmp_path):
+    """RoPE theta, scaling and the maximum length: the recipe's value when it gives one, else the
+    initial weights' (not the preset's); ``model.rope_scaling: false`` asks for no scaling."""
+    from megalong.convert.hf_config import hf_config_from_model
+    from megalong.model.config import RopeScaling, rope_change
+    from megalong.model.rope import inverse_frequencies
+
+    stage1 = tmp_path / "stage1"
+    (stage1 / "model").mkdir(parents=True)
+    write_model_config(stage1, preset_config("test-tiny", rope_theta=8e6, max_position_embeddings=512))
+    # An SFT recipe that names the preset but not theta keeps stage 1's 8e6, not the preset's 1e4.
+    sft = load(RunConfig, None, [f"init.weights={stage1}", "model.preset=test-tiny"]).resolved_model()
+    assert (sft.rope_theta, sft.max_position_embeddings, sft.rope_scaling) == (8e6, 512, None)
+
+    scaled = tmp_path / "llama31-like"
+    (scaled / "model").mkdir(parents=True)
+    write_model_config(scaled, preset_config("test-tiny", rope_scaling=RopeScaling(8.0, 1.0, 4.0, 64)))
+    kept = load(RunConfig, None, [f"init.weights={scaled}", "model.rope_theta=8e6"]).resolved_model()
+    assert kept.rope_scaling == RopeScaling(8.0, 1.0, 4.0, 64)
+    dropped = load(RunConfig, None, [f"init.weights={scaled}", "model.rope_theta=8e6",
+                                     "model.rope_scaling=false"]).resolved_model()
+    assert dropped.rope_scaling is False
+    head_dim = dropped.head_dim
+    assert inverse_frequencies(head_dim, 8e6, dropped.rope_scaling).equal(inverse_frequencies(head_dim, 8e6, None))
+    assert hf_config_from_model(dropped, "float32")["rope_scaling"] is None
+    initial = preset_config("test-tiny", rope_scaling=RopeScaling(8.0, 1.0, 4.0, 64))
+    assert rope_change(initial, dropped) == (
+        "theta 10000.0, llama3 scaling x8 (low_freq_factor 1, high_freq_factor 4, original_max_position_embeddings "
+        "64) -> theta 8000000.0, no scaling")
+    assert rope_change(initial, kept).startswith("theta 10000.0, llama3 scaling x8") and rope_change(kept, kept) is None
+    with pytest.raises(ConfigError, match=r"rope_scaling: True is none of: RopeScaling; false"):
+        load(RunConfig, None, ["model.rope_scaling=true"])
+
+
 def test_warmup_steps_and_flops():
     run = load(RunConfig, None, ["schedule.train_steps=250", "schedule.lr_warmup_fraction=0.05"])
     assert run.schedule.warmup_steps() == 12
