@@ -122,15 +122,15 @@ def sft_run(root: Path, run_dir: Path, **sections) -> dict:
     return _recipe(root, run_dir, domains, SFT_SEQ_LENGTH, **sections)
 
 
-def stage_two_run(root: Path, run_dir: Path, init: str, **sections) -> dict:
+def stage_two_run(root: Path, run_dir: Path, initial_weights: str, **sections) -> dict:
     """A second stage after :func:`mixture_run`, shaped like ProLong's stage 2: samples twice as
     long, the long domain cut as before (chunks of the first stage's length, two to a sample),
-    a new RoPE theta; started from ``init``, a checkpoint of the first stage."""
+    a new RoPE theta; started from ``initial_weights``, a checkpoint of the first stage."""
     from tests.training.helpers import merge
 
     domains = [{"name": "books", "kind": "long", "weight": 1.0, "paths": ["books"], "chunk_length": SEQ_LENGTH},
                {"name": "web", "kind": "concat", "weight": 1.0, "paths": ["web"]}]
-    run = _recipe(root, run_dir, domains, 2 * SEQ_LENGTH, init={"weights": init, "load_optimizer": False},
+    run = _recipe(root, run_dir, domains, 2 * SEQ_LENGTH, init={"weights": initial_weights, "load_optimizer": False},
                   model={"preset": "test-tiny", "transformer_impl": "local", "rope_theta": 4.0e4})
     return merge(run, sections)
 

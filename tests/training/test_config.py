@@ -35,6 +35,30 @@ def test_prolong_recipes_carry_the_published_numbers():
     assert s2.init.weights.endswith("iter_0005000")
 
 
+def test_prolong_variants_64k_instruct_llama31_start_and_the_ablation(tmp_path):
+    """sft_64k keeps stage 1's theta and positions (unset in the recipe, taken from the
+    checkpoint); the Llama-3.1 start asks for no RoPE scaling; the ablation trains 5B tokens
+    on 60% long / 40% short data."""
+    sft64 = load(RunConfig, EXAMPLES / "prolong" / "sft_64k.yaml")
+    assert (sft64.model.rope_theta, sft64.model.max_position_embeddings) == (None, None)
+    assert sft64.init.weights.endswith("prolong-stage1-64k/iter_0005000") and sft64.data.seq_length == 65536
+    stage1 = tmp_path / "iter_0005000"
+    (stage1 / "model").mkdir(parents=True)
+    write_model_config(stage1, preset_config("llama3-8b", rope_theta=8e6, max_position_embeddings=65536))
+    resolved = load(RunConfig, EXAMPLES / "prolong" / "sft_64k.yaml", [f"init.weights={stage1}"]).resolved_model()
+    assert (resolved.rope_theta, resolved.max_position_embeddings) == (8e6, 65536)
+
+    llama31 = load(RunConfig, EXAMPLES / "prolong" / "stage1_64k_llama31.yaml")
+    assert (llama31.model.preset, llama31.model.rope_theta, llama31.model.rope_scaling) == ("llama3.1-8b", 8e6, False)
+
+    ablation = load(RunConfig, EXAMPLES / "prolong" / "ablation_5b_64k.yaml")
+    tokens = ablation.schedule.train_steps * ablation.schedule.global_batch_size * ablation.data.seq_length
+    assert 4.99e9 < tokens <= 5e9 and ablation.init.weights.endswith("llama3-8b")
+    mixture = ablation.data.mixture_spec()
+    long_share = sum(share for d, share in zip(mixture.domains, mixture.shares) if d.kind == "long")
+    assert long_share == pytest.approx(0.6) and "textbooks" not in {d.name for d in mixture.domains}
+
+
 def test_tiny_cpu_recipe_is_valid_for_two_processes():
     run = load(RunConfig, EXAMPLES / "tiny_cpu.yaml")
     run.validate(world_size=2, check_data=False)  # its data is the quickstart's output
