@@ -103,18 +103,23 @@ def eight_to_one(workdir, name: str) -> dict:
 def resumed_single_process_results(workdir, two_process_results, eight_process_results):
     """In one process, from the checkpoints of the two- and eight-process runs: the matrix's
     resumes at one process and its controls; the eight-process run resumed here (and its
-    control); the real-data mixture resumed at DP=1 from DP=2. And from copies of the matrix's
-    one-process checkpoints: a resume from one with a truncated file and nothing older to fall
-    back to, the same without recorded checksums, and a background save on a full disk. Last,
-    a second stage after the DP=2 mixture (real_data.stage_two_calls)."""
+    control); the real-data mixture resumed at DP=1 from DP=2; a second stage after the DP=2
+    mixture (real_data.stage_two_calls). And from copies of the matrix's one-process
+    checkpoints: a resume from one with a truncated file and nothing older to fall back to, the
+    same without recorded checksums, and a background save on a full disk."""
     one_process = str(reshard.checkpoints(workdir, "one-process"))
     mixture_resumed = real_data.mixture_run(
         workdir / "real-data", workdir / "mixture-dp2-to-1",
         checkpoint={"resume": str(workdir / "mixture-dp2" / "ckpt" / "iter_0000004")})
-    calls = reshard.calls(workdir, 1, "resume") + [
+    resumes = reshard.calls(workdir, 1, "resume") + [
         (helpers.train_from_dict, (eight_to_one(workdir, "eight-to-one"),)),
         (reshard.train_forgetting_optimizer, (eight_to_one(workdir, "eight-to-one-forgetting"), "all")),
         (helpers.train_from_dict, (mixture_resumed,)),
+    ]
+    # Before the damaged copies: checkpoint saves in this process after the full-disk run fail
+    # (seen: Megatron-Core's writer reports "unexpected pos"), so that run stays last.
+    stage_two = real_data.stage_two_calls(workdir)
+    damaged = [
         (broken.copy_checkpoint, (one_process, str(workdir / "truncated" / "ckpt"), "iter_0000006",
                                   "model/__0_0.distcp", "truncate")),
         (broken.train_catching, (on_a_copy(workdir, "one-process", "truncated", schedule={"train_steps": 8}),)),
@@ -125,10 +130,10 @@ def resumed_single_process_results(workdir, two_process_results, eight_process_r
         (broken.train_catching, (on_a_copy(workdir, "one-process", "disk-full-async", checkpoint={"async_save": True}),
                                  broken.FILE_SIZE_LIMIT)),
     ]
-    stage_two = real_data.stage_two_calls(workdir)  # from the DP=2 mixture's final checkpoint
-    (results,) = run_processes(helpers.in_sequence, 1, (calls + stage_two,))
-    results, stage_two_codes = results[:len(calls)], results[len(calls):]
-    *matrix, resumed, forgetting, mixture, _, truncated, _, unrecorded, _, disk_full_async = results
+    (results,) = run_processes(helpers.in_sequence, 1, (resumes + stage_two + damaged,))
+    *matrix, resumed, forgetting, mixture = results[:len(resumes)]
+    stage_two_codes = results[len(resumes):len(resumes) + len(stage_two)]
+    _, truncated, _, unrecorded, _, disk_full_async = results[len(resumes) + len(stage_two):]
     return {"matrix_codes": matrix, "eight_to_one_codes": [resumed, forgetting], "mixture_resumed_code": mixture,
             "truncated": truncated, "unrecorded": unrecorded, "disk_full_async": disk_full_async,
             "stage_two_codes": stage_two_codes}
