@@ -131,6 +131,7 @@ def resumed_single_process_results(workdir, two_process_results, eight_process_r
     # Before the damaged copies: checkpoint saves in this process after the full-disk run fail
     # (seen: Megatron-Core's writer reports "unexpected pos"), so that run stays last.
     stage_two = real_data.stage_two_calls(workdir)
+    bf16_calls = bf16.calls(workdir, 1, "resume")
     damaged = [
         (broken.copy_checkpoint, (one_process, str(workdir / "truncated" / "ckpt"), "iter_0000006",
                                   "model/__0_0.distcp", "truncate")),
@@ -142,13 +143,12 @@ def resumed_single_process_results(workdir, two_process_results, eight_process_r
         (broken.train_catching, (on_a_copy(workdir, "one-process", "disk-full-async", checkpoint={"async_save": True}),
                                  broken.FILE_SIZE_LIMIT)),
     ]
-    bf16_calls = bf16.calls(workdir, 1, "resume")
-    (results,) = run_processes(helpers.in_sequence, 1, (resumes + stage_two + damaged + bf16_calls,))
+    (results,) = run_processes(helpers.in_sequence, 1, (resumes + stage_two + bf16_calls + damaged,))
     *matrix, resumed, forgetting, mixture = results[:len(resumes)]
     stage_two_codes = results[len(resumes):len(resumes) + len(stage_two)]
     done = len(resumes) + len(stage_two)
-    _, truncated, _, unrecorded, _, disk_full_async = results[done:done + len(damaged)]
-    bf16_codes = results[done + len(damaged):]
+    bf16_codes = results[done:done + len(bf16_calls)]
+    _, truncated, _, unrecorded, _, disk_full_async = results[done + len(bf16_calls):]
     return {"bf16_codes": bf16_codes, "matrix_codes": matrix, "eight_to_one_codes": [resumed, forgetting],
             "mixture_resumed_code": mixture, "truncated": truncated, "unrecorded": unrecorded,
             "disk_full_async": disk_full_async, "stage_two_codes": stage_two_codes}
