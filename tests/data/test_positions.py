@@ -127,3 +127,32 @@ def test_sft_packing_goes_on_after_the_conversations_drawn():
     rest = later.fresh_samples
     assert later.position_after(rest) == first.units_per_epoch
     assert later.layout(rest).documents.size and later.epochs_for(rest) == pytest.approx(1 - len(drawn) / 300)
+
+
+def _covered(index, samples) -> set:
+    """Every (document, token offset) the layouts of ``samples`` hold."""
+    covered = set()
+    for k in samples:
+        layout = index.layout(k)
+        for document, offset, length in zip(layout.documents, layout.offsets, layout.lengths):
+            covered.update((int(document), int(offset) + i) for i in range(int(length)))
+    return covered
+
+
+def test_filled_sft_and_released_packed_samples_go_on_too():
+    """sft_packing: fill counts tokens (as concat), a packed domain counts stored samples."""
+    from megalong.data.packing import build_index
+
+    lengths = np.random.default_rng(2).integers(5, 60, size=200)
+    fill = build_index("sft", lengths, 128, 9, "chat", sft_packing="fill")
+    assert fill.unit == "tokens"
+    later = build_index("sft", lengths, 128, 9, "chat", sft_packing="fill", start=fill.position_after(10))
+    assert not _covered(fill, range(10)) & _covered(later, range(10))
+
+    packed = build_index("packed", np.full(50, 64), 64, 9, "released", spans=lambda g: np.array([64]))
+    assert packed.unit == "samples"
+    later = build_index("packed", np.full(50, 64), 64, 9, "released", spans=lambda g: np.array([64]),
+                        start=packed.position_after(20))
+    first = {int(packed.layout(k).documents[0]) for k in range(20)}
+    second = {int(later.layout(k).documents[0]) for k in range(later.fresh_samples)}
+    assert len(first) == 20 and len(second) == 30 and not first & second
