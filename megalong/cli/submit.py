@@ -55,12 +55,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="array tasks for --preprocess (default 0: one job does everything)")
     stages.add_argument("--convert", metavar="ARGS",
                         help="megalong convert arguments (quoted); runs after the last training stage")
-    parser.add_argument("--dry-run", action="store_true", help="print the scripts; submit nothing")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the scripts, then list the initial weights and datasets that are not there "
+                             "yet (exit code 2 if any); submit nothing")
 
 
 def run(args: argparse.Namespace) -> int:
     from megalong.config import ConfigError
-    from megalong.slurm import ChainRequest, JobOptions, SubmitError, build_chain, submit_chain
+    from megalong.slurm import ChainRequest, JobOptions, SubmitError, build_chain, missing_files, submit_chain
 
     if not (args.recipes or args.preprocess or args.convert):
         print("megalong submit: give at least one RECIPE, --preprocess or --convert", file=sys.stderr)
@@ -88,6 +90,9 @@ def run(args: argparse.Namespace) -> int:
         name_prefix=args.job_name, array_tasks=args.array_tasks,
         preprocess_args=shlex.split(args.preprocess) if args.preprocess else None,
         convert_args=shlex.split(args.convert) if args.convert else None,
+        # A dry run shows the jobs before the weights and data land (a login node before the
+        # download), and then says what is missing; a real submission requires them.
+        check_files=not args.dry_run,
     )
     try:
         stages = build_chain(request)
@@ -103,6 +108,13 @@ def run(args: argparse.Namespace) -> int:
                 after = f"starts after existing job {args.after} succeeds" if args.after else "no dependency"
             print(f"##### job {index + 1} of {len(stages)}: {stage.name} ({after}) #####")
             print(stage.script)
+        missing = missing_files(request)
+        if missing:
+            print(f"megalong submit --dry-run: the jobs above cannot run yet: {len(missing)} file(s) they need "
+                  f"are missing (a real submission is refused until they exist):", file=sys.stderr)
+            for line in missing:
+                print(f"  {line}", file=sys.stderr)
+            return 2
         return 0
     try:
         # The scripts are kept in LOG_DIR/scripts; creating it creates the log directory, which

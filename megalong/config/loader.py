@@ -38,15 +38,35 @@ def _unwrap_optional(tp):
     return tp, False
 
 
+def _type_name(tp) -> str:
+    if typing.get_origin(tp) is typing.Literal:
+        return " or ".join(json.dumps(a) if isinstance(a, bool) else repr(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
 def _coerce(value: Any, tp, where: str):
     """Check ``value`` against the annotation ``tp`` and convert the harmless cases."""
     tp, optional = _unwrap_optional(tp)
     if value is None:
         if optional or tp is Any:
             return None
-        raise ConfigError(f"{where}: null is not allowed here (expected {getattr(tp, '__name__', tp)})")
+        raise ConfigError(f"{where}: null is not allowed here (expected {_type_name(tp)})")
     if tp is Any:
         return value
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        # The first alternative that takes the value (e.g. a RopeScaling mapping, or false).
+        errors = {}
+        for alternative in typing.get_args(tp):
+            if alternative is type(None):
+                continue
+            try:
+                return _coerce(value, alternative, where)
+            except ConfigError as err:
+                errors[alternative] = err
+        mapping_error = next((e for a, e in errors.items() if _is_dataclass_type(a)), None)
+        if isinstance(value, Mapping) and mapping_error is not None:
+            raise mapping_error  # a mapping meant that section: say what is wrong inside it
+        raise ConfigError(f"{where}: {value!r} is none of: {'; '.join(_type_name(a) for a in errors)}")
     if _is_dataclass_type(tp):
         if isinstance(value, tp):
             return value
@@ -67,7 +87,8 @@ def _coerce(value: Any, tp, where: str):
         return {k: _coerce(v, val_tp, f"{where}.{k}") for k, v in value.items()}
     if origin is typing.Literal:
         allowed = typing.get_args(tp)
-        if value not in allowed:
+        # 0 == False in Python: a boolean literal takes only a boolean.
+        if not any(value == a and isinstance(value, bool) == isinstance(a, bool) for a in allowed):
             raise ConfigError(f"{where}: {value!r} is not one of {list(allowed)}")
         return value
     if tp is float:

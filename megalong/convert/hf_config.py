@@ -15,7 +15,7 @@ import importlib.metadata
 import math
 from typing import Any
 
-from megalong.model.config import ModelConfig, RopeScaling
+from megalong.model.config import ModelConfig, RopeScaling, describe_rope
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
 # Megatron-LM's default; Llama-3's 128,256 tokens are already a multiple of it.
@@ -119,14 +119,6 @@ def _read_rope(mapping: dict, key: str, top_theta: float | None, source: str) ->
     )
 
 
-def _describe_rope(theta: float, scaling: RopeScaling | None) -> str:
-    if scaling is None:
-        return f"theta {theta!r}, no scaling"
-    return (f"theta {theta!r}, llama3 scaling x{scaling.factor:g} (low_freq_factor {scaling.low_freq_factor:g}, "
-            f"high_freq_factor {scaling.high_freq_factor:g}, original_max_position_embeddings "
-            f"{scaling.original_max_position_embeddings})")
-
-
 def _rope_settings(hf: dict, source: str) -> tuple[float, RopeScaling | None]:
     """(theta, scaling) as transformers reads them; RoPE descriptions that disagree are an error.
 
@@ -158,8 +150,8 @@ def _rope_settings(hf: dict, source: str) -> tuple[float, RopeScaling | None]:
     for other_key, other in others:
         if other != used:
             raise UnsupportedConfigError(
-                f"{source}: {used_key} ({_describe_rope(*used)}) disagrees with {other_key} "
-                f"({_describe_rope(*other)}); transformers 5 uses {used_key} and ignores {other_key}, "
+                f"{source}: {used_key} ({describe_rope(*used)}) disagrees with {other_key} "
+                f"({describe_rope(*other)}); transformers 5 uses {used_key} and ignores {other_key}, "
                 "so the RoPE this model was trained with is ambiguous: make them agree or remove one"
             )
     return used
@@ -251,7 +243,7 @@ def hf_config_from_model(model: ModelConfig, torch_dtype: str) -> dict[str, Any]
         "transformers_version": transformers_version(),
     }
     rope_parameters: dict[str, Any] = {"rope_type": "default", "rope_theta": float(model.rope_theta)}
-    if model.rope_scaling is not None:
+    if model.rope_scaling:  # None and False: no scaling
         s = model.rope_scaling
         config["rope_scaling"] = {
             "rope_type": "llama3",

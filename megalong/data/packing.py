@@ -23,9 +23,16 @@ and answers "which document pieces make sample k" for any k without touching the
 which is what makes resuming at any step cheap. :func:`materialize` turns such a layout
 plus the tokens it names into a :class:`~megalong.data.sample.PackedSample`.
 
-Epochs: each epoch is a fresh permutation seeded by ``(seed, epoch)``. For ``long`` and
-``concat`` the epochs are chained into one endless stream (a sample may straddle two
+Epochs: each epoch is a fresh permutation seeded by ``(seed, name, epoch)``. For ``long``
+and ``concat`` the epochs are chained into one endless stream (a sample may straddle two
 epochs), so nothing is dropped at an epoch's end; ``sft`` packs each epoch on its own.
+
+Positions: every index counts its way through that chained stream in one *unit* (``long``:
+chunks, ``concat`` and ``sft_packing: fill``: tokens, ``sft``: conversations, ``packed``:
+stored samples) and may begin at ``start`` units instead of 0. A unit means the same thing at any ``seq_length`` (a 64K chunk is a 64K chunk whether
+one or eight make a sample), so a later stage that begins where an earlier one stopped
+(:meth:`position_after`) draws none of the units the earlier stage drew, until the stream
+comes round to its next epoch (see megalong.data.positions).
 
 Why not Megatron-Core's GPTDataset index (``helpers_cpp.build_sample_idx``): it packs one
 concatenated stream only, knows nothing of ProLong's single-document long chunks or of
@@ -112,9 +119,10 @@ class LongChunkIndex:
     """ProLong's long domains: single-document chunks of exactly ``chunk_length`` tokens."""
 
     kind = "long"
+    unit = "chunks"
 
     def __init__(self, lengths: np.ndarray, seq_length: int, seed: int, name: str = "long",
-                 chunk_length: int | None = None):
+                 chunk_length: int | None = None, start: int = 0):
         lengths = np.asarray(lengths, dtype=np.int64)
         chunk_length = int(chunk_length or seq_length)
         if seq_length % chunk_length:
@@ -140,7 +148,12 @@ class LongChunkIndex:
             extra={"short_documents": int(short.sum()), "short_document_tokens": int(lengths[short].sum())},
         )
         self.tokens_per_epoch = kept_tokens
+        self.start = _check_start(start, name)
         self._perm = _EpochCache(lambda e: epoch_permutation(self.num_chunks, seed, name, e))
+
+    @property
+    def units_per_epoch(self) -> int:
+        return self.num_chunks
 
     @property
     def samples_per_epoch(self) -> float:
@@ -148,8 +161,17 @@ class LongChunkIndex:
 
     @property
     def whole_samples_per_epoch(self) -> int:
-        """Samples drawn before any chunk repeats."""
+        """Samples one whole epoch holds."""
         return self.num_chunks // self.chunks_per_sample
+
+    @property
+    def fresh_samples(self) -> int:
+        """Samples served before a chunk repeats, counting the ``start`` chunks already drawn."""
+        return max(self.num_chunks - self.start, 0) // self.chunks_per_sample
+
+    def position_after(self, num_samples: int) -> int:
+        """The chunk the stream stands at after serving ``num_samples`` samples."""
+        return self.start + num_samples * self.chunks_per_sample
 
     def epochs_for(self, num_samples: int) -> float:
         return num_samples * self.chunks_per_sample / self.num_chunks if self.num_chunks else float("inf")
@@ -157,7 +179,7 @@ class LongChunkIndex:
     def layout(self, sample: int) -> SampleLayout:
         if self.num_chunks == 0:
             raise ValueError(f"domain {self.name!r} has no document of at least {self.chunk_length:,} tokens")
-        positions = sample * self.chunks_per_sample + np.arange(self.chunks_per_sample, dtype=np.int64)
+        positions = self.position_after(sample) + np.arange(self.chunks_per_sample, dtype=np.int64)
         epochs, within = np.divmod(positions, self.num_chunks)
         chunks = np.empty_like(positions)
         for epoch in np.unique(epochs):
@@ -173,8 +195,9 @@ class ConcatIndex:
     """Short domains: shuffled documents end to end, cut every ``seq_length`` tokens."""
 
     kind = "concat"
+    unit = "tokens"
 
-    def __init__(self, lengths: np.ndarray, seq_length: int, seed: int, name: str = "concat"):
+    def __init__(self, lengths: np.ndarray, seq_length: int, seed: int, name: str = "concat", start: int = 0):
         lengths = np.asarray(lengths, dtype=np.int64)
         self.name, self.seed, self.seq_length = name, seed, int(seq_length)
         # Empty documents would be zero-length segments; they carry no token, so leave them out.
@@ -184,7 +207,12 @@ class ConcatIndex:
         self.tokens_per_epoch = int(self.lengths.sum())
         self.dropped = DropReport(documents=int(lengths.size - self.documents.size), tokens=0,
                                   reason="empty documents")
+        self.start = _check_start(start, name)
         self._epoch = _EpochCache(self._build_epoch)
+
+    @property
+    def units_per_epoch(self) -> int:
+        return self.tokens_per_epoch
 
     def _build_epoch(self, epoch: int):
         perm = epoch_permutation(self.documents.size, self.seed, self.name, epoch)
@@ -198,9 +226,19 @@ class ConcatIndex:
 
     @property
     def whole_samples_per_epoch(self) -> int:
-        """Samples drawn before any token repeats (a look-ahead label token always lies
-        inside the same document, hence inside the same epoch)."""
+        """Samples one whole epoch holds (a look-ahead label token always lies inside the
+        same document, hence inside the same epoch)."""
         return self.tokens_per_epoch // self.seq_length
+
+    @property
+    def fresh_samples(self) -> int:
+        """Samples served before a token repeats, counting the ``start`` tokens already drawn."""
+        return max(self.tokens_per_epoch - self.start, 0) // self.seq_length
+
+    def position_after(self, num_samples: int) -> int:
+        """The token the stream stands at after serving ``num_samples`` samples (the look-ahead
+        label of the last one is this token, the first input of the next)."""
+        return self.start + num_samples * self.seq_length
 
     def epochs_for(self, num_samples: int) -> float:
         # A sample reads seq_length inputs (+1 look-ahead token that the next sample reuses).
@@ -209,7 +247,8 @@ class ConcatIndex:
     def layout(self, sample: int) -> SampleLayout:
         if self.tokens_per_epoch == 0:
             raise ValueError(f"domain {self.name!r} has no tokens")
-        start, stop = sample * self.seq_length, (sample + 1) * self.seq_length
+        start = self.position_after(sample)
+        stop = start + self.seq_length
         docs, offs, lens = [], [], []
         continues = False
         while start < stop:
@@ -233,11 +272,15 @@ class ConcatIndex:
 
 class ConversationPackIndex:
     """SFT: whole conversations packed in order; the one that does not fit opens the next
-    sample (the rest of the current one is padding); longer than a sample: dropped."""
+    sample (the rest of the current one is padding); longer than a sample: dropped.
+
+    The stream is a sequence of *passes*, each packed on its own: the rest of the epoch
+    ``start`` falls in (from the conversation after ``start``), then whole epochs."""
 
     kind = "sft"
+    unit = "conversations"
 
-    def __init__(self, lengths: np.ndarray, seq_length: int, seed: int, name: str = "sft"):
+    def __init__(self, lengths: np.ndarray, seq_length: int, seed: int, name: str = "sft", start: int = 0):
         lengths = np.asarray(lengths, dtype=np.int64)
         self.name, self.seed, self.seq_length = name, seed, int(seq_length)
         fits = (lengths > 0) & (lengths <= seq_length)
@@ -250,15 +293,24 @@ class ConversationPackIndex:
             reason=f"conversations longer than {seq_length:,} tokens",
         )
         self.tokens_per_epoch = int(self.lengths.sum())
-        self._epoch = _EpochCache(self._pack_epoch)
-        self._epoch_sample_counts: list[int] = []
+        self.start = _check_start(start, name)
+        self._first_epoch, self._skip = divmod(self.start, self.documents.size) if self.documents.size else (0, 0)
+        self._pass = _EpochCache(self._pack_pass)
+        self._pass_sample_counts: list[int] = []
 
-    def _pack_epoch(self, epoch: int):
-        """Next-fit packing of one epoch's permutation.
+    @property
+    def units_per_epoch(self) -> int:
+        return int(self.documents.size)
+
+    def _pack_pass(self, index: int):
+        """Next-fit packing of one pass: (its conversations in order, each sample's first
+        position in them, the running token count).
 
         The loop runs once per *sample* (a searchsorted over the running token count finds
         how many whole conversations fit), not once per conversation."""
-        perm = epoch_permutation(self.documents.size, self.seed, self.name, epoch)
+        perm = epoch_permutation(self.documents.size, self.seed, self.name, self._first_epoch + index)
+        if index == 0:
+            perm = perm[self._skip:]
         ends = np.cumsum(self.lengths[perm])
         starts = [0]
         position, consumed = 0, 0
@@ -269,11 +321,11 @@ class ConversationPackIndex:
             starts.append(position)
         return self.documents[perm], np.asarray(starts, dtype=np.int64), ends
 
-    def _samples_in_epoch(self, epoch: int) -> int:
-        while len(self._epoch_sample_counts) <= epoch:
-            e = len(self._epoch_sample_counts)
-            self._epoch_sample_counts.append(int(self._epoch(e)[1].size - 1))
-        return self._epoch_sample_counts[epoch]
+    def _samples_in_pass(self, index: int) -> int:
+        while len(self._pass_sample_counts) <= index:
+            e = len(self._pass_sample_counts)
+            self._pass_sample_counts.append(int(self._pass(e)[1].size - 1))
+        return self._pass_sample_counts[index]
 
     @property
     def samples_per_epoch(self) -> float:
@@ -281,32 +333,54 @@ class ConversationPackIndex:
 
     @property
     def whole_samples_per_epoch(self) -> int:
-        return self._samples_in_epoch(0) if self.documents.size else 0
+        """Samples one whole epoch packs into."""
+        if not self.documents.size:
+            return 0
+        return self._samples_in_pass(1) if self._skip else self._samples_in_pass(0)
+
+    @property
+    def fresh_samples(self) -> int:
+        """Samples served before a conversation repeats, counting the ``start`` already drawn."""
+        if not self.documents.size or self.start >= self.documents.size:
+            return 0
+        return self._samples_in_pass(0)
 
     def _locate(self, sample: int) -> tuple[int, int]:
-        epoch = 0
-        while sample >= self._samples_in_epoch(epoch):
-            sample -= self._samples_in_epoch(epoch)
-            epoch += 1
-        return epoch, sample
+        index = 0
+        while sample >= self._samples_in_pass(index):
+            sample -= self._samples_in_pass(index)
+            index += 1
+        return index, sample
+
+    def position_after(self, num_samples: int) -> int:
+        """The conversation the stream stands at after serving ``num_samples`` samples."""
+        if not self.documents.size:
+            return self.start
+        index, within = self._locate(num_samples)
+        drawn = int(self._pass(index)[1][within]) + sum(
+            self.documents.size - (self._skip if i == 0 else 0) for i in range(index))
+        return self.start + drawn
 
     def epochs_for(self, num_samples: int) -> float:
         if not self.documents.size:
             return float("inf")
-        if num_samples == 0:
-            return 0.0
-        epoch, within = self._locate(num_samples - 1)
-        return epoch + (within + 1) / self._samples_in_epoch(epoch)
+        return (self.position_after(num_samples) - self.start) / self.documents.size
 
     def layout(self, sample: int) -> SampleLayout:
         if not self.documents.size:
             raise ValueError(f"domain {self.name!r} has no conversation of at most {self.seq_length:,} tokens")
-        epoch, within = self._locate(sample)
-        docs, starts, _ = self._epoch(epoch)
+        index, within = self._locate(sample)
+        docs, starts, _ = self._pass(index)
         chosen = docs[starts[within]:starts[within + 1]]
         lengths = self.full_lengths[chosen]
         pad = self.seq_length - int(lengths.sum())
         return SampleLayout(chosen, np.zeros_like(chosen), lengths, pad_length=pad)
+
+
+def _check_start(start: int, name: str) -> int:
+    if int(start) < 0:
+        raise ValueError(f"domain {name!r}: start position must be >= 0, got {start}")
+    return int(start)
 
 
 class ConversationFillIndex(ConcatIndex):
@@ -322,12 +396,13 @@ class ConversationFillIndex(ConcatIndex):
 class PackedSampleIndex:
     """Samples packed before megalong saw them (ProLong's released data): stored sample g is
     one training sample as it is, its spans (``spans(g)``: their lengths) the attention
-    documents. Each epoch is a fresh shuffle of the stored samples."""
+    documents. Each epoch is a fresh shuffle of the stored samples; positions count samples."""
 
     kind = "packed"
+    unit = "samples"
 
     def __init__(self, lengths: np.ndarray, seq_length: int, seed: int, name: str,
-                 spans: Callable[[int], np.ndarray]):
+                 spans: Callable[[int], np.ndarray], start: int = 0):
         lengths = np.asarray(lengths, dtype=np.int64)
         wrong = np.flatnonzero(lengths != seq_length)
         if wrong.size:
@@ -339,8 +414,13 @@ class PackedSampleIndex:
         self.num_samples = int(lengths.size)
         self.tokens_per_epoch = int(lengths.sum())
         self.dropped = DropReport(reason="nothing: packed samples are used whole")
+        self.start = _check_start(start, name)
         self._spans = spans
         self._perm = _EpochCache(lambda e: epoch_permutation(self.num_samples, seed, name, e))
+
+    @property
+    def units_per_epoch(self) -> int:
+        return self.num_samples
 
     @property
     def samples_per_epoch(self) -> float:
@@ -350,13 +430,21 @@ class PackedSampleIndex:
     def whole_samples_per_epoch(self) -> int:
         return self.num_samples
 
+    @property
+    def fresh_samples(self) -> int:
+        """Samples served before a stored sample repeats, counting the ``start`` already drawn."""
+        return max(self.num_samples - self.start, 0)
+
+    def position_after(self, num_samples: int) -> int:
+        return self.start + num_samples
+
     def epochs_for(self, num_samples: int) -> float:
         return num_samples / self.num_samples if self.num_samples else float("inf")
 
     def layout(self, sample: int) -> SampleLayout:
         if not self.num_samples:
             raise ValueError(f"domain {self.name!r} has no packed sample")
-        epoch, within = divmod(sample, self.num_samples)
+        epoch, within = divmod(self.position_after(sample), self.num_samples)
         stored = int(self._perm(epoch)[within])
         lengths = np.asarray(self._spans(stored), dtype=np.int64)
         return SampleLayout(documents=np.full(lengths.size, stored, dtype=np.int64),
@@ -365,22 +453,23 @@ class PackedSampleIndex:
 
 def build_index(kind: str, lengths: np.ndarray, seq_length: int, seed: int, name: str,
                 chunk_length: int | None = None, spans: Callable[[int], np.ndarray] | None = None,
-                sft_packing: str = "whole"):
+                sft_packing: str = "whole", start: int = 0):
     """The index for a domain of ``kind`` ('long', 'concat', 'sft' or 'packed') over
-    document lengths; ``spans(g)`` gives the span lengths of packed sample g; ``sft_packing``
-    ('whole' or 'fill') chooses how an sft domain packs its conversations."""
+    document lengths, beginning ``start`` units into its chained epochs; ``spans(g)`` gives
+    the span lengths of packed sample g; ``sft_packing`` ('whole' or 'fill') chooses how an
+    sft domain packs its conversations."""
     if kind == "sft" and sft_packing == "fill":
-        return ConversationFillIndex(lengths, seq_length, seed, name)
+        return ConversationFillIndex(lengths, seq_length, seed, name, start=start)
     if kind == "packed":
         if spans is None:
             raise ValueError(f"domain {name!r}: a packed index needs the span lengths of its samples")
-        return PackedSampleIndex(lengths, seq_length, seed, name, spans)
+        return PackedSampleIndex(lengths, seq_length, seed, name, spans, start=start)
     if kind == "long":
-        return LongChunkIndex(lengths, seq_length, seed, name, chunk_length=chunk_length)
+        return LongChunkIndex(lengths, seq_length, seed, name, chunk_length=chunk_length, start=start)
     if kind == "concat":
-        return ConcatIndex(lengths, seq_length, seed, name)
+        return ConcatIndex(lengths, seq_length, seed, name, start=start)
     if kind == "sft":
-        return ConversationPackIndex(lengths, seq_length, seed, name)
+        return ConversationPackIndex(lengths, seq_length, seed, name, start=start)
     raise ValueError(f"domain {name!r}: unknown kind {kind!r} (expected long, concat, sft or packed)")
 
 

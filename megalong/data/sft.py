@@ -34,6 +34,21 @@ log = logging.getLogger(__name__)
 
 SIDECAR_KIND = "sft-chat"
 ROLES = ("system", "user", "assistant", "ipython", "tool")
+END_OF_TURN = "<|eot_id|>"
+
+# The Jinja chat template (Hugging Face ``tokenizer_config.json``: ``chat_template``) that
+# renders a conversation as :func:`render_conversation` does: Meta-Llama-3-8B-Instruct's own,
+# with the prompt that opens an assistant turn for ``add_generation_prompt=True``. An export
+# of a model trained on ``megalong sft-data`` output carries it (megalong.convert.megatron_to_hf).
+CHAT_TEMPLATES = {
+    "llama3": (
+        "{% set loop_messages = messages %}{% for message in loop_messages %}"
+        "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
+        "+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
+        "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+    ),
+}
 
 
 class ChatFormatError(ValueError):
@@ -238,6 +253,7 @@ def write_chat_dataset(inputs, tokenizer, output_prefix: str, messages_key: str 
             "format": "Megatron-Core indexed dataset, multimodal=True: one document per conversation, "
                       "sequence mode 1 = assistant target tokens, 0 = context",
             "chat_format": "llama3",
+            "end_of_turn_id": int(tokenizer.token_id(END_OF_TURN)),
             "tokenizer": tokenizer.identity() if hasattr(tokenizer, "identity") else None,
             "inputs": [str(p) for p in inputs],
             "conversations": report.conversations,
@@ -262,22 +278,29 @@ def write_chat_dataset(inputs, tokenizer, output_prefix: str, messages_key: str 
     return report
 
 
-def open_chat_dataset(prefix: str):
-    """Open a chat dataset written by :func:`write_chat_dataset` (refuses anything else)."""
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
-
+def chat_sidecar(prefix: str) -> dict:
+    """The sidecar of a chat dataset written by :func:`write_chat_dataset` (refuses anything else):
+    its ``chat_format``, ``end_of_turn_id`` (absent in datasets of earlier megalong), counts."""
     sidecar = Path(prefix + ".json")
-    kind = None
+    content = None
     if sidecar.exists():
         try:
-            kind = json.loads(sidecar.read_text(encoding="utf-8")).get("kind")
-        except (json.JSONDecodeError, AttributeError):
-            kind = None
-    if kind != SIDECAR_KIND:
+            content = json.loads(sidecar.read_text(encoding="utf-8"))
+        except json.JSONDecodeError:
+            content = None
+    if not isinstance(content, dict) or content.get("kind") != SIDECAR_KIND:
         raise ValueError(
             f"{prefix}: not an SFT chat dataset ({sidecar} must exist with \"kind\": \"{SIDECAR_KIND}\"); "
             f"build one with `megalong sft-data` or megalong.data.sft.write_chat_dataset"
         )
+    return content
+
+
+def open_chat_dataset(prefix: str):
+    """Open a chat dataset written by :func:`write_chat_dataset` (refuses anything else)."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    chat_sidecar(prefix)
     return IndexedDataset(prefix, multimodal=True)
 
 

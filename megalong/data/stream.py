@@ -7,9 +7,11 @@ samples ``[step * G, (step + 1) * G)``, orders them by attention cost and deals 
 the DP ranks (megalong.data.balance); each rank reads only its own samples' tokens.
 
 Because nothing depends on what was read before, the stream's position in a checkpoint
-is just the step: after a resume at step k, ``batch_for_step(k, r)`` is exactly the batch
-an uninterrupted run saw (a checkpoint stores only the step). :meth:`TrainStream.fingerprint`
-identifies the data so a trainer can refuse to resume onto a different mixture silently.
+is the step plus, per domain, where its shuffle began (:meth:`TrainStream.positions`; 0
+unless the run went on from an earlier stage's data, megalong.data.positions): after a
+resume at step k with those restored, ``batch_for_step(k, r)`` is exactly the batch an
+uninterrupted run saw. :meth:`TrainStream.fingerprint` identifies the data so a trainer can
+refuse to resume onto a different mixture silently.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import numpy as np
 from megalong.data.balance import assign_by_attention_cost
 from megalong.data.config import DataConfig
 from megalong.data.mixture import Blend, DomainSource
+from megalong.data.positions import read_positions
 from megalong.data.sample import PackedSample
 
 log = logging.getLogger(__name__)
@@ -105,6 +108,8 @@ class TrainStream:
                     f"{idx.tokens_per_epoch:>16,} tokens/epoch = {idx.samples_per_epoch:,.1f} samples")
             if dropped.tokens or dropped.documents:
                 line += f"; left out: {dropped.documents:,} docs / {dropped.tokens:,} tokens ({dropped.reason})"
+            if idx.start:
+                line += f"; begins at {idx.unit[:-1]} {idx.start:,}, where the run it continues stopped"
             if not source.allow_repeat:
                 line += "; no repeats"
             lines.append(line)
@@ -131,12 +136,83 @@ class TrainStream:
                 "tokens_per_epoch": int(source.index.tokens_per_epoch),
                 "left_out_tokens": int(source.index.dropped.tokens),
                 "left_out_documents": int(source.index.dropped.documents),
+                "start": int(source.index.start),
+                "unit": source.index.unit,
             }
             if source.index.kind == "sft" and count:
                 pads = [source.index.layout(j).pad_length for j in range(int(count))]
                 entry["padding_tokens"] = int(sum(pads))
             domains[source.name] = entry
         return {"steps": steps, "samples": num_samples, "tokens": total_tokens, "domains": domains}
+
+    def summary(self) -> dict:
+        """What this stream trains on, for the record of the stages that made a checkpoint's
+        weights (its model card): the mixture, each domain's kind and share, and for chat
+        data the chat format it was rendered in."""
+        summary = {
+            "mixture": self.cfg.mixture or "inline domains", "seq_length": self.cfg.seq_length,
+            "domains": [{"name": s.name, "kind": s.spec.kind, "share": round(float(share), 6)}
+                        for s, share in zip(self.domains, self.mixture.shares)],
+        }
+        chats = {(c["chat_format"], c["end_of_turn_id"]) for s in self.domains for c in s.chat_formats}
+        if chats:
+            summary["chat"] = [{"chat_format": f, "end_of_turn_id": eot} for f, eot in sorted(chats, key=str)]
+        return summary
+
+    # -- positions: exact resume and stages that go on (megalong.data.positions) ----------
+
+    def positions(self, step: int) -> dict[str, dict]:
+        """Per domain, where its shuffle began and where it stands after ``step`` steps
+        (:class:`~megalong.data.positions.DomainPosition` as a dict, for ``train_state.json``)."""
+        num_samples = step * self.global_batch_size
+        counts = self.blend.counts(num_samples) if num_samples else np.zeros(len(self.domains), dtype=np.int64)
+        return {source.name: source.position(int(count)).to_dict() for source, count in zip(self.domains, counts)}
+
+    def restore_positions(self, saved: dict) -> None:
+        """Begin every domain where ``saved`` (this run's own checkpoint) says it began: the
+        resumed stream is then the stream of the uninterrupted run."""
+        self._before_first_batch("restore the data positions of a resumed run")
+        recorded = read_positions(saved)
+        for source in self.domains:
+            position = recorded.get(source.name)
+            if position is None:
+                continue
+            mismatch = source.position(0).unlike(position)
+            if mismatch:
+                raise RuntimeError(f"domain {source.name!r}: the checkpoint's data position does not fit this "
+                                   f"data ({mismatch})")
+            source.begin_at(position.start, position.seed)
+        self._recheck_capacity()
+
+    def continue_after(self, previous: dict) -> list[str]:
+        """Begin each domain this stream shares with an earlier run (``previous``: the positions
+        its checkpoint recorded) where that run stopped, in that run's shuffle, so that this
+        stage draws none of what that run drew. Returns one line per domain saying what it does."""
+        self._before_first_batch("continue after an earlier run's data")
+        recorded = read_positions(previous)
+        lines = []
+        for source in self.domains:
+            position = recorded.get(source.name)
+            if position is None:
+                lines.append(f"{source.name}: new in this stage, from the start of its shuffle")
+                continue
+            mismatch = source.position(0).unlike(position)
+            if mismatch:
+                lines.append(f"{source.name}: from the start of its shuffle, NOT after the earlier run's draws: the "
+                             f"name is shared but the data is not ({mismatch}); it may repeat what that run drew")
+                continue
+            source.begin_at(position.end, position.seed)
+            lines.append(f"{source.name}: continues after the earlier run, at {position.describe()}")
+        self._recheck_capacity()
+        return lines
+
+    def _before_first_batch(self, what: str) -> None:
+        if self.steps_served:
+            raise RuntimeError(f"cannot {what} after batches were served")
+
+    def _recheck_capacity(self) -> None:
+        if self.total_steps is not None:
+            self._check_capacity(self.total_steps * self.global_batch_size)
 
     # -- helpers ----------------------------------------------------------------------------
 
@@ -167,11 +243,13 @@ class TrainStream:
         for source, count in zip(self.domains, counts):
             if source.allow_repeat or count == 0:
                 continue
-            whole = source.index.whole_samples_per_epoch
-            if count > whole:
+            fresh = source.index.fresh_samples
+            if count > fresh:
+                drawn = (f" after the {source.index.start:,} {source.index.unit} an earlier stage drew"
+                         if source.index.start else "")
                 raise RuntimeError(
                     f"domain {source.name!r} is too small for its share: {self.total_steps:,} steps need "
-                    f"{int(count):,} samples of {self.cfg.seq_length:,} tokens but one epoch holds "
-                    f"{whole:,} ({source.index.epochs_for(int(count)):.2f} epochs). Set allow_repeat: true "
+                    f"{int(count):,} samples of {self.cfg.seq_length:,} tokens but its epoch holds "
+                    f"{fresh:,}{drawn} ({source.index.epochs_for(int(count)):.2f} epochs). Set allow_repeat: true "
                     f"(data.allow_repeat=true, or per domain) to repeat it, or add data."
                 )

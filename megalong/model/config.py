@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 
 @dataclass
@@ -16,6 +16,23 @@ class RopeScaling:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+
+
+def describe_rope(theta: float, scaling: Optional[RopeScaling]) -> str:
+    """``theta ..., no scaling`` or ``theta ..., llama3 scaling xF (...)`` (None and False: none)."""
+    if not scaling:
+        return f"theta {theta!r}, no scaling"
+    return (f"theta {theta!r}, llama3 scaling x{scaling.factor:g} (low_freq_factor {scaling.low_freq_factor:g}, "
+            f"high_freq_factor {scaling.high_freq_factor:g}, original_max_position_embeddings "
+            f"{scaling.original_max_position_embeddings})")
+
+
+def rope_change(before, after) -> Optional[str]:
+    """How the RoPE of model config ``after`` differs from ``before``'s, or None when it does not."""
+    before_scaling, after_scaling = before.rope_scaling or None, after.rope_scaling or None
+    if float(before.rope_theta) == float(after.rope_theta) and before_scaling == after_scaling:
+        return None
+    return f"{describe_rope(before.rope_theta, before_scaling)} -> {describe_rope(after.rope_theta, after_scaling)}"
 
 
 @dataclass
@@ -54,7 +71,10 @@ class ModelConfig:
     max_position_embeddings: Optional[int] = None
     # RoPE base. A float: ProLong uses 8e6 and 1.28e8.
     rope_theta: Optional[float] = None
-    rope_scaling: Optional[RopeScaling] = None
+    # Llama-3.1-style frequency scaling (a mapping of RopeScaling's fields), or false for none.
+    # Unset (null): a new stage keeps its initial checkpoint's, else the preset's (none for
+    # Llama-3, x8 for Llama-3.1); false asks for none whatever the checkpoint or preset has.
+    rope_scaling: Optional[Union[RopeScaling, Literal[False]]] = None
     tie_word_embeddings: Optional[bool] = None
     norm_epsilon: Optional[float] = None
     init_method_std: float = 0.02

@@ -19,10 +19,11 @@ from megalong.model.config import RopeScaling
 
 
 def inverse_frequencies(head_dim: int, theta: float, scaling: Optional[RopeScaling] = None) -> torch.Tensor:
-    """float32 inverse frequencies [head_dim // 2], matching transformers' Llama RoPE."""
+    """float32 inverse frequencies [head_dim // 2], matching transformers' Llama RoPE.
+    ``scaling`` None or False: none."""
     exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).to(dtype=torch.float) / head_dim
     inv_freq = 1.0 / (theta ** exponents)
-    if scaling is not None:
+    if scaling:
         inv_freq = _llama3_scaling(inv_freq, scaling)
     return inv_freq
 

@@ -7,7 +7,7 @@ not fit the recipe's parallel layout, ``chain`` builds the jobs of ``megalong su
 ``sbatch`` with ``afterok`` dependencies.
 """
 
-from megalong.slurm.chain import ChainRequest, build_chain
+from megalong.slurm.chain import ChainRequest, build_chain, missing_files
 from megalong.slurm.layout import JobShape, check_recipe_layout
 from megalong.slurm.render import JobOptions, render_convert, render_preprocess, render_train
 from megalong.slurm.submit import Stage, SubmitError, submit_chain
@@ -20,6 +20,7 @@ __all__ = [
     "SubmitError",
     "build_chain",
     "check_recipe_layout",
+    "missing_files",
     "render_convert",
     "render_preprocess",
     "render_train",

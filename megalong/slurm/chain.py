@@ -35,6 +35,9 @@ class ChainRequest:
     preprocess_args: Optional[Sequence[str]] = None  # ``megalong preprocess`` arguments
     array_tasks: int = 0  # 0: preprocessing in one job
     convert_args: Optional[Sequence[str]] = None  # ``megalong convert`` arguments
+    # Require the first stage's initial weights and every stage's datasets to exist now (a
+    # real submission); a dry run renders the chain without them and lists what is missing.
+    check_files: bool = True
 
 
 def training_job_name(run_name: str, prefix: Optional[str], many: bool) -> str:
@@ -74,7 +77,8 @@ def _training_stage(request: ChainRequest, recipe: str, first: bool) -> Stage:
     from megalong.training.config import RunConfig
 
     run = load(RunConfig, recipe, request.overrides)
-    layout = check_run(run, recipe, shape, check_data=request.preprocess_args is None, check_init=first)
+    layout = check_run(run, recipe, shape, check_data=request.check_files and request.preprocess_args is None,
+                       check_init=request.check_files and first)
     # A recipe without a name of its own is known by its file name.
     run_name = run.name if run.name != RunConfig.name else Path(recipe).stem
     name = training_job_name(run_name, request.name_prefix, len(request.recipes) > 1)
@@ -87,6 +91,30 @@ def _convert_stage(request: ChainRequest) -> Stage:
     name = f"{request.name_prefix}-convert" if request.name_prefix else "convert"
     script = render_convert(list(request.convert_args), _options(request, name, cpu_job=True))
     return Stage("convert", script, f"{request.resources.log_dir}/{name}-%j.out")
+
+
+def missing_files(request: ChainRequest) -> list[str]:
+    """What the chain needs that is not there yet, one line each naming the recipe: the first
+    stage's initial weights, and every stage's datasets unless the chain preprocesses them.
+    (Later stages' initial weights are written by the stages before them.)"""
+    from megalong.checkpoint.layout import resolve
+    from megalong.config import ConfigError
+    from megalong.training.config import RunConfig
+
+    missing = []
+    for index, recipe in enumerate(request.recipes):
+        run = load(RunConfig, recipe, request.overrides)
+        if index == 0 and run.init.weights:
+            try:
+                resolve(run.init.weights)
+            except FileNotFoundError as err:
+                missing.append(f"{recipe}: initial weights (init.weights): {err}")
+        if request.preprocess_args is None and not run.data_factory and run.data.has_mixture:
+            try:
+                missing += [f"{recipe}: dataset of domain {entry}" for entry in run.data.missing_datasets()]
+            except (ConfigError, FileNotFoundError) as err:
+                missing.append(f"{recipe}: data.mixture: {err}")
+    return missing
 
 
 def build_chain(request: ChainRequest) -> list[Stage]:

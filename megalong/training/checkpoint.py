@@ -8,8 +8,10 @@ Layout of ``<save_dir>/iter_0001000/`` (a superset of a weights directory, so
     optimizer/         the optimizer state (dist checkpoint; the distributed optimizer in
                        Megatron-Core's "fully_reshardable" format, so it also loads at any layout)
     rng/rank_*.pt      each rank's random-number generator states
-    train_state.json   step, samples and tokens consumed (= the data position: the stream is
-                       deterministic in the step), LR-schedule state, the layout it was saved at
+    train_state.json   step, samples and tokens consumed, where each data domain's shuffle began
+                       and stands (with the step, the data position: the stream is deterministic
+                       in them), LR-schedule state, the layout it was saved at, the stages that
+                       made the weights
     run.yaml           the resolved RunConfig of the run that saved it
     checksums.json     size and CRC-32 of every file above (megalong.checkpoint.checksums)
 
@@ -68,6 +70,11 @@ class TrainState:
     # The stream's description and fingerprint (a resume onto different data is refused).
     data: str = ""
     data_fingerprint: str = ""
+    # Per data domain, where its shuffle began and where it stands (megalong.data.positions):
+    # what a resume restores, and where a later stage sharing the domain goes on from.
+    data_positions: dict = field(default_factory=dict)
+    # The stages that made these weights, oldest first, this run last (megalong.checkpoint.lineage).
+    stages: list = field(default_factory=list)
 
 
 def unwrap(chunk):

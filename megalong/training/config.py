@@ -96,6 +96,10 @@ class InitConfig:
     # Carry the optimizer state (Adam moments) of a training checkpoint given as init.weights:
     # true = required, false = start fresh, null = carry it when the directory has one.
     load_optimizer: Optional[bool] = None
+    # A data domain this run shares with the run that saved init.weights (same name, same
+    # documents) goes on after what that run drew, so this stage does not train on it again;
+    # false starts every domain at the beginning of its shuffle (megalong.data.positions).
+    continue_data: bool = True
 
 
 @dataclass
@@ -164,8 +168,10 @@ class RunConfig:
 
         Shape fields the recipe leaves unset come from the initial weights; a shape field the
         recipe sets differently is an error, except RoPE theta/scaling and the maximum length,
-        which a long-context stage changes on purpose. Runtime fields (layer implementation,
-        dtype, FP8, recomputation) always come from the recipe.
+        which a long-context stage changes on purpose: the recipe's value when it gives one
+        (``model.rope_scaling: false`` = none), else the initial weights' (never the preset's,
+        which would undo the previous stage's theta without a word). Runtime fields (layer
+        implementation, dtype, FP8, recomputation) always come from the recipe.
         """
         recipe = presets.resolve(self.model)
         if not self.init.weights:
@@ -175,11 +181,11 @@ class RunConfig:
         saved = presets.resolve(read_model_config(self.init.weights))
         merged = {}
         for name in (*SHAPE_FIELDS, "rope_scaling"):
-            ours, theirs = getattr(recipe, name), getattr(saved, name)
-            if ours is None:
+            given, ours, theirs = getattr(self.model, name), getattr(recipe, name), getattr(saved, name)
+            if name in STAGE_CHANGEABLE_FIELDS:
+                merged[name] = theirs if given is None else given
+            elif ours is None or ours == theirs:
                 merged[name] = theirs
-            elif name in STAGE_CHANGEABLE_FIELDS or ours == theirs:
-                merged[name] = ours
             else:
                 raise ConfigError(
                     f"model.{name}={ours!r} in the recipe, but the initial weights {self.init.weights} "

@@ -19,8 +19,10 @@ from typing import Optional
 import torch
 
 from megalong.checkpoint import layout as checkpoint_layout
+from megalong.checkpoint import lineage
 from megalong.config.loader import dump_yaml
-from megalong.model.config import ModelConfig
+from megalong.model import presets
+from megalong.model.config import ModelConfig, rope_change
 from megalong.runtime.distributed import Runtime, set_seed
 from megalong.training import checkpoint as ckpt
 from megalong.training import initial_weights
@@ -63,6 +65,7 @@ class Trainer:
         self.stream = stream
         self.state = ckpt.TrainState(layout=self.layout)
         self.model_config: Optional[ModelConfig] = None
+        self.earlier_stages: list[dict] = []  # the stages that made the initial weights
         # The init.weights checkpoint this run started from (None: resumed, or random weights).
         self.started_from: Optional[Path] = None
         self.async_queue = None
@@ -125,6 +128,7 @@ class Trainer:
         if self.is_logging_rank:
             log.info("Training data: %s", self.stream.describe())
         self._load_initial_state()
+        self.earlier_stages = self._take_over_from_initial_state()
         self.batcher = MicroBatcher(
             run.schedule.micro_batch_size, ps.get_context_parallel_world_size(),
             ps.get_context_parallel_rank(), self.runtime.device,
@@ -230,6 +234,45 @@ class Trainer:
         if self.is_logging_rank:
             log.info("New run from randomly initialized weights (seed %d)", run.seed)
 
+    def _take_over_from_initial_state(self) -> list[dict]:
+        """What a run takes from the checkpoint it resumes or starts from, besides weights and
+        optimizer state; returns the stages that made its initial weights (megalong.checkpoint.lineage).
+
+        A resumed run restores where each data domain's shuffle began (the checkpoint's
+        ``data_positions``), so it draws what the uninterrupted run would have. A new stage
+        logs how its RoPE differs from the initial weights', and a data domain it shares with
+        the run that saved them goes on after what that run drew (``init.continue_data``).
+        """
+        state = self.state
+        if state.step > 0:  # resumed from a checkpoint of this run
+            if state.data_positions and hasattr(self.stream, "restore_positions"):
+                self.stream.restore_positions(state.data_positions)
+            return list(state.stages[:-1])
+        source = self.started_from
+        if source is None:  # random initial weights
+            return []
+        initial_model = presets.resolve(checkpoint_layout.read_model_config(source))
+        change = rope_change(initial_model, self.model_config)
+        if change and self.is_logging_rank:
+            log.info("RoPE differs from the initial weights': %s", change)
+        if checkpoint_layout.is_training_checkpoint(source) and hasattr(self.stream, "continue_after"):
+            previous = ckpt.read_train_state(source)
+            if not self.run.init.continue_data:
+                if self.is_logging_rank:
+                    log.info("Data: every domain starts at the beginning of its shuffle (init.continue_data=false); "
+                             "domains shared with %s may repeat what it trained on", source)
+            elif not previous.data_positions:
+                if self.is_logging_rank:
+                    log.warning("Data: %s does not record where its data domains stood (saved by an earlier "
+                                "megalong): every domain starts at the beginning of its shuffle, and domains this "
+                                "run shares with it may repeat what it trained on", source)
+            else:
+                lines = self.stream.continue_after(previous.data_positions)
+                if self.is_logging_rank:
+                    log.info("Data after %s's run (domains shared with it go on after what it drew):\n  %s",
+                             source, "\n  ".join(lines))
+        return lineage.stages_of(source)
+
     # ------------------------------------------------------------------ one step
     def _forward_step(self, data_iterator, model):
         mb = next(data_iterator)
@@ -318,6 +361,11 @@ class Trainer:
         self.state.scheduler = self.scheduler.state_dict()
         self.state.layout = self.layout
         self.state.data = self.stream.describe()
+        if hasattr(self.stream, "positions"):
+            self.state.data_positions = self.stream.positions(self.state.step)
+        summary = self.stream.summary() if hasattr(self.stream, "summary") else None
+        self.state.stages = self.earlier_stages + [lineage.stage_record(
+            run, self.model_config, self.state.step, self.state.consumed_tokens, summary)]
         # With overlapped parameter all-gather the last update reaches the model only in the
         # next forward pass (each rank has updated its own shard of the weights, the rest is
         # stale): gather it now, so the saved weights are the updated ones.

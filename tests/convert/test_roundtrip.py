@@ -224,3 +224,65 @@ def test_release_tokenizer_fits_the_model(tmp_path):
     with pytest.raises(StateDictMismatchError, match=r"tokenizer\.json: token .* has id"):
         convert_megatron_to_hf(tmp_path / "mcore", tmp_path / "out2", tokenizer=str(tmp_path / "out"))
     assert not (tmp_path / "out2").exists() and _leftovers(tmp_path) == []
+
+
+def _as_sft_checkpoint(directory, chat: bool) -> None:
+    """Make the weights directory ``directory`` a training checkpoint whose record says it was
+    fine-tuned (on llama3-format chat data when ``chat``) after a 64K stage, as training writes it."""
+    from megalong.checkpoint.lineage import stages_of
+
+    (directory / "train_state.json").unlink(missing_ok=True)  # a weights directory again
+    data = {"mixture": "sft", "seq_length": 256, "domains": [{"name": "ultrachat", "kind": "sft", "share": 1.0}]}
+    if chat:
+        data["chat"] = [{"chat_format": "llama3", "end_of_turn_id": 128009}]
+    base = {"steps": 5000, "planned_steps": 5000, "tokens": 20_971_520_000, "seq_length": 65536,
+            "max_position_embeddings": 65536, "rope_theta": 8e6, "rope_scaling": None}
+    stages = stages_of(directory) + [
+        {**base, "name": "prolong-stage1-64k", "init": "checkpoints/llama3-8b-instruct",
+         "data": {"mixture": "prolong_stage1_64k", "seq_length": 65536,
+                  "domains": [{"name": "books_64k", "kind": "long", "share": 0.3}]}},
+        {**base, "name": "prolong-sft-64k", "init": "checkpoints/prolong-stage1-64k/iter_0005000", "steps": 250,
+         "planned_steps": 250, "tokens": 1_048_576_000, "data": data},
+    ]
+    (directory / "train_state.json").write_text(json.dumps({"step": 250, "stages": stages}))
+
+
+def test_an_sft_trained_checkpoint_is_released_ready_to_chat(tmp_path):
+    """The export of a checkpoint fine-tuned on `megalong sft-data` output: transformers'
+    apply_chat_template gives megalong's SFT rendering token for token, generation stops at
+    <|eot_id|> as well, and the model card lists the stages, their RoPE theta and data."""
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from megalong.data.sft import render_conversation
+    from megalong.data.tokenizer import load_tokenizer
+    from tests.data.test_sft import CONVERSATIONS
+
+    save_hf_model(tmp_path / "hf", **CASES["gqa1-tied"])
+    convert_hf_to_megatron(tmp_path / "hf", tmp_path / "mcore")
+    _as_sft_checkpoint(tmp_path / "mcore", chat=True)
+    convert_megatron_to_hf(tmp_path / "mcore", tmp_path / "out", tokenizer="llama3")
+
+    tokenizer, ours = AutoTokenizer.from_pretrained(tmp_path / "out"), load_tokenizer("llama3")
+    for messages in CONVERSATIONS:
+        rendered, _ = render_conversation(messages, ours)
+        ids = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
+        assert list(ids) == rendered.tolist()
+        # Asking for a reply opens an assistant turn, as the training data's assistant turns open.
+        prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=True, return_dict=True,
+                                               add_generation_prompt=True)["input_ids"]
+        last_reply = len(render_conversation(messages[:-1] + [{"role": "assistant", "content": "x"}], ours)[0]) - 2
+        assert list(prompt) == rendered.tolist()[:last_reply] and len(prompt) == last_reply
+    generation = GenerationConfig.from_pretrained(tmp_path / "out")
+    assert generation.eos_token_id == [2, 128009]  # the model's end of text, and the end of a turn
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "| 2 | prolong-stage1-64k | `checkpoints/llama3-8b-instruct` | 5,000 | 20,971,520,000 | 65,536 | " \
+           "8,000,000, no scaling | mixture `prolong_stage1_64k`: books_64k 30% |" in card
+    assert "| 3 | prolong-sft-64k |" in card and "chat data rendered in the llama3 format" in card
+    assert "## Chatting with it" in card and "apply_chat_template(messages, add_generation_prompt=True" in card
+
+    # Not fine-tuned on chat data: no chat template, generation stops at the end of text only.
+    _as_sft_checkpoint(tmp_path / "mcore", chat=False)
+    convert_megatron_to_hf(tmp_path / "mcore", tmp_path / "base", tokenizer="llama3")
+    assert "chat_template" not in json.loads((tmp_path / "base" / "tokenizer_config.json").read_text())
+    assert GenerationConfig.from_pretrained(tmp_path / "base").eos_token_id == 2
+    assert "Chatting with it" not in (tmp_path / "base" / "README.md").read_text()

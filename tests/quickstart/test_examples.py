@@ -1,6 +1,7 @@
 """Every recipe in examples/ runs as its comments say: the ProLong recipes pass the full
 training validation at their layout, and tiny_cpu.yaml trains on the quickstart's data."""
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -38,7 +39,11 @@ def test_prolong_recipes_pass_the_training_validation(recipe, tmp_path, capsys):
                 prefix.with_name(prefix.name + suffix).write_bytes(b"")
     weights = tmp_path / "init"
     (weights / "model").mkdir(parents=True)
-    write_model_config(weights, presets.resolve(run.model))  # the weights the recipe's stage starts from
+    # The weights the recipe's stage starts from: its own model, at least as long as its sequences
+    # (a recipe that leaves the length to the checkpoint, as sft_64k does, starts from a stage of it).
+    model = presets.resolve(run.model)
+    write_model_config(weights, dataclasses.replace(
+        model, max_position_embeddings=max(model.max_position_embeddings, run.data.seq_length)))
     world = run.parallel.model_parallel_size
     assert main(["train", str(recipe), "--check", "--world-size", str(world),
                  f"data.data_root={data_root}", f"init.weights={weights}"]) == 0

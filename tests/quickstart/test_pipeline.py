@@ -50,7 +50,7 @@ def test_heldout_documents_are_in_no_training_set(quickstart_run):
     data = out / "data"
     heldout = (data / "heldout" / "heldout_books_text_document").resolve()
     recipes = sorted((out / "recipes").glob("*.yaml")) + sorted((EXAMPLES / "prolong").glob("*.yaml"))
-    assert len(recipes) == 6
+    assert len(recipes) == 9  # the quickstart's 3 stages and examples/prolong's 6 recipes
     for recipe in recipes:
         prefixes = _mixture_prefixes(recipe, data)
         assert heldout not in prefixes, recipe
@@ -147,3 +147,35 @@ def test_read_losses_keeps_the_last_record_of_a_repeated_step(tmp_path):
     metrics.write_text("\n".join(json.dumps({"step": s, "loss": l}) for s, l in
                                  [(1, 5.0), (2, 4.0), (3, 3.5), (3, 3.0), (4, 2.0)]) + "\n")
     assert read_losses(metrics) == [(1, 5.0), (2, 4.0), (3, 3.0), (4, 2.0)]
+
+
+def test_stage_two_goes_on_after_stage_one_and_the_export_chats(quickstart_run):
+    """Stage 2 continues the domain it shares with stage 1 in the same cut (web) after what
+    stage 1 drew, and says how its RoPE differs from stage 1's; the SFT export chats in
+    transformers exactly as the SFT data was rendered, stops at the end of a turn, and its
+    model card lists the three stages."""
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from megalong.data.sft import render_conversation
+    from megalong.data.tokenizer import load_tokenizer
+
+    out, result = quickstart_run
+    stage1 = json.loads((out / "runs" / "stage1" / "iter_0000012" / "train_state.json").read_text())
+    stage2 = json.loads((out / "runs" / "stage2" / "iter_0000004" / "train_state.json").read_text())
+    assert stage2["data_positions"]["web"]["start"] == stage1["data_positions"]["web"]["end"] > 0
+    logs = result.stdout + result.stderr
+    assert "RoPE differs from the initial weights': theta 500000.0, no scaling -> theta 8000000.0, no scaling" in logs
+    assert "web: continues after the earlier run, at tokens" in logs
+
+    export = out / "hf_export"
+    tokenizer, ours = AutoTokenizer.from_pretrained(export), load_tokenizer("llama3")
+    conversations = [json.loads(line)["messages"] for line in (out / "corpus" / "chat.jsonl").read_text().splitlines()]
+    for messages in conversations[:3]:
+        ids = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
+        assert list(ids) == render_conversation(messages, ours)[0].tolist()
+    assert GenerationConfig.from_pretrained(export).eos_token_id == [128001, 128009]
+    card = (export / "README.md").read_text()
+    for name in ("quickstart-stage1", "quickstart-stage2", "quickstart-sft"):
+        assert f"| {name} |" in card
+    assert "500,000, no scaling" in card and "8,000,000, no scaling" in card
+    assert "chat data rendered in the llama3 format" in card and "## Chatting with it" in card

@@ -189,3 +189,32 @@ def test_submit_validates_the_recipe_as_train_does(tmp_path, capsys, monkeypatch
     assert "refused, nothing was submitted" in err
     assert re.search(message, err), err
     assert not (tmp_path / "logs").exists()
+
+
+def test_dry_run_before_the_data_lands_prints_the_jobs_then_what_is_missing(tmp_path, capsys, monkeypatch):
+    """The shipped ProLong chain on a machine without its initial weights or datasets (a login
+    node before the download): the dry run prints every job, then lists what is missing and
+    exits 2; the real submission is refused before anything is written or submitted."""
+    monkeypatch.chdir(tmp_path)
+    recipes = [str(REPO / "examples" / "prolong" / f"{name}.yaml") for name in ("stage1_64k", "stage2_512k", "sft")]
+    rc = main(["submit", *recipes, "--nodes", "8", "--gpus-per-node", "8", "--log-dir", "logs", "--dry-run"])
+    out, err = capsys.readouterr()
+    assert rc == 2
+    assert [line for line in out.splitlines() if line.startswith("##### job")] == [
+        "##### job 1 of 3: prolong-stage1-64k (no dependency) #####",
+        "##### job 2 of 3: prolong-stage2-512k (starts after job 1 of this chain succeeds) #####",
+        "##### job 3 of 3: prolong-sft (starts after job 2 of this chain succeeds) #####",
+    ]
+    assert out.count("#SBATCH --nodes=8") == 3
+    assert "the jobs above cannot run yet: 24 file(s) they need are missing" in err
+    assert f"{recipes[0]}: initial weights (init.weights): checkpoints/llama3-8b-instruct does not exist" in err
+    assert f"{recipes[0]}: dataset of domain books_64k: data/prolong/books_64k/books_64k_text_document.bin/.idx" in err
+    assert f"{recipes[2]}: dataset of domain ultrachat: data/prolong/ultrachat/ultrachat_chat.bin/.idx" in err
+    # Stage 2's and SFT's initial weights are the earlier stages' output: not missing.
+    assert "iter_0005000" not in err and "iter_0002500" not in err
+    rc = main(["submit", *recipes, "--nodes", "8", "--gpus-per-node", "8", "--log-dir", "logs"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "refused, nothing was submitted" in err and "llama3-8b-instruct does not exist" in err
+    assert not (tmp_path / "logs").exists()
+    # With everything in place the dry run exits 0 (the test recipe's dataset exists).
+    assert main(["submit", str(_recipe(tmp_path)), "--nodes", "1", "--gpus-per-node", "8", "--dry-run"]) == 0

@@ -123,3 +123,37 @@ def sft_run(root: Path, run_dir: Path, **sections) -> dict:
 
     domains = [{"name": "chat", "kind": "sft", "weight": 1.0, "paths": ["chat"]}]
     return _recipe(root, run_dir, domains, SFT_SEQ_LENGTH, **merge({"model": {"params_dtype": "bf16"}}, sections))
+
+
+def stage_two_run(root: Path, run_dir: Path, initial_weights: str, **sections) -> dict:
+    """A second stage after :func:`mixture_run`, shaped like ProLong's stage 2: samples twice as
+    long, the long domain cut as before (chunks of the first stage's length, two to a sample),
+    a new RoPE theta; started from ``initial_weights``, a checkpoint of the first stage."""
+    from tests.training.helpers import merge
+
+    domains = [{"name": "books", "kind": "long", "weight": 1.0, "paths": ["books"], "chunk_length": SEQ_LENGTH},
+               {"name": "web", "kind": "concat", "weight": 1.0, "paths": ["web"]}]
+    run = _recipe(root, run_dir, domains, 2 * SEQ_LENGTH, init={"weights": initial_weights, "load_optimizer": False},
+                  model={"preset": "test-tiny", "transformer_impl": "local", "rope_theta": 4.0e4})
+    return merge(run, sections)
+
+
+def stage_two_calls(workdir: Path) -> list:
+    """Calls for one process (helpers.in_sequence): stage 2 from the final checkpoint of the
+    real-data mixture at DP=2 (8 steps), saving at step 2 and 4; the same stage resumed from its
+    step-2 checkpoint; and 2 steps of it with ``init.continue_data: false``."""
+    from tests.training.helpers import train_from_dict
+
+    root, init = workdir / "real-data", str(workdir / "mixture-dp2" / "ckpt" / "iter_0000008")
+
+    def run(name: str, **sections) -> dict:
+        return stage_two_run(root, workdir / name, init, **sections)
+
+    saving = {"save_dir": str(workdir / "stage2-data" / "ckpt"), "save_interval": 2, "keep_last": 0}
+    resumed = {"save_dir": str(workdir / "stage2-data-resumed" / "ckpt"),
+               "resume": str(workdir / "stage2-data" / "ckpt" / "iter_0000002")}
+    return [
+        (train_from_dict, (run("stage2-data", checkpoint=saving, schedule={"train_steps": 4}),)),
+        (train_from_dict, (run("stage2-data-resumed", checkpoint=resumed, schedule={"train_steps": 4}),)),
+        (train_from_dict, (run("stage2-data-replaying", init={"continue_data": False}, schedule={"train_steps": 2}),)),
+    ]

@@ -35,6 +35,30 @@ def test_prolong_recipes_carry_the_published_numbers():
     assert s2.init.weights.endswith("iter_0005000")
 
 
+def test_prolong_variants_64k_instruct_llama31_start_and_the_ablation(tmp_path):
+    """sft_64k keeps stage 1's theta and positions (unset in the recipe, taken from the
+    checkpoint); the Llama-3.1 start asks for no RoPE scaling; the ablation trains 5B tokens
+    on 60% long / 40% short data."""
+    sft64 = load(RunConfig, EXAMPLES / "prolong" / "sft_64k.yaml")
+    assert (sft64.model.rope_theta, sft64.model.max_position_embeddings) == (None, None)
+    assert sft64.init.weights.endswith("prolong-stage1-64k/iter_0005000") and sft64.data.seq_length == 65536
+    stage1 = tmp_path / "iter_0005000"
+    (stage1 / "model").mkdir(parents=True)
+    write_model_config(stage1, preset_config("llama3-8b", rope_theta=8e6, max_position_embeddings=65536))
+    resolved = load(RunConfig, EXAMPLES / "prolong" / "sft_64k.yaml", [f"init.weights={stage1}"]).resolved_model()
+    assert (resolved.rope_theta, resolved.max_position_embeddings) == (8e6, 65536)
+
+    llama31 = load(RunConfig, EXAMPLES / "prolong" / "stage1_64k_llama31.yaml")
+    assert (llama31.model.preset, llama31.model.rope_theta, llama31.model.rope_scaling) == ("llama3.1-8b", 8e6, False)
+
+    ablation = load(RunConfig, EXAMPLES / "prolong" / "ablation_5b_64k.yaml")
+    tokens = ablation.schedule.train_steps * ablation.schedule.global_batch_size * ablation.data.seq_length
+    assert 4.99e9 < tokens <= 5e9 and ablation.init.weights.endswith("llama3-8b")
+    mixture = ablation.data.mixture_spec()
+    long_share = sum(share for d, share in zip(mixture.domains, mixture.shares) if d.kind == "long")
+    assert long_share == pytest.approx(0.6) and "textbooks" not in {d.name for d in mixture.domains}
+
+
 def test_tiny_cpu_recipe_is_valid_for_two_processes():
     run = load(RunConfig, EXAMPLES / "tiny_cpu.yaml")
     run.validate(world_size=2, check_data=False)  # its data is the quickstart's output
@@ -102,6 +126,40 @@ def test_stage_model_takes_shape_from_weights_and_theta_from_recipe(tmp_path):
     clash = load(RunConfig, None, [f"init.weights={tmp_path}", "model.num_layers=8"])
     with pytest.raises(ConfigError, match="num_layers=8"):
         clash.resolved_model()
+
+
+def test_stage_rope_comes_from_the_recipe_or_else_the_initial_weights(tmp_path):
+    """RoPE theta, scaling and the maximum length: the recipe's value when it gives one, else the
+    initial weights' (not the preset's); ``model.rope_scaling: false`` asks for no scaling."""
+    from megalong.convert.hf_config import hf_config_from_model
+    from megalong.model.config import RopeScaling, rope_change
+    from megalong.model.rope import inverse_frequencies
+
+    stage1 = tmp_path / "stage1"
+    (stage1 / "model").mkdir(parents=True)
+    write_model_config(stage1, preset_config("test-tiny", rope_theta=8e6, max_position_embeddings=512))
+    # An SFT recipe that names the preset but not theta keeps stage 1's 8e6, not the preset's 1e4.
+    sft = load(RunConfig, None, [f"init.weights={stage1}", "model.preset=test-tiny"]).resolved_model()
+    assert (sft.rope_theta, sft.max_position_embeddings, sft.rope_scaling) == (8e6, 512, None)
+
+    scaled = tmp_path / "llama31-like"
+    (scaled / "model").mkdir(parents=True)
+    write_model_config(scaled, preset_config("test-tiny", rope_scaling=RopeScaling(8.0, 1.0, 4.0, 64)))
+    kept = load(RunConfig, None, [f"init.weights={scaled}", "model.rope_theta=8e6"]).resolved_model()
+    assert kept.rope_scaling == RopeScaling(8.0, 1.0, 4.0, 64)
+    dropped = load(RunConfig, None, [f"init.weights={scaled}", "model.rope_theta=8e6",
+                                     "model.rope_scaling=false"]).resolved_model()
+    assert dropped.rope_scaling is False
+    head_dim = dropped.head_dim
+    assert inverse_frequencies(head_dim, 8e6, dropped.rope_scaling).equal(inverse_frequencies(head_dim, 8e6, None))
+    assert hf_config_from_model(dropped, "float32")["rope_scaling"] is None
+    initial = preset_config("test-tiny", rope_scaling=RopeScaling(8.0, 1.0, 4.0, 64))
+    assert rope_change(initial, dropped) == (
+        "theta 10000.0, llama3 scaling x8 (low_freq_factor 1, high_freq_factor 4, original_max_position_embeddings "
+        "64) -> theta 8000000.0, no scaling")
+    assert rope_change(initial, kept).startswith("theta 10000.0, llama3 scaling x8") and rope_change(kept, kept) is None
+    with pytest.raises(ConfigError, match=r"rope_scaling: True is none of: RopeScaling; false"):
+        load(RunConfig, None, ["model.rope_scaling=true"])
 
 
 def test_warmup_steps_and_flops():

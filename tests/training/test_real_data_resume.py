@@ -9,6 +9,7 @@ the save after the resume fails on a full disk (SFT), so these runs also show wh
 sees then. A resume at another data-parallel size is checked sample by sample.
 """
 
+import json
 import signal
 from collections import Counter
 
@@ -137,3 +138,61 @@ def test_resumed_at_another_data_parallel_size_no_sample_is_lost_or_repeated(
     assert {domain for domain, _ in everything} == {"books", "web"}
     for row in at_dp1:  # another layout's sums since step 1: rounding only
         assert row["loss"] == pytest.approx(uninterrupted["mixture"][row["step"]]["loss"], rel=REL_TOLERANCE)
+
+
+def _pieces_drawn(run: dict, positions: dict, rows) -> dict:
+    """Per domain, every (document, token offset) the samples of ``rows`` (metrics lines of
+    ``run``, its domains begun where ``positions`` says) hold as inputs. Byte-level token ids
+    repeat all over the texts, so where a token came from is what tells two draws apart."""
+    from megalong.config.loader import from_dict
+    from megalong.data.stream import TrainStream
+    from megalong.training import RunConfig
+
+    stream = TrainStream(from_dict(RunConfig, run).data, run["schedule"]["global_batch_size"], 1)
+    stream.restore_positions(positions)
+    by_name = {source.name: source for source in stream.domains}
+    drawn = {name: set() for name in by_name}
+    for row in rows:
+        for domain, index in (sample for rank in row["samples"] for sample in rank):
+            layout = by_name[domain].layout(index)
+            for document, offset, length in zip(layout.documents, layout.offsets, layout.lengths):
+                drawn[domain].update((int(document), int(offset) + i) for i in range(int(length)))
+    return drawn
+
+
+def test_stage_two_goes_on_after_stage_one_and_resumes_exactly(workdir, two_process_results,
+                                                                 resumed_single_process_results):
+    """Stage 2 from the DP=2 mixture's final checkpoint (same seed, same domain names, longer
+    samples, the long domain cut as before): it starts each domain where stage 1 stopped, so
+    no piece of a document it trains on was in stage 1's samples; resumed from its own step-2
+    checkpoint it trains on the same samples with the same losses; with
+    init.continue_data=false it draws stage 1's samples again."""
+    assert two_process_results["mixture_dp2_codes"] == [0, 0]
+    assert resumed_single_process_results["stage_two_codes"] == [0, 0, 0]
+    stage1_ckpt = workdir / "mixture-dp2" / "ckpt" / "iter_0000008"
+    stage1_state = json.loads((stage1_ckpt / "train_state.json").read_text())
+    stage2_state = json.loads((workdir / "stage2-data" / "ckpt" / "iter_0000004" / "train_state.json").read_text())
+    began = {name: entry["start"] for name, entry in stage2_state["data_positions"].items()}
+    assert began == {name: entry["end"] for name, entry in stage1_state["data_positions"].items()}
+    assert all(start > 0 for start in began.values())
+
+    root = workdir / "real-data"
+    stage1_run = real_data.mixture_run(root, workdir / "mixture-dp2")
+    stage2_run = real_data.stage_two_run(root, workdir / "stage2-data", str(stage1_ckpt))
+    stage1 = _pieces_drawn(stage1_run, stage1_state["data_positions"], read_rows(workdir / "mixture-dp2" / "metrics.jsonl"))
+    stage2_rows = read_rows(workdir / "stage2-data" / "metrics.jsonl")
+    stage2 = _pieces_drawn(stage2_run, stage2_state["data_positions"], stage2_rows)
+    for name in ("books", "web"):
+        assert stage2[name] and not stage1[name] & stage2[name], name
+
+    # Resumed from its step-2 checkpoint: the same samples, the same losses.
+    resumed = read_rows(workdir / "stage2-data-resumed" / "metrics.jsonl")
+    assert [row["step"] for row in resumed] == [3, 4]
+    _assert_rows_equal_uninterrupted(resumed, {row["step"]: row for row in stage2_rows})
+    # The checkpoint lists the stages that made its weights, oldest first.
+    assert [(s["steps"], s["seq_length"], s["rope_theta"]) for s in stage2_state["stages"]] == [
+        (8, real_data.SEQ_LENGTH, 10000.0), (4, 2 * real_data.SEQ_LENGTH, 40000.0)]
+    # Not continued, stage 2's first step draws what stage 1 drew.
+    replaying = read_rows(workdir / "stage2-data-replaying" / "metrics.jsonl")
+    replayed = _pieces_drawn(stage2_run, {}, replaying[:1])
+    assert all(stage1[name] & replayed[name] for name in ("books", "web"))
