@@ -20,7 +20,7 @@ fitted and on the held-out rows. What the published rows cannot fix:
 
 * ``gemm_bf16`` on Hopper: no Megatron table gives bf16 Llama figures. It is set so that the
   planner's bf16 / FP8 throughput ratio equals torchtitan's measured one for the same model
-  and layout (Table 1 of benchmarks/llama3_h100_202412_torchtitan.md, FSDP + compile:
+  and layout (Table 1 of pytorch/torchtitan:benchmarks/llama3_h100_202412_torchtitan.md, FSDP + compile:
   6,667 vs 8,532 tokens/s per GPU), which the fit also does.
 * Blackwell bf16 and everything Ampere: no published rows; Blackwell's ``gemm_bf16`` takes
   Hopper's bf16/FP8 ratio, Ampere takes Hopper's bf16 constants. Uncalibrated: the
