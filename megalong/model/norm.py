@@ -14,6 +14,13 @@ over the TP group (``_allreduce_non_tensor_model_parallel_grads``), as Transform
 norms and ``FusedLayerNorm`` mark theirs. :class:`RMSNorm` is ``torch.nn.RMSNorm`` (the same
 module, parameter name and arithmetic as ``WrappedTorchNorm``'s, so checkpoints and conversion
 are unchanged) with that mark.
+
+Its weight is created in the model's ``params_dtype``, as Transformer Engine's norms and
+Megatron-Core's linears create theirs (``WrappedTorchNorm`` leaves it fp32 in a bf16 model).
+An fp32 weight in a bf16 model made a bf16 release hold fp32 norms, and Megatron-Core's
+non-distributed mixed-precision optimizer cannot save a model with fp32 parameters among the
+bf16 ones ("Param id ... does not match any model sharded param": its checkpoint code maps
+only its bf16 groups).
 """
 
 from __future__ import annotations
@@ -34,5 +41,5 @@ class RMSNorm(torch.nn.RMSNorm):
             raise ValueError(f"megalong's local norm is RMSNorm; the config asks for {config.normalization}")
         if config.layernorm_zero_centered_gamma:
             raise ValueError("megalong's local RMSNorm has no zero-centered gamma (Llama-3 does not use it)")
-        super().__init__(normalized_shape=hidden_size, eps=eps)
+        super().__init__(normalized_shape=hidden_size, eps=eps, dtype=config.params_dtype)
         self.weight.sequence_parallel = bool(config.sequence_parallel)

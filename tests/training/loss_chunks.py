@@ -128,6 +128,40 @@ def compare(tp: int, cases) -> list[dict]:
     return results
 
 
+def bf16_cross_entropy(chunk_tokens: int = 50) -> dict:
+    """The loss of a bf16 model (as real runs train), full and chunked, against the cross
+    entropy of the same bf16 logits computed in float64: per-token losses (largest absolute
+    difference), the masked loss sum (relative difference), and the same per-token check
+    applied to the losses rounded once to bf16 (what a loss kept in bf16 would give)."""
+    import torch.nn.functional as F
+
+    from megalong.runtime import init_distributed
+
+    init_distributed(ParallelConfig(), device="cpu")
+    model = _model(1, False, False, params_dtype="bf16")
+    tokens, labels, loss_mask, positions = _inputs()
+    with torch.no_grad():
+        logits = model(tokens, positions, None)  # no labels: the logits the losses come from
+        losses = {"full": model(tokens, positions, None, labels=labels)}
+        model.set_loss_chunk_tokens(chunk_tokens)
+        losses["chunked"] = model(tokens, positions, None, labels=labels)
+    reference = F.cross_entropy(logits[..., :REAL_VOCAB].double().reshape(-1, REAL_VOCAB), labels.reshape(-1),
+                                reduction="none").view_as(labels)
+    reference_sum = float((reference * loss_mask.double()).sum())
+
+    def relative_sum_error(per_token) -> float:
+        return abs(float(masked_loss_sum(loss_mask, per_token)[0]) - reference_sum) / reference_sum
+
+    found = {"logits_dtype": str(logits.dtype)}
+    for name, per_token in losses.items():
+        found[name] = {"dtype": str(per_token.dtype), "loss": (per_token.double() - reference).abs().max().item(),
+                       "sum": relative_sum_error(per_token)}
+    rounded = losses["full"].to(torch.bfloat16)
+    found["rounded to bf16"] = {"loss": (rounded.double() - reference).abs().max().item(),
+                                "sum": relative_sum_error(rounded)}
+    return found
+
+
 def logits_path_peak_bytes(chunk_tokens: int, seq: int = 2048, vocab: int = 31990) -> int:
     """Peak CPU bytes allocated by one forward and backward of the loss path.
 
@@ -189,5 +223,5 @@ def tp2_job(run_dict: dict) -> tuple[list, tuple]:
     return compare(2, CASES_TP2), train_and_report(run_dict)
 
 
-def single_job() -> tuple[list, list]:
-    return compare(1, CASES_TP1), peaks([0, 256])
+def single_job() -> tuple[list, list, dict]:
+    return compare(1, CASES_TP1), peaks([0, 256]), bf16_cross_entropy()
