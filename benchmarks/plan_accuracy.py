@@ -48,9 +48,11 @@ def _cases_cpu():
     two = [
         setup("test-tiny", 512, None, tensor_parallel=2),
         setup("test-tiny", 512, "selective", tensor_parallel=2),
+        setup("test-tiny", 512, "selective", tensor_parallel=2, sequence_parallel=True),
         setup("test-tiny", 256, None, m=8, pipeline_parallel=2),
         setup("test-tiny", 256, "full", m=4, pipeline_parallel=2, virtual_pipeline=2),
         setup("llama3-tiny", 512, None, tensor_parallel=2),
+        setup("llama3-tiny", 512, None, tensor_parallel=2, sequence_parallel=True),
         setup("llama3-tiny", 256, None, distributed_optimizer=True),
     ]
     return [(1, one), (2, two)]
@@ -60,7 +62,7 @@ def run_cpu() -> None:
     from megalong.plan import memory
     from megalong.plan.measure import measure_training_steps
 
-    print(f"{'case':64s} {'measured MB':>12s} {'predicted MB':>13s} {'ratio':>6s}")
+    print(f"{'case':76s} {'measured MB':>12s} {'predicted MB':>13s} {'ratio':>6s}")
     ratios = []
     step_seconds = None
     for world, setups in _cases_cpu():
@@ -77,7 +79,7 @@ def run_cpu() -> None:
             ratios.append(predicted / measured)
             name = (f"{setup.model.preset} s={setup.seq_length} mb={setup.micro_batch} m={setup.num_microbatches} "
                     f"rc={setup.model.recompute or '-'} {setup.parallel.describe(world).split(' over')[0]}")
-            print(f"{name:64s} {measured / 1e6:12.2f} {predicted / 1e6:13.2f} {predicted / measured:6.3f}")
+            print(f"{name:76s} {measured / 1e6:12.2f} {predicted / 1e6:13.2f} {predicted / measured:6.3f}")
     worst = max(ratios, key=lambda r: abs(r - 1))
     print(f"predicted/measured over {len(ratios)} cases: min {min(ratios):.3f}, max {max(ratios):.3f}, "
           f"worst error {abs(worst - 1):.1%}")

@@ -57,7 +57,8 @@ class ParallelConfig:
     def describe(self, world_size: int) -> str:
         dp = self.data_parallel_size(world_size)
         vp = f" (x{self.virtual_pipeline} virtual)" if self.virtual_pipeline else ""
+        sp = " (sequence parallel)" if self.sequence_parallel else ""
         return (
-            f"TP={self.tensor_parallel} PP={self.pipeline_parallel}{vp} CP={self.context_parallel} "
+            f"TP={self.tensor_parallel}{sp} PP={self.pipeline_parallel}{vp} CP={self.context_parallel} "
             f"DP={dp} over {world_size} processes"
         )

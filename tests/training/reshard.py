@@ -28,8 +28,8 @@ LAYOUTS = {
     "tp2": ({"tensor_parallel": 2}, 2),
     "pp2": ({"pipeline_parallel": 2}, 2),
 }
-# (saved at, resumed at). Sequence parallelism is not among them: Megatron-Core's local
-# (non-Transformer-Engine) norms refuse it, so TP=2 runs without it on the CPU.
+# (saved at, resumed at). Layouts with sequence parallelism resume to and from one process
+# in tests/training/test_sequence_parallel.py (its own runs and process starts).
 PAIRS = [("dp2", "one-process"), ("one-process", "dp2"), ("cp2", "one-process"), ("one-process", "cp2"),
          ("tp2", "one-process"), ("pp2", "one-process")]
 TARGETS = ("one-process", "dp2", "cp2")

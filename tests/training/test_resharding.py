@@ -3,11 +3,8 @@ run at that layout, and they would not be if the Adam moments or step counts wer
 
 DP 2 <-> 1 (the distributed optimizer shards the Adam state over DP), CP 2 <-> 1, TP 2 -> 1,
 PP 2 -> 1, and TP=2 x PP=2 x CP=2 -> one process (three at once), on test-tiny (4 layers,
-hidden 64: the smallest model with every parallel dimension). TP=2 runs without sequence
-parallelism: Megatron-Core's local (non-Transformer-Engine) norms refuse it
-(``WrappedTorchNorm``: "sequence parallel not supported by torch LayerNorm"), so it cannot
-train on the CPU. Its checkpoint holds the same tensors (sequence parallelism splits
-activations, not weights), so TP=2 -> 1 is the closest real case here.
+hidden 64: the smallest model with every parallel dimension). Sequence parallelism to and
+from one process: tests/training/test_sequence_parallel.py.
 
 The runs happen in the session fixtures (tests/training/conftest.py; the matrix is
 tests/training/reshard.py).
