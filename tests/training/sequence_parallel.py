@@ -157,6 +157,11 @@ def gradient_directories(workdir: Path) -> dict:
             for layout in GRADIENT_LAYOUTS for dtype in DTYPES}
 
 
+def workdir_of(training_workdir: Path) -> Path:
+    """Where these runs live, inside the training tests' shared directory (tests/training/conftest.py)."""
+    return training_workdir / "sequence-parallel"
+
+
 def calls(workdir: Path, count: int, stage: str) -> dict:
     """The calls of one process start, by name (the tests find their results by it): ``stage``
     "first" (initial weights, gradient and uninterrupted runs, exact resumes, resumes from one

@@ -16,10 +16,9 @@ import torch
 
 from megalong.gpucheck.compare import compare_gradients
 from megalong.gpucheck.tolerances import bf16_forward_bound, bf16_gradient_bound, training_loss_bound
-from megalong.runtime.launch import run_processes
 from tests.numerics import reordering_rtol
 from tests.training import sequence_parallel as sp
-from tests.training.helpers import REL_TOLERANCE, in_sequence, read_losses
+from tests.training.helpers import REL_TOLERANCE, read_losses
 
 LAYERS = 4  # test-tiny
 # fp32 gradients at another layout differ by reordered sums (tests/numerics.py): the longest
@@ -53,21 +52,17 @@ def bf16_loss_tolerance(layout: str, first_loss: float, loss: float) -> float:
 
 
 @pytest.fixture(scope="session")
-def sp_workdir(tmp_path_factory):
-    return tmp_path_factory.mktemp("sequence-parallel")
+def sp_workdir(workdir):
+    return sp.workdir_of(workdir)
 
 
 @pytest.fixture(scope="session")
-def sp_results(sp_workdir) -> dict:
-    """Every run of tests/training/sequence_parallel.py, in four process starts (1, 2, 4, then
-    1 process): call name -> the list of each rank's result."""
-    results = {}
-    for count, stage in ((1, "first"), (2, "first"), (4, "first"), (1, "last")):
-        calls = sp.calls(sp_workdir, count, stage)
-        per_rank = run_processes(in_sequence, count, (list(calls.values()),))
-        for index, name in enumerate(calls):
-            results[name] = [rank[index] for rank in per_rank]
-    return results
+def sp_results(single_process_results, two_process_results, four_process_sp_results,
+               resumed_single_process_results) -> dict:
+    """Every run of tests/training/sequence_parallel.py, in the shared process starts of
+    tests/training/conftest.py (1, 2, then 4, then 1 process): call name -> each rank's result."""
+    return {**single_process_results["sp"], **two_process_results["sp"], **four_process_sp_results,
+            **resumed_single_process_results["sp"]}
 
 
 def _losses(workdir, name: str) -> dict:
