@@ -142,7 +142,7 @@ def check_layout(layout: Layout, request: PlanRequest) -> Optional[str]:
     if request.gpus_per_node % tp:
         return f"TP={tp} does not divide the {request.gpus_per_node} GPUs of a node (TP stays on NVLink)"
     try:
-        model.validate(tp, pp)
+        model.validate(tp, pp, cp)
     except LayoutError as err:
         return str(err)
     if tp * pp * cp * layout.data_parallel != world:

@@ -194,7 +194,8 @@ class RunConfig:
         model = self.resolved_model() if check_init or not self.init.weights else presets.resolve(self.model)
         # A later stage checked before its initial weights exist may not know its shape yet.
         if check_init or all(getattr(model, name) is not None for name in SHAPE_FIELDS):
-            model.validate(parallel.tensor_parallel, parallel.pipeline_parallel * (parallel.virtual_pipeline or 1))
+            model.validate(parallel.tensor_parallel, parallel.pipeline_parallel * (parallel.virtual_pipeline or 1),
+                           parallel.context_parallel)
             if data.seq_length > model.max_position_embeddings:
                 raise ConfigError(
                     f"data.seq_length={data.seq_length:,} exceeds model.max_position_embeddings="
