@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+from megalong.gpucheck.machine import GPUS_NEEDED
+
 
 @dataclass(frozen=True)
 class CheckOptions:
@@ -50,10 +52,11 @@ class Group:
 
 GROUPS = {
     "single": Group("single", "one GPU (or the CPU with --allow-no-gpu)", lambda gpus: 1, 0, 420),
-    "figures": Group("figures", "throughput on one GPU, in a process of its own", lambda gpus: 1, 1, 300),
-    "cp": Group("cp", "two GPUs: context parallelism", lambda gpus: 2, 2, 300),
+    "figures": Group("figures", "throughput on one GPU, in a process of its own", lambda gpus: 1,
+                     GPUS_NEEDED["gpu"], 300),
+    "cp": Group("cp", "two GPUs: context parallelism", lambda gpus: GPUS_NEEDED["cp"], GPUS_NEEDED["cp"], 300),
     "multi": Group("multi", "four or eight GPUs: wide context parallelism, TP x CP",
-                   lambda gpus: 8 if gpus >= 8 else 4, 4, 360),
+                   lambda gpus: 8 if gpus >= 8 else GPUS_NEEDED["tp-cp"], GPUS_NEEDED["tp-cp"], 360),
 }
 
 CHECKS = (

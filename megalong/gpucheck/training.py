@@ -3,38 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 
 import torch
 
 from megalong.model.config import ModelConfig
-
-
-class SampleStream:
-    """A fixed list of packed samples served in order (cycling): global batch ``step`` is samples
-    ``step * G .. step * G + G - 1``, split evenly over the data-parallel ranks in rank order
-    (the TrainingStream contract, so any layout sees the same global batches)."""
-
-    def __init__(self, samples: list, global_batch: int, data_parallel: int):
-        if global_batch % data_parallel:
-            raise ValueError(f"global batch {global_batch} does not split over {data_parallel} data-parallel ranks")
-        self.samples, self.global_batch, self.per_rank = samples, global_batch, global_batch // data_parallel
-
-    def batch_for_step(self, step: int, dp_rank: int) -> list:
-        first = step * self.global_batch + dp_rank * self.per_rank
-        return [self.samples[(first + i) % len(self.samples)] for i in range(self.per_rank)]
-
-    def describe(self) -> str:
-        return f"{len(self.samples)} fixed packed samples (gpu_check)"
-
-    def fingerprint(self) -> str:
-        digest = hashlib.sha256()
-        for sample in self.samples:
-            digest.update(sample.tokens.tobytes())
-        return digest.hexdigest()[:16]
-
-    def report(self) -> dict:
-        return {"samples": len(self.samples)}
 
 
 def run_config(model: ModelConfig, *, seq_length: int, steps: int, global_batch: int, micro_batch: int,
@@ -62,9 +34,13 @@ def run_config(model: ModelConfig, *, seq_length: int, steps: int, global_batch:
     }, "gpu_check")
 
 
-def start_trainer(run, runtime, stream):
+def start_trainer(run, runtime, samples: list):
+    """megalong's Trainer for ``run``, set up, training on ``samples`` in order (cycling)."""
+    from megalong.training.batches import FixedSampleStream
     from megalong.training.trainer import Trainer
 
+    stream = FixedSampleStream(samples, run.schedule.global_batch_size, runtime.data_parallel_size,
+                               "packed samples (gpu_check)")
     return Trainer(run, runtime, stream=stream).setup()
 
 

@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 TESTED_TE = ((2, 9), (2, 11))
 
 
-def _import_problem(*modules: str) -> Optional[str]:
+def import_problem(*modules: str) -> Optional[str]:
     """None when every one of ``modules`` imports; else the error, in words."""
     import importlib
 
@@ -44,7 +44,7 @@ def _import_problem(*modules: str) -> Optional[str]:
 @functools.lru_cache(maxsize=1)
 def transformer_engine_problem() -> Optional[str]:
     """Why ``transformer_engine.pytorch`` (the part megalong uses) cannot be used here, or None."""
-    problem = _import_problem("transformer_engine", "transformer_engine.pytorch")
+    problem = import_problem("transformer_engine", "transformer_engine.pytorch")
     if problem and not problem.startswith("ModuleNotFoundError"):
         log.warning("Transformer Engine is installed but does not import (%s); not using it", problem)
     return problem
@@ -53,7 +53,7 @@ def transformer_engine_problem() -> Optional[str]:
 @functools.lru_cache(maxsize=1)
 def flash_attn_problem() -> Optional[str]:
     """Why flash-attn's varlen kernel (what megalong calls) cannot be used here, or None."""
-    problem = _import_problem("flash_attn")
+    problem = import_problem("flash_attn")
     if problem is None:
         try:
             from flash_attn import flash_attn_varlen_func  # noqa: F401

@@ -18,6 +18,7 @@ from megalong.gpucheck import cases, compare, records, registry, runner, toleran
 from megalong.gpucheck.machine import Machine, RequirementError, parse_required
 from megalong.gpucheck.records import FAILED, PASSED, SKIPPED, CheckResult
 from megalong.gpucheck.worker import gate
+from megalong.training.batches import FixedSampleStream
 from megalong.runtime.launch import run_processes
 from tests.tools import workers
 
@@ -190,7 +191,7 @@ def test_checks_of_groups_that_cannot_start_are_skipped_or_failed_by_gpu_count()
     cp_check = registry.CHECKS_BY_NAME["cp.te-ring"]
     assert runner.unstartable(cp_check, 1, ()).status == SKIPPED
     failed = runner.unstartable(cp_check, 1, ("cp",))
-    assert failed.status == FAILED and "needs 2 GPU(s)" in failed.reason
+    assert failed.status == FAILED and "needs 2 GPUs, 1 visible" in failed.reason
     assert runner.unstartable(registry.CHECKS_BY_NAME["tp-cp.training"], 2, ("tp-cp",)).status == FAILED
 
 
@@ -230,7 +231,7 @@ def test_real_text_samples_are_packed_documents_of_llama3_tokens():
     for sample in samples:
         sample.validate()
     assert max(int(s.tokens.max()) for s in samples) > 512  # the real vocabulary, not a restricted one
-    stream = training.SampleStream(samples, global_batch=4, data_parallel=2)
+    stream = FixedSampleStream(samples, global_batch_size=4, data_parallel_size=2)
     assert stream.batch_for_step(0, 0) + stream.batch_for_step(0, 1) == samples
 
 

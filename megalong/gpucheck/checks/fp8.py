@@ -91,7 +91,7 @@ def train(ctx, fp8, save_as: str | None = None) -> dict:
     run = training.run_config(config, seq_length=SEQ_LENGTH, steps=ctx.options.fp8_steps,
                               global_batch=MICRO_BATCH, micro_batch=MICRO_BATCH, lr=LR,
                               initial_weights=_initial_weights(ctx))
-    trainer = training.start_trainer(run, ctx.runtime, training.SampleStream(data["train"], MICRO_BATCH, 1))
+    trainer = training.start_trainer(run, ctx.runtime, data["train"])
     heldout = [runs.micro_batch(data["heldout"][i:i + MICRO_BATCH], ctx) for i in range(0, HELDOUT_SAMPLES, MICRO_BATCH)]
     model = trainer.model[0]
     initial = training.mean_loss(model, heldout)

@@ -42,9 +42,7 @@ def _trainer(ctx, parallel: dict, initial: str, samples: list, steps: int, lr: f
     run = training.run_config(MODEL, seq_length=SEQ_LENGTH, steps=steps, global_batch=ctx.world_size,
                               micro_batch=1, lr=lr, initial_weights=initial, parallel=parallel,
                               warmup_steps=0, decay="constant", clip_grad=clip_grad)
-    runtime = ctx.use_layout(ParallelConfig(**parallel))
-    stream = training.SampleStream(samples, ctx.world_size, runtime.data_parallel_size)
-    return training.start_trainer(run, runtime, stream)
+    return training.start_trainer(run, ctx.use_layout(ParallelConfig(**parallel)), samples)
 
 
 def _first_step_gradients(ctx, parallel: dict, initial: str, samples: list, save_to=None) -> tuple[float, dict]:
