@@ -70,6 +70,9 @@ CHECKS = (
           ("gpu", "flash-attn"), "single", "model_backends:check_flash"),
     Check("model.te", "the whole model with the te backend against the fp32 reference",
           ("gpu", "te"), "single", "model_backends:check_te"),
+    Check("training.initial-weights", "a new stage keeps the weights it starts from through its first step (bf16, "
+          "and FP8 where this GPU runs it; trainer seeded apart from the weights)", (), "single",
+          "initial_weights:check_initial_weights"),
     Check("checkpoint.te-bf16", "a converted HF checkpoint and a CPU-written one load into the TE model and back "
           "with the same logits", ("gpu", "te", "transformers"), "single", "checkpoints:check_te_bf16"),
     Check("checkpoint.te-fp8", "the same into the TE model with FP8; its FP8 state survives a save and load; "
