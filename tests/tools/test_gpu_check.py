@@ -152,6 +152,21 @@ def test_initial_weights_check_passes_and_fails_when_the_optimizer_keeps_its_own
     assert "linear_qkv.weight" in reverted["reason"]
 
 
+def test_te_all_to_all_refused_on_te_2_9_is_reported_skipped_not_passed(monkeypatch):
+    """On TE 2.9 megalong refuses TE's all-to-all on packed documents: cp.te-a2a runs no kernel,
+    so it must say skipped (with the refusal checked word for word), never passed."""
+    from megalong.gpucheck.checks import context_parallel
+    from megalong.model import backends
+
+    monkeypatch.setattr(backends, "transformer_engine_version", lambda: (2, 9))
+    result = context_parallel.check_a2a(types.SimpleNamespace(world_size=2))
+    assert result.status == SKIPPED, result.reason
+    assert "not run" in result.reason and "refuses THD input" in result.reason
+    monkeypatch.setattr(backends, "check_for_machine", lambda *args, **kwargs: None)  # megalong stops refusing
+    failed = context_parallel.check_a2a(types.SimpleNamespace(world_size=2))
+    assert failed.status == FAILED and "was not refused" in failed.reason
+
+
 def test_compare_gradients_catches_scale_direction_missing_and_nan():
     generator = torch.Generator().manual_seed(0)
     ref = {"a": torch.randn(64, 64, generator=generator), "b": torch.randn(64, generator=generator)}
