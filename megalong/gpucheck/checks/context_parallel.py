@@ -66,6 +66,33 @@ def kernel_errors(ctx, attention, query_heads: int, kv_heads: int, seq_length: i
             for name, g, r in zip(names, got, reference)}
 
 
+def host_syncs_of_a_later_layer(ctx, attention, query_heads: int, kv_heads: int, seq_length: int) -> list[str]:
+    """Where megalong's own code makes the host wait for the GPU when a second layer runs
+    ``attention`` forward and backward on the same micro-batch (its plan made by the first):
+    torch's CUDA sync debug mode warns at every synchronising call (a copy from pageable host
+    memory, a value read on the host); those whose calling line is in megalong are listed.
+    Transformer Engine's own synchronisations are not megalong's to remove and are not listed."""
+    import warnings
+
+    from megalong.data.cp_shard import load_balanced_index
+
+    layout = cases.attention_layout(seq_length)
+    q, k, v, grad_out = cases.attention_inputs(ctx.device, seq_length, query_heads, kv_heads)
+    index = load_balanced_index(seq_length, dist.get_world_size(), dist.get_rank()).to(ctx.device)
+    shares = [t.index_select(0, index) for t in (q, k, v, grad_out)]
+    cases.attention_with_gradients(lambda a, b, c: attention(a, b, c, layout), shares[:3], shares[3])  # layer 1
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            cases.attention_with_gradients(lambda a, b, c: attention(a, b, c, layout), shares[:3], shares[3])
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sorted({f"{w.filename}:{w.lineno}" for w in caught
+                   if "synchroniz" in str(w.message) and "/megalong/" in w.filename})
+
+
 def refusal_failure(cp: int, query_heads: int, kv_heads: int) -> tuple[str | None, str | None]:
     """(megalong's documented reason to refuse TE's all-to-all here or None, a failure or None):
     when there is a reason, ``check_for_machine`` must raise it, word for word."""
@@ -123,6 +150,11 @@ def _kernel_check(ctx, name: str, cp_comm: str) -> CheckResult:
     kernel = TEContextParallelKernel(cases.HEAD_DIM, 1.0 / math.sqrt(cases.HEAD_DIM), 1, dist.group.WORLD, cp_comm)
     errors = kernel_errors(ctx, kernel, query_heads, kv_heads, seq_length)
     _judge_kernel(f"TE {cp_comm}", query_heads, kv_heads, errors, cp, failures, figures)
+    # The plan is made once per micro-batch: a later layer must not make the host wait.
+    figures["megalong_host_syncs_in_a_later_layer"] = syncs = host_syncs_of_a_later_layer(
+        ctx, kernel, query_heads, kv_heads, seq_length)
+    if syncs:
+        failures.append(f"TE {cp_comm}: megalong's code synchronises with the GPU in every layer, at {', '.join(syncs[:4])}")
     return CheckResult.judged(name, failures, figures, f"TE {cp_comm} at CP={cp} with {query_heads} query / "
                                                        f"{kv_heads} KV heads within the bf16 attention bounds")
 
