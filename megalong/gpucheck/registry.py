@@ -51,7 +51,7 @@ class Group:
 
 
 GROUPS = {
-    "single": Group("single", "one GPU (or the CPU with --allow-no-gpu)", lambda gpus: 1, 0, 420),
+    "single": Group("single", "one GPU (or the CPU with --allow-no-gpu)", lambda gpus: 1, 0, 480),
     "figures": Group("figures", "throughput on one GPU, in a process of its own", lambda gpus: 1,
                      GPUS_NEEDED["gpu"], 300),
     "cp": Group("cp", "two GPUs: context parallelism", lambda gpus: GPUS_NEEDED["cp"], GPUS_NEEDED["cp"], 300),

@@ -35,6 +35,10 @@ _LOG_NOISE = re.compile("|".join((
     r"DistributedDataParallel: full_param_layout not provided",
     # Advice to pick a writer from nvidia-resiliency-ext: megalong uses Megatron-Core's own.
     r"MCore's async save is deprecated",
+    # A fully reshardable optimizer save in the memory-efficient mode (megalong.training.checkpoint):
+    # only the first data-parallel rank gathers the state, the others hold nothing, by design.
+    r"common state dict differs from rank 0 common state dict\. Keys only on rank 0: \[\], "
+    r"Keys only on \d+: \[\('param_state',\)\], Mismatched keys: \[\]$",
 )))
 
 

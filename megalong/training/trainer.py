@@ -169,7 +169,6 @@ class Trainer:
 
     def _load_initial_state(self) -> None:
         run = self.run
-        fmt = run.checkpoint.optimizer_format
         resume = self._resume_dir()
         if resume is not None:
             saved = ckpt.read_train_state(resume)
@@ -183,7 +182,7 @@ class Trainer:
                     f"it was trained on (data fingerprint {saved.data_fingerprint[:12]} vs {fingerprint[:12]}); "
                     f"a new data mix is a new stage: start it with init.weights={resume}"
                 )
-            self.state = ckpt.load_checkpoint(resume, self.model, self.optimizer, fmt,
+            self.state = ckpt.load_checkpoint(resume, self.model, self.optimizer,
                                               restore_rng_for_layout=self.layout, on_gpu=self.runtime.on_gpu)
             self.scheduler.load_state_dict(self.state.scheduler)
             self.state.layout = self.layout
@@ -209,8 +208,7 @@ class Trainer:
                 log.info("New run from initial weights %s (RoPE theta %g)%s; fresh LR schedule from step 0",
                          source, self.model_config.rope_theta,
                          ", carrying its optimizer state" if carry else ", fresh optimizer state")
-            ckpt.load_checkpoint(source, self.model, self.optimizer, run.checkpoint.optimizer_format,
-                                 load_optimizer_state=carry)
+            ckpt.load_checkpoint(source, self.model, self.optimizer, load_optimizer_state=carry)
             # The loaded optimizer state brings the old run's learning rates: set this schedule's.
             self.scheduler.step(0)
             return
@@ -316,7 +314,9 @@ class Trainer:
             with stop_signals_deferred():
                 return ckpt.save_checkpoint(
                     run.checkpoint.save_dir, self.state, self.model, self.optimizer, self.model_config, run,
-                    optimizer_format=run.checkpoint.optimizer_format, keep_last=run.checkpoint.keep_last,
+                    optimizer_format=ckpt.save_format(run.checkpoint.optimizer_format, self.state.step,
+                                                      run.schedule.train_steps),
+                    keep_last=run.checkpoint.keep_last,
                     async_queue=self.async_queue, on_gpu=self.runtime.on_gpu,
                 )
         finally:
