@@ -15,7 +15,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["megalong", "megalong.*"]),
     include_package_data=True,
-    package_data={"megalong": ["recipes/**/*.yaml", "recipes/*.yaml", "**/*.sh", "**/*.sbatch"]},
+    package_data={"megalong": ["recipes/**/*.yaml", "recipes/*.yaml", "plan/*.yaml", "**/*.sh", "**/*.sbatch"]},
     install_requires=[
         # On these machines install torch==2.13.0 first (the CPU build on disk); any torch in
         # this range is accepted so a cluster's CUDA build is left alone.

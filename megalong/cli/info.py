@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
-import logging
 import platform
 
 
@@ -23,8 +22,6 @@ def _megatron_core() -> str:
     """The Megatron-Core Python imports, and whether megalong is tested with it."""
     from megalong import compat
 
-    # Megatron-Core logs its import-time choices at INFO (0.19: Megatron-FSDP's); not news here.
-    logging.getLogger("megatron").setLevel(logging.WARNING)
     try:
         version = compat.megatron_core_version()
     except Exception as err:  # not installed, or installed but broken: say which

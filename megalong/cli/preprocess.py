@@ -21,7 +21,8 @@ log = logging.getLogger("megalong.preprocess")
 
 # flag destination -> PreprocessConfig field, for the flags that map one to one.
 _FIELDS = ("inputs", "input_format", "text_key", "output_prefix", "tokenizer", "min_tokens", "max_tokens",
-           "workers", "shard_size_mb", "text_suffixes", "repo_max_file_bytes", "repo_max_bytes")
+           "workers", "shard_size_mb", "text_suffixes", "repo_max_file_bytes", "repo_max_bytes", "repo_key",
+           "repo_path_key", "repo_content_key")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,10 +30,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     io.add_argument("--config", help="YAML file of PreprocessConfig fields; flags given here override it")
     io.add_argument("--input", "--inputs", dest="inputs", nargs="+", metavar="PATH",
                     help="files, directories or glob patterns (JSONL .jsonl/.json[.gz|.zst], Parquet, "
-                         "or a directory with --input-format text / code-repos)")
-    io.add_argument("--input-format", choices=["auto", "jsonl", "parquet", "text", "code-repos"],
+                         "a directory with --input-format text / code-repos / mds, or Parquet files of one "
+                         "row per source file with --input-format code-repos)")
+    io.add_argument("--input-format", choices=["auto", "jsonl", "parquet", "text", "code-repos", "mds"],
                     help="default auto: JSONL and Parquet by file name; 'text' = one document per file of a "
-                         "directory; 'code-repos' = one document per sub-directory (repository)")
+                         "directory; 'code-repos' = one document per sub-directory (repository); 'mds' = "
+                         "mosaicml-streaming dataset directories (ProLong's released data): tokenized documents, "
+                         "or packed samples kept as released")
     io.add_argument("--text-key", "--json-keys", dest="text_key", help="JSON key / Parquet column of the text (default: text)")
     io.add_argument("--output-prefix", help="writes PREFIX.bin, PREFIX.idx, PREFIX.json (work files in PREFIX.work/)")
     io.add_argument("--overwrite", action="store_true", default=None,
@@ -53,6 +57,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     policy.add_argument("--text-suffixes", nargs="+", metavar="SUFFIX", help="--input-format text: only these file suffixes")
     policy.add_argument("--repo-max-file-bytes", type=int, help="--input-format code-repos: leave out larger files (default 1000000)")
     policy.add_argument("--repo-max-bytes", type=int, help="--input-format code-repos: cap per repository (0 = none)")
+    policy.add_argument("--repo-key", help="--input-format code-repos from Parquet rows (one per source file, as The "
+                                           "Stack v1): the repository column (default max_stars_repo_name)")
+    policy.add_argument("--repo-path-key", help="... the column of the file's path in the repository "
+                                                "(default max_stars_repo_path)")
+    policy.add_argument("--repo-content-key", help="... the column of the file's text (default content)")
     run = parser.add_argument_group("running")
     run.add_argument("--workers", type=int, help="worker processes (default: all CPUs available)")
     run.add_argument("--shard-size-mb", type=float, help="input MB per shard, the unit of work and resume (default: automatic, ~64 shards of 1-64 MiB)")
@@ -124,8 +133,13 @@ def run(args: argparse.Namespace) -> int:
 def _print_summary(prefix: str, sidecar: dict) -> None:
     from megalong.data.preprocess.report import REASONS, REPO_FILE_REASONS, format_location
 
-    print(f"wrote {prefix}.bin/.idx: {sidecar['documents']:,} documents, {sidecar['tokens']:,} tokens "
-          f"(lengths {sidecar['min_length']}..{sidecar['max_length']}); details in {prefix}.json")
+    if sidecar.get("kind") == "packed":
+        print(f"wrote {prefix}.bin/.idx: {sidecar['documents']:,} packed samples of {sidecar['min_length']}.."
+              f"{sidecar['max_length']} tokens, {sidecar['spans']:,} documents in them, {sidecar['tokens']:,} tokens"
+              f"{', with the loss mask' if sidecar.get('loss_mask') else ''}; details in {prefix}.json")
+    else:
+        print(f"wrote {prefix}.bin/.idx: {sidecar['documents']:,} documents, {sidecar['tokens']:,} tokens "
+              f"(lengths {sidecar['min_length']}..{sidecar['max_length']}); details in {prefix}.json")
     if sidecar["skipped_total"]:
         print(f"skipped {sidecar['skipped_total']:,} records:")
         for reason, count in sidecar["skipped"].items():

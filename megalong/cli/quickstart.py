@@ -21,13 +21,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nproc", type=int, default=2,
                         help="training processes; context parallelism spans all of them (default 2)")
     parser.add_argument("--workers", type=int, help="preprocessing workers (default: one per CPU)")
+    parser.add_argument("--params-dtype", choices=("bf16", "fp32"), default="bf16",
+                        help="the precision the stages train in (default bf16, as real runs train, with fp32 master "
+                             "weights in the optimizer)")
 
 
 def run(args: argparse.Namespace) -> int:
     from megalong.config import ConfigError
     from megalong.quickstart.pipeline import Quickstart, QuickstartConfig, StepFailed
 
-    config = QuickstartConfig(out_dir=args.out, size=args.size, nproc=args.nproc, workers=args.workers)
+    config = QuickstartConfig(out_dir=args.out, size=args.size, nproc=args.nproc, workers=args.workers,
+                              params_dtype=args.params_dtype)
     try:
         report = Quickstart(config).run()
     except (StepFailed, ConfigError, FileNotFoundError) as err:

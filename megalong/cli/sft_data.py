@@ -1,7 +1,7 @@
-"""``megalong sft-data``: render chat JSONL into an SFT chat dataset (Llama-3 chat format).
+"""``megalong sft-data``: render chat JSONL or Parquet into an SFT chat dataset (Llama-3 chat format).
 
-Each input line is ``{"messages": [{"role": "user"|"assistant"|"system", "content": "..."}]}``
-(UltraChat's layout). The output ``<prefix>.bin/.idx/.json`` is what a mixture domain of
+Each JSONL line is ``{"messages": [{"role": "user"|"assistant"|"system", "content": "..."}]}``;
+a Parquet file has a ``messages`` column of such lists (UltraChat-200k's layout). The output ``<prefix>.bin/.idx/.json`` is what a mixture domain of
 ``kind: sft`` reads: one conversation per document, loss on assistant turns only.
 """
 
@@ -12,12 +12,13 @@ import logging
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("inputs", nargs="+", help="chat JSONL files (.jsonl, .jsonl.gz, .jsonl.zst)")
+    parser.add_argument("inputs", nargs="+", help="chat JSONL files (.jsonl, .jsonl.gz, .jsonl.zst) or Parquet files "
+                                                   "(.parquet, a messages column: UltraChat-200k's layout)")
     parser.add_argument("--output", required=True, help="output prefix (writes PREFIX.bin, .idx, .json)")
     parser.add_argument("--tokenizer", default="llama3",
                         help="tokenizer.model / tokenizer.json / model dir, or 'llama3' (default)")
-    parser.add_argument("--messages-key", default="messages", help="JSON key of the message list")
-    parser.add_argument("--strict", action="store_true", help="stop at the first bad line instead of skipping it")
+    parser.add_argument("--messages-key", default="messages", help="JSON key / Parquet column of the message list")
+    parser.add_argument("--strict", action="store_true", help="stop at the first bad record instead of skipping it")
 
 
 def run(args) -> int:

@@ -37,10 +37,6 @@ def run(args: argparse.Namespace) -> int:
     from megalong.training import RunConfig, train
     from megalong.training.checkpoint import CheckpointError
 
-    # Megatron-Core logs its internals (bucket layouts, full configs) at INFO: keep the
-    # console to megalong's own account unless debugging.
-    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
-        logging.getLogger("megatron").setLevel(logging.WARNING)
     overrides = list(args.overrides)
     if args.exit_duration_minutes is not None:
         overrides.append(f"runtime.exit_duration_minutes={args.exit_duration_minutes}")

@@ -8,7 +8,7 @@ A mixture recipe (YAML, e.g. ``megalong/recipes/mixtures/prolong_stage1_64k.yaml
     domains:
       - name: books_64k
         weight: 30                # share of samples (= of tokens: every sample has seq_length)
-        kind: long                # long | concat | sft   (see megalong.data.packing)
+        kind: long                # long | concat | sft | packed   (see megalong.data.packing)
         paths: [books/books_text_document]   # Megatron .bin/.idx prefixes, relative ones
                                              # resolve under data.data_root
 
@@ -40,12 +40,17 @@ class DomainSpec:
     name: str
     weight: float
     paths: list[str]
-    kind: Literal["long", "concat", "sft"] = "concat"
+    kind: Literal["long", "concat", "sft", "packed"] = "concat"
     # Long domains: documents shorter than this are skipped and longer ones cut into chunks
     # of exactly this many tokens; defaults to seq_length (ProLong's cut).
     chunk_length: Optional[int] = None
     # Per-domain override of the mixture's allow_repeat.
     allow_repeat: Optional[bool] = None
+    # SFT domains: "whole" packs whole conversations and pads the rest of a sample (a
+    # conversation longer than a sample is dropped); "fill" fills every sample, cutting the
+    # conversation that crosses its end and starting the next sample with the rest, the way
+    # ProLong's released SFT data was packed (datatools). See megalong.data.packing.
+    sft_packing: Literal["whole", "fill"] = "whole"
 
     def __post_init__(self):
         if not self.name:
@@ -56,6 +61,8 @@ class DomainSpec:
             raise ValueError(f"domain {self.name!r}: paths is empty (list the .bin/.idx prefixes)")
         if self.chunk_length is not None and self.kind != "long":
             raise ValueError(f"domain {self.name!r}: chunk_length only applies to kind: long")
+        if self.sft_packing != "whole" and self.kind != "sft":
+            raise ValueError(f"domain {self.name!r}: sft_packing only applies to kind: sft")
 
 
 @dataclass
@@ -135,6 +142,11 @@ class DomainSource:
 
                 dataset = open_chat_dataset(prefix)
                 lengths.append(conversation_lengths(dataset))
+            elif spec.kind == "packed":
+                from megalong.data.packed import PackedDataset
+
+                dataset = PackedDataset(prefix)
+                lengths.append(dataset.sample_lengths)
             else:
                 dataset = IndexedDataset(prefix)
                 lengths.append(np.asarray(dataset.sequence_lengths, dtype=np.int64))
@@ -144,11 +156,13 @@ class DomainSource:
         self.first_document = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
         self.lengths = np.concatenate(lengths) if lengths else np.zeros(0, dtype=np.int64)
         self.index = build_index(spec.kind, self.lengths, seq_length, seed, spec.name,
-                                 chunk_length=spec.chunk_length)
+                                 chunk_length=spec.chunk_length, spans=self._span_lengths,
+                                 sft_packing=spec.sft_packing)
         if self.index.tokens_per_epoch == 0:
             what = {"long": f"no document of at least {spec.chunk_length or seq_length:,} tokens",
                     "concat": "no tokens",
-                    "sft": f"no conversation of at most {seq_length:,} tokens"}[spec.kind]
+                    "sft": f"no conversation of at most {seq_length:,} tokens",
+                    "packed": "no packed sample"}[spec.kind]
             raise ValueError(f"domain {spec.name!r} ({spec.kind}) has {what} in {', '.join(self.prefixes)}")
 
     @property
@@ -158,6 +172,10 @@ class DomainSource:
     def _locate(self, document: int) -> tuple[object, int]:
         i = int(np.searchsorted(self.first_document, document, side="right") - 1)
         return self.datasets[i], int(document - self.first_document[i])
+
+    def _span_lengths(self, sample: int) -> np.ndarray:
+        dataset, local = self._locate(sample)
+        return dataset.span_lengths(local)
 
     def check_available(self, sample: int) -> None:
         """Refuse (when repeats are off) a sample that would start a second epoch."""
@@ -176,25 +194,39 @@ class DomainSource:
         return self.index.layout(sample)
 
     def read(self, layout: SampleLayout) -> PackedSample:
+        if self.spec.kind == "packed":
+            return self._read_packed(layout)
         pieces, masks = [], []
-        next_token = None
+        next_token, next_target = None, False
         for k, (doc, off, length) in enumerate(zip(layout.documents, layout.offsets, layout.lengths)):
             dataset, local = self._locate(int(doc))
+            read_length = int(length) + (1 if layout.continues and k == len(layout.documents) - 1 else 0)
             if self.spec.kind == "sft":
                 from megalong.data.sft import read_conversation
 
                 tokens, mask = read_conversation(dataset, local)
-                pieces.append(tokens)
+                tokens, mask = tokens[off:off + read_length], mask[off:off + read_length]
+                if read_length > length:  # a cut conversation goes on in the next sample
+                    next_target = bool(mask[-1])
+                    mask = mask[:-1]
                 masks.append(mask)
-                continue
-            read_length = int(length) + (1 if layout.continues and k == len(layout.documents) - 1 else 0)
-            tokens = dataset.get(local, offset=int(off), length=read_length)
+            else:
+                tokens = dataset.get(local, offset=int(off), length=read_length)
             if read_length > length:
                 next_token = int(tokens[-1])
                 tokens = tokens[:-1]
             pieces.append(tokens)
         return materialize(layout, pieces, next_token, self.pad_token_id, self.seq_length,
-                           target_masks=masks if self.spec.kind == "sft" else None)
+                           target_masks=masks if self.spec.kind == "sft" else None, next_target=next_target)
+
+    def _read_packed(self, layout: SampleLayout) -> PackedSample:
+        """A stored packed sample as it is: its spans are the layout's pieces; with a mask,
+        a token is a target where the mask was non-zero (megalong.data.packed)."""
+        dataset, local = self._locate(int(layout.documents[0]))
+        tokens, target = dataset.read(local)
+        cuts = np.cumsum(layout.lengths)[:-1]
+        return materialize(layout, np.split(tokens, cuts), None, self.pad_token_id, self.seq_length,
+                           target_masks=None if target is None else np.split(target, cuts))
 
 
 class Blend:

@@ -9,9 +9,14 @@ Three ways a domain's documents become samples of ``seq_length`` inputs:
 * ``concat`` (:class:`ConcatIndex`): shuffled documents laid end to end and cut every
   ``seq_length`` tokens; the cut-off tail of one sample starts the next, so a document
   longer than a sample is split and no token is lost.
-* ``sft``    (:class:`ConversationPackIndex`): whole conversations packed in order into a
-  sample until the next one does not fit, the rest padded; a conversation longer than a
-  sample is dropped (counted).
+* ``sft``    (:class:`ConversationPackIndex`, ``sft_packing: whole``, the default): whole
+  conversations packed in order into a sample until the next one does not fit, the rest
+  padded; a conversation longer than a sample is dropped (counted). With ``sft_packing:
+  fill`` (:class:`ConversationFillIndex`): conversations laid end to end like ``concat``, so
+  every sample is full and the conversation crossing a sample's end goes on in the next one,
+  as ProLong's released SFT data was packed (datatools' ``scripts/pack.py``, SingleBuffer).
+* ``packed`` (:class:`PackedSampleIndex`): samples packed before (ProLong's released data,
+  megalong.data.packed): each stored sample is one training sample, its spans the documents.
 
 An index knows only document *lengths* (no tokens): it is built with vectorized numpy
 and answers "which document pieces make sample k" for any k without touching the rest,
@@ -33,6 +38,7 @@ from __future__ import annotations
 import functools
 import zlib
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
@@ -303,16 +309,79 @@ class ConversationPackIndex:
         return SampleLayout(chosen, np.zeros_like(chosen), lengths, pad_length=pad)
 
 
+class ConversationFillIndex(ConcatIndex):
+    """SFT with ``sft_packing: fill``: conversations shuffled and laid end to end, cut every
+    ``seq_length`` tokens (ConcatIndex): no padding; the conversation that crosses a sample's
+    end is cut there, its rest a document of its own at the start of the next sample (the last
+    input of the sample predicts the rest's first token, when that is an assistant token)."""
+
+    kind = "sft"
+    packing = "fill"
+
+
+class PackedSampleIndex:
+    """Samples packed before megalong saw them (ProLong's released data): stored sample g is
+    one training sample as it is, its spans (``spans(g)``: their lengths) the attention
+    documents. Each epoch is a fresh shuffle of the stored samples."""
+
+    kind = "packed"
+
+    def __init__(self, lengths: np.ndarray, seq_length: int, seed: int, name: str,
+                 spans: Callable[[int], np.ndarray]):
+        lengths = np.asarray(lengths, dtype=np.int64)
+        wrong = np.flatnonzero(lengths != seq_length)
+        if wrong.size:
+            raise ValueError(
+                f"domain {name!r}: {wrong.size:,} of {lengths.size:,} packed samples are not {seq_length:,} tokens "
+                f"long (sample {wrong[0]} has {lengths[wrong[0]]:,}); packed samples are used as they are, so "
+                "data.seq_length must be the length they were packed to")
+        self.name, self.seed, self.seq_length = name, seed, int(seq_length)
+        self.num_samples = int(lengths.size)
+        self.tokens_per_epoch = int(lengths.sum())
+        self.dropped = DropReport(reason="nothing: packed samples are used whole")
+        self._spans = spans
+        self._perm = _EpochCache(lambda e: epoch_permutation(self.num_samples, seed, name, e))
+
+    @property
+    def samples_per_epoch(self) -> float:
+        return float(self.num_samples)
+
+    @property
+    def whole_samples_per_epoch(self) -> int:
+        return self.num_samples
+
+    def epochs_for(self, num_samples: int) -> float:
+        return num_samples / self.num_samples if self.num_samples else float("inf")
+
+    def layout(self, sample: int) -> SampleLayout:
+        if not self.num_samples:
+            raise ValueError(f"domain {self.name!r} has no packed sample")
+        epoch, within = divmod(sample, self.num_samples)
+        stored = int(self._perm(epoch)[within])
+        lengths = np.asarray(self._spans(stored), dtype=np.int64)
+        return SampleLayout(documents=np.full(lengths.size, stored, dtype=np.int64),
+                            offsets=np.cumsum(lengths) - lengths, lengths=lengths)
+
+
 def build_index(kind: str, lengths: np.ndarray, seq_length: int, seed: int, name: str,
-                chunk_length: int | None = None):
-    """The index for a domain of ``kind`` ('long', 'concat' or 'sft') over document lengths."""
+                chunk_length: int | None = None, spans: Callable[[int], np.ndarray] | None = None,
+                sft_packing: str = "whole"):
+    """The index for a domain of ``kind`` ('long', 'concat', 'sft' or 'packed') over
+    document lengths; ``spans(g)`` gives the span lengths of packed sample g; ``sft_packing``
+    ('whole' or 'fill') chooses how an sft domain packs its conversations."""
+    if kind == "sft" and sft_packing == "fill":
+        return ConversationFillIndex(lengths, seq_length, seed, name)
+    if kind == "packed":
+        if spans is None:
+            raise ValueError(f"domain {name!r}: a packed index needs the span lengths of its samples")
+        return PackedSampleIndex(lengths, seq_length, seed, name, spans)
     if kind == "long":
         return LongChunkIndex(lengths, seq_length, seed, name, chunk_length=chunk_length)
     if kind == "concat":
         return ConcatIndex(lengths, seq_length, seed, name)
     if kind == "sft":
         return ConversationPackIndex(lengths, seq_length, seed, name)
-    raise ValueError(f"domain {name!r}: unknown kind {kind!r} (expected long, concat or sft)")
+    raise ValueError(f"domain {name!r}: unknown kind {kind!r} (expected long, concat, sft or packed)")
 
 
 @functools.lru_cache(maxsize=4)
@@ -324,12 +393,13 @@ def _positions(seq_length: int) -> np.ndarray:
 
 def materialize(layout: SampleLayout, pieces: list[np.ndarray], next_token: int | None,
                 pad_token_id: int, seq_length: int,
-                target_masks: list[np.ndarray] | None = None) -> PackedSample:
+                target_masks: list[np.ndarray] | None = None, next_target: bool = False) -> PackedSample:
     """Assemble a PackedSample from the tokens of each piece of ``layout``.
 
     ``pieces[i]`` holds the tokens of piece i; ``next_token`` is the token after the last
     piece when ``layout.continues``. ``target_masks[i]`` (SFT) marks which tokens of piece i
-    are worth predicting (assistant turns); the loss of input j is on when token j+1 is.
+    are worth predicting (assistant turns); the loss of input j is on when token j+1 is;
+    ``next_target`` says whether ``next_token`` is.
     """
     seg_lengths = layout.segment_lengths
     if int(seg_lengths.sum()) != seq_length:
@@ -368,6 +438,8 @@ def materialize(layout: SampleLayout, pieces: list[np.ndarray], next_token: int 
     if layout.continues:
         doc_last = doc_last[:-1]
     loss_mask[doc_last] = 0.0
+    if layout.continues and target_masks is not None:
+        loss_mask[-1] = float(next_target)
     if layout.pad_length:
         loss_mask[seq_length - layout.pad_length:] = 0.0
     return PackedSample(tokens=tokens, labels=labels, loss_mask=loss_mask,

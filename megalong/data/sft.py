@@ -116,14 +116,81 @@ class ChatWriteReport:
             self.skipped_examples.append(f"{where}: {reason}")
 
 
+class _BytesRead:
+    """Bytes of plain JSONL read so far (the progress line's ETA)."""
+
+    def __init__(self):
+        self.count = 0
+
+
+def _jsonl_conversations(path: Path, messages_key: str, report: ChatWriteReport, strict: bool, read: _BytesRead):
+    """``(where, messages)`` of every line of a chat JSONL file; bad lines are reported."""
+    line_no = 0
+    try:
+        handle = _open_text(path)
+    except OSError as err:
+        report.skip(str(path), f"cannot read file; {err.strerror}", strict)
+        return
+    with handle:
+        while True:
+            try:
+                line = handle.readline()
+            except UnicodeDecodeError as err:
+                report.skip(f"{path}:{line_no + 1}", f"invalid UTF-8; {err.reason}", strict)
+                break  # the decoder cannot resynchronize inside a stream: stop this file
+            if not line:
+                break
+            line_no += 1
+            read.count += len(line.encode("utf-8"))
+            where = f"{path}:{line_no}"
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                report.skip(where, f"malformed JSON; {err.msg}", strict)
+                continue
+            if not isinstance(record, dict) or messages_key not in record:
+                report.skip(where, f"missing key {messages_key!r}", strict)
+                continue
+            yield where, record[messages_key]
+
+
+def _parquet_conversations(path: Path, messages_key: str, report: ChatWriteReport, strict: bool):
+    """``(where, messages)`` of every row of a Parquet file with a ``messages_key`` column of
+    ``[{role, content}, ...]`` lists (UltraChat-200k's layout), read one row group at a time."""
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(path)
+    except Exception as err:  # pyarrow raises several types for an unreadable file
+        report.skip(str(path), f"cannot read file; {err}", strict)
+        return
+    if messages_key not in parquet.schema_arrow.names:
+        report.skip(str(path), f"missing key {messages_key!r} (columns: {', '.join(parquet.schema_arrow.names)})", strict)
+        return
+    row = 0
+    for group in range(parquet.metadata.num_row_groups):
+        try:
+            column = parquet.read_row_group(group, columns=[messages_key]).column(0).to_pylist()
+        except Exception as err:
+            report.skip(f"{path} row group {group}", f"cannot decode; {err}", strict)
+            row += parquet.metadata.row_group(group).num_rows
+            continue
+        for messages in column:
+            yield f"{path} row {row}", messages
+            row += 1
+
+
 def write_chat_dataset(inputs, tokenizer, output_prefix: str, messages_key: str = "messages",
                        strict: bool = False, log_every_s: float = 10.0) -> ChatWriteReport:
-    """Render chat JSONL files (plain, .gz, .zst; one ``{messages_key: [...]}`` per line)
-    into a chat indexed dataset at ``output_prefix``.
+    """Render chat files into a chat indexed dataset at ``output_prefix``: JSONL (plain, .gz,
+    .zst; one ``{messages_key: [...]}`` per line) or Parquet (a ``messages_key`` column, e.g.
+    UltraChat-200k's ``messages``).
 
-    A bad line (malformed JSON, missing key, bad role, no assistant turn, invalid UTF-8)
-    is skipped and counted with its file:line, or stops the run when ``strict``. Outputs
-    are written under temporary names and renamed at the end: a killed run leaves no
+    A bad record (malformed JSON, missing key, bad role, no assistant turn, invalid UTF-8)
+    is skipped and counted with its file:line or file row, or stops the run when ``strict``.
+    Outputs are written under temporary names and renamed at the end: a killed run leaves no
     partial dataset (rerun it from the start).
     """
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
@@ -135,62 +202,36 @@ def write_chat_dataset(inputs, tokenizer, output_prefix: str, messages_key: str 
     report = ChatWriteReport()
     builder = IndexedDatasetBuilder(str(tmp) + ".bin", dtype=np.int32, multimodal=True)
     started = last_log = time.monotonic()
-    # Progress by bytes read is exact only for uncompressed inputs; compressed ones show rates only.
-    plain = all(p.suffix not in (".gz", ".zst") for p in inputs)
+    # Progress by bytes read is exact only for plain JSONL inputs; others show rates only.
+    plain = all(p.suffix not in (".gz", ".zst", ".parquet") for p in inputs)
     total_bytes = sum(p.stat().st_size for p in inputs if p.exists()) if plain else 0
-    bytes_done = 0
+    read = _BytesRead()
     try:
         for path in inputs:
-            line_no = 0
-            try:
-                handle = _open_text(path)
-            except OSError as err:
-                report.skip(str(path), f"cannot read file; {err.strerror}", strict)
-                continue
-            with handle:
-                while True:
-                    try:
-                        line = handle.readline()
-                    except UnicodeDecodeError as err:
-                        report.skip(f"{path}:{line_no + 1}", f"invalid UTF-8; {err.reason}", strict)
-                        break  # the decoder cannot resynchronize inside a stream: stop this file
-                    if not line:
-                        break
-                    line_no += 1
-                    if total_bytes:
-                        bytes_done += len(line.encode("utf-8"))
-                    where = f"{path}:{line_no}"
-                    if not line.strip():
-                        continue
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError as err:
-                        report.skip(where, f"malformed JSON; {err.msg}", strict)
-                        continue
-                    if not isinstance(record, dict) or messages_key not in record:
-                        report.skip(where, f"missing key {messages_key!r}", strict)
-                        continue
-                    try:
-                        tokens, is_target = render_conversation(record[messages_key], tokenizer)
-                    except ChatFormatError as err:
-                        report.skip(where, str(err), strict)
-                        continue
-                    lengths, modes = segments(is_target)
-                    builder.add_document(tokens, lengths, modes)
-                    report.conversations += 1
-                    report.tokens += int(tokens.size)
-                    report.target_tokens += int(is_target.sum())
-                    now = time.monotonic()
-                    if now - last_log >= log_every_s:
-                        rate = report.tokens / (now - started)
-                        eta = ""
-                        if total_bytes and bytes_done:
-                            done = bytes_done / total_bytes
-                            eta = f", {done:.0%} done, ETA {(now - started) * (1 - done) / done:.0f} s"
-                        log.info("chat data: %s conversations, %s tokens (%.0f tokens/s, %.0f conversations/s%s), at %s",
-                                 f"{report.conversations:,}", f"{report.tokens:,}", rate,
-                                 report.conversations / (now - started), eta, where)
-                        last_log = now
+            records = (_parquet_conversations(path, messages_key, report, strict) if path.suffix == ".parquet"
+                       else _jsonl_conversations(path, messages_key, report, strict, read))
+            for where, messages in records:
+                try:
+                    tokens, is_target = render_conversation(messages, tokenizer)
+                except ChatFormatError as err:
+                    report.skip(where, str(err), strict)
+                    continue
+                lengths, modes = segments(is_target)
+                builder.add_document(tokens, lengths, modes)
+                report.conversations += 1
+                report.tokens += int(tokens.size)
+                report.target_tokens += int(is_target.sum())
+                now = time.monotonic()
+                if now - last_log >= log_every_s:
+                    rate = report.tokens / (now - started)
+                    eta = ""
+                    if total_bytes and read.count:
+                        done = read.count / total_bytes
+                        eta = f", {done:.0%} done, ETA {(now - started) * (1 - done) / done:.0f} s"
+                    log.info("chat data: %s conversations, %s tokens (%.0f tokens/s, %.0f conversations/s%s), at %s",
+                             f"{report.conversations:,}", f"{report.tokens:,}", rate,
+                             report.conversations / (now - started), eta, where)
+                    last_log = now
         builder.finalize(str(tmp) + ".idx")
         sidecar = {
             "kind": SIDECAR_KIND,

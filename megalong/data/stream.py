@@ -154,7 +154,9 @@ class TrainStream:
             "global_batch_size": self.global_batch_size,
             "domains": [
                 {"name": s.name, "kind": s.spec.kind, "weight": s.spec.weight, "chunk": s.spec.chunk_length,
-                 "documents": int(s.lengths.size), "tokens": int(s.lengths.sum())}
+                 "documents": int(s.lengths.size), "tokens": int(s.lengths.sum()),
+                 # only when not the default, so checkpoints made before the option still resume
+                 **({"sft_packing": s.spec.sft_packing} if s.spec.sft_packing != "whole" else {})}
                 for s in self.domains
             ],
         }

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from megalong.config.parallel import ParallelConfig
-from megalong.model import attention, backends, presets, rope
+from megalong.model import attention, backends, norm, presets, rope
 from megalong.model.config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -119,6 +119,9 @@ def layer_spec(choice: ModelChoice, model: ModelConfig):
         spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
     else:
         spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+        # Megatron-Core's local norm refuses sequence parallelism; megalong's is torch's RMSNorm
+        # whose weight is marked for it (megalong.model.norm). The final norm follows the layers'.
+        spec.submodules.input_layernorm = spec.submodules.pre_mlp_layernorm = norm.RMSNorm
     spec.submodules.self_attention.submodules.core_attention = attention.core_attention_spec(choice, model)
     return spec
 

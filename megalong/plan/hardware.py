@@ -4,14 +4,20 @@ Numbers are NVIDIA's published datasheet figures for the SXM parts, dense (no 2:
 sparsity). ``nvlink_gbps`` is the per-direction NVLink bandwidth of one GPU (half the
 "bidirectional" datasheet number); ``network_gbps`` is the per-GPU inter-node bandwidth of
 a typical cluster of that generation (one InfiniBand NIC per GPU). Both are in GB/s.
-Sources: A100 (SXM4 80GB), H100 (SXM5), H200 (SXM) and HGX B200 datasheets.
+Sources: A100 (SXM4 80GB), H100 (SXM5), H200 (SXM) and HGX B200 datasheets. What share of
+these peaks real kernels reach is calibrated separately (megalong.plan.efficiency).
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, replace
-from typing import Optional
+from typing import Literal, Optional
+
+
+# Which calibration constants a GPU uses (megalong.plan.efficiency): kernels reach different
+# shares of peak on different tensor-core generations.
+Generation = Literal["ampere", "hopper", "blackwell"]
 
 
 @dataclass(frozen=True)
@@ -23,9 +29,7 @@ class GpuSpec:
     hbm_tbps: float
     nvlink_gbps: float  # per direction, per GPU
     network_gbps: float  # per GPU, between nodes
-    # Fraction of peak that large, well-shaped GEMMs and flash attention reach in practice
-    # (Megatron-LM and NeMo report 40-60% MFU for Llama-class models on these parts).
-    matmul_efficiency: float = 0.55
+    generation: Generation = "hopper"
     # Fraction of the link bandwidth NCCL collectives reach ("bus bandwidth").
     link_efficiency: float = 0.8
     # CUDA context, cuBLAS/NCCL workspaces and communicator buffers, per process.
@@ -45,16 +49,11 @@ class GpuSpec:
 
 
 GPUS: dict[str, GpuSpec] = {
-    "a100": GpuSpec("a100", 80, 312, None, 2.0, 300, 25),
-    "h100": GpuSpec("h100", 80, 989, 1979, 3.35, 450, 50),
-    "h200": GpuSpec("h200", 141, 989, 1979, 4.8, 450, 50),
-    "b200": GpuSpec("b200", 180, 2250, 4500, 8.0, 900, 50),
+    "a100": GpuSpec("a100", 80, 312, None, 2.0, 300, 25, generation="ampere"),
+    "h100": GpuSpec("h100", 80, 989, 1979, 3.35, 450, 50, generation="hopper"),
+    "h200": GpuSpec("h200", 141, 989, 1979, 4.8, 450, 50, generation="hopper"),
+    "b200": GpuSpec("b200", 180, 2250, 4500, 8.0, 900, 50, generation="blackwell"),
 }
-
-# The CPU test machine, so the same estimator can be checked against measured CPU runs:
-# nothing is reserved by a driver and no allocator caches (memory is what tensors hold).
-CPU = GpuSpec("cpu", 0, 0.05, None, 0.02, 1, 1, matmul_efficiency=1.0,
-              framework_overhead_gb=0.0, fragmentation=0.0)
 
 
 class UnknownGpuError(ValueError):

@@ -31,6 +31,7 @@ real runs.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Literal, Optional
@@ -53,6 +54,15 @@ class Precision:
     activation_bytes: int  # e above
     # FP8 (Transformer Engine): GEMM inputs saved in 1 byte, plus FP8 weight copies.
     fp8: bool = False
+    # FP8 weights are the parameters themselves (Megatron's --fp8-param-gather): no bf16 copy
+    # beside the FP8 ones (megalong.plan.stack).
+    fp8_params: bool = False
+
+    def for_stack(self, grad_reduce_in_fp32: bool, fp8_param_gather: bool) -> "Precision":
+        """This precision as a stack runs it: the gradient buffer in fp32 or in the weights'
+        dtype, and FP8 weights as parameters or as copies."""
+        grad_bytes = 4 if grad_reduce_in_fp32 else self.param_bytes
+        return dataclasses.replace(self, grad_bytes=grad_bytes, fp8_params=self.fp8 and fp8_param_gather)
 
 
 BF16 = Precision("bf16", param_bytes=2, grad_bytes=4, master_bytes=4, optimizer_bytes=8, activation_bytes=2)
@@ -387,7 +397,7 @@ def microbatches_in_flight(parallel: ParallelConfig, num_microbatches: int, stag
 def _stage_memory(model: ModelConfig, parallel: ParallelConfig, data_parallel: int, shape: TrainingShape,
                   stage: int,
                   precision: Precision, profile: KernelProfile, framework_overhead: float,
-                  fragmentation: float) -> MemoryEstimate:
+                  fragmentation: float, fsdp: bool = False) -> MemoryEstimate:
     tp, pp, cp = parallel.tensor_parallel, parallel.pipeline_parallel, parallel.context_parallel
     notes: list[str] = []
     x = _dims(model, parallel, shape, precision)
@@ -398,14 +408,27 @@ def _stage_memory(model: ModelConfig, parallel: ParallelConfig, data_parallel: i
     # both Adam moments over the data-parallel ranks *including* the CP ranks (they hold
     # the same weights); the gradient buffer is full size on every rank (it is reduced
     # in place, bucket by bucket). Rajbhandari et al. (ZeRO, 2020) call this stage 1.
-    shard = data_parallel * cp if parallel.distributed_optimizer else 1
+    shard = data_parallel * cp if parallel.distributed_optimizer or fsdp else 1
     weights = precision.param_bytes * n_params
     gradients = precision.grad_bytes * n_params
     optimizer_states = (precision.master_bytes + precision.optimizer_bytes) * n_params / shard
-    if precision.fp8:
-        # TE keeps an FP8 copy and its transpose of every linear weight.
+    if fsdp:
+        # Fully sharded data parallel (ZeRO-3: Megatron FSDP, PyTorch FSDP): weights and
+        # gradients are sharded like the optimizer states; the layer being computed and the
+        # next one (prefetched) are gathered whole, and one layer's gradients exist whole
+        # until reduce-scattered.
+        layer = sum(layer_parameters(model, tp).values())
+        weights = weights / shard + 2 * precision.param_bytes * layer
+        gradients = gradients / shard + precision.grad_bytes * layer
+        notes.append(f"fully sharded: weights and gradients over {shard} data-parallel ranks")
+    if precision.fp8 and not precision.fp8_params:
+        # Transformer Engine caches an FP8 copy of every linear weight and, for the backward
+        # GEMMs on Hopper, its transpose: 2 bytes per weight on top of the bf16 ones. Read
+        # from TE's Linear (its weight workspace), not yet measured on a GPU. With FP8
+        # parameters the two FP8 tensors are the weights (2 bytes, as bf16): nothing extra.
         linear = sum(v for k, v in layer_parameters(model, tp).items() if k != "norms")
-        weights += 2 * linear * model.num_layers // pp
+        weights += 2 * linear * (2 if fsdp else model.num_layers // pp)  # FSDP: the gathered layers only
+        notes.append("FP8 weight copies: 2 bytes per linear weight (a source-read estimate, not measured)")
 
     layers = model.num_layers // pp
     selective = shape.recompute == "selective"
@@ -507,7 +530,7 @@ def _stage_memory(model: ModelConfig, parallel: ParallelConfig, data_parallel: i
 
 def estimate(model: ModelConfig, parallel: ParallelConfig, shape: TrainingShape, *, world_size: int,
              precision: Precision = BF16, profile: KernelProfile = GPU_TE,
-             framework_overhead_bytes: float = 0.0, fragmentation: float = 0.0) -> MemoryEstimate:
+             framework_overhead_bytes: float = 0.0, fragmentation: float = 0.0, fsdp: bool = False) -> MemoryEstimate:
     """Peak memory of the busiest GPU for one training step of ``model`` at ``parallel``.
 
     ``model`` must be resolved (``megalong.model.presets.resolve``). Every pipeline stage is
@@ -518,7 +541,7 @@ def estimate(model: ModelConfig, parallel: ParallelConfig, shape: TrainingShape,
     data_parallel = parallel.data_parallel_size(world_size)
     stages = [
         _stage_memory(model, parallel, data_parallel, shape, stage, precision, profile,
-                      framework_overhead_bytes, fragmentation)
+                      framework_overhead_bytes, fragmentation, fsdp)
         for stage in range(parallel.pipeline_parallel)
     ]
     return max(stages, key=lambda est: est.total)

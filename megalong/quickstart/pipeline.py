@@ -93,6 +93,9 @@ class QuickstartConfig:
     stage2_rope_theta: float = 8.0e6
     model_preset: str = "llama3-tiny"
     tokenizer: str = "llama3"
+    # The precision every stage trains in: bf16 as every real run (the optimizer keeps fp32
+    # master weights), or fp32.
+    params_dtype: str = "bf16"
 
 
 # ProLong's shape: long code repositories and books cut to single-document chunks, short
@@ -205,7 +208,7 @@ class Quickstart:
         recipe = {
             "name": f"quickstart-{stage}",
             "seed": 1234,
-            "model": {"preset": c.model_preset, "rope_theta": theta,
+            "model": {"preset": c.model_preset, "rope_theta": theta, "params_dtype": c.params_dtype,
                       # Every stage's model covers the longest context the quickstart reaches.
                       "max_position_embeddings": s.stage2_seq_length},
             "parallel": {"tensor_parallel": 1, "pipeline_parallel": 1, "context_parallel": c.nproc},

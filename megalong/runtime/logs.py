@@ -94,4 +94,7 @@ def setup_logging(level: int | str = logging.INFO, environ: Mapping[str, str] | 
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)
+    # Megatron-Core logs its internals at INFO (bucket layouts, whole configs, import-time
+    # choices): the console keeps to megalong's own account of the job unless debugging.
+    logging.getLogger("megatron").setLevel(level if level <= logging.DEBUG else logging.WARNING)
     logging.captureWarnings(True)

@@ -9,6 +9,8 @@ and ``OptimizerParamScheduler`` (linear warmup, cosine decay to ``min_lr``).
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from megalong.training.config import RunConfig
@@ -89,3 +91,25 @@ def current_lr(optimizer) -> float:
     for group in optimizer.param_groups:
         return float(group["lr"])
     return 0.0
+
+
+@contextlib.contextmanager
+def hyperparameters_kept(optimizer):
+    """Keep this run's optimizer hyperparameters through a load of another run's optimizer state.
+
+    Megatron-Core's parameter groups carry the run's learning rates (``max_lr``, ``min_lr``,
+    which its LR scheduler reads) next to torch's own (``lr``, ``betas``, ``eps``,
+    ``weight_decay``), and loading a state dict replaces the groups' values with the saved
+    run's. A new stage that carries the previous stage's Adam moments (ProLong's stage 2,
+    ``init.load_optimizer: true``) would then follow the previous stage's schedule: stage 2's
+    5e-6 silently replaced by stage 1's 1e-5. What carries over is the per-parameter state
+    (the moments, and the step count, which Apex's and TE's Adam keep in the group: it is
+    left as loaded); every other group value is set back to this run's.
+    """
+    configured = [{k: v for k, v in group.items() if k not in ("params", "step")} for group in optimizer.param_groups]
+    yield
+    groups = optimizer.param_groups
+    if len(groups) != len(configured):
+        raise RuntimeError(f"the loaded optimizer state has {len(groups)} parameter groups, this run {len(configured)}")
+    for group, values in zip(groups, configured):
+        group.update(values)

@@ -23,11 +23,13 @@ from megalong.config.loader import dump_yaml
 from megalong.model.config import ModelConfig
 from megalong.runtime.distributed import Runtime, set_seed
 from megalong.training import checkpoint as ckpt
+from megalong.training import initial_weights
 from megalong.training.batches import MicroBatcher, build_stream
 from megalong.training.config import RunConfig
 from megalong.training.loss import masked_loss_sum
 from megalong.training.metrics import MetricsWriter, StepMetrics, training_flops
-from megalong.training.optimizer import build_optimizer, build_scheduler, current_lr, wrap_with_ddp
+from megalong.training.optimizer import (build_optimizer, build_scheduler, current_lr, hyperparameters_kept,
+                                         wrap_with_ddp)
 from megalong.training.signals import REQUEUE_EXIT_CODE, StopWatch, stop_signals_deferred
 
 log = logging.getLogger(__name__)
@@ -61,6 +63,8 @@ class Trainer:
         self.stream = stream
         self.state = ckpt.TrainState(layout=self.layout)
         self.model_config: Optional[ModelConfig] = None
+        # The init.weights checkpoint this run started from (None: resumed, or random weights).
+        self.started_from: Optional[Path] = None
         self.async_queue = None
         if run.checkpoint.async_save:
             from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
@@ -205,12 +209,13 @@ class Trainer:
             if problems:
                 raise ckpt.CheckpointError(f"Cannot start from init.weights={run.init.weights}: {_listed(problems)}")
             if self.is_logging_rank:
-                log.info("New run from initial weights %s (RoPE theta %g)%s; fresh LR schedule from step 0",
-                         source, self.model_config.rope_theta,
+                log.info("New run from initial weights %s: %s. RoPE theta %g%s; fresh LR schedule from step 0",
+                         source, initial_weights.describe_source(source), self.model_config.rope_theta,
                          ", carrying its optimizer state" if carry else ", fresh optimizer state")
-            ckpt.load_checkpoint(source, self.model, self.optimizer, load_optimizer_state=carry)
-            # The loaded optimizer state brings the old run's learning rates: set this schedule's.
-            self.scheduler.step(0)
+            self.started_from = source
+            with hyperparameters_kept(self.optimizer):  # the moments carry over, not the old run's LR
+                ckpt.load_checkpoint(source, self.model, self.optimizer, load_optimizer_state=carry)
+            self.scheduler.step(0)  # this schedule's learning rate for the first step
             return
         if self.is_logging_rank:
             log.info("New run from randomly initialized weights (seed %d)", run.seed)
@@ -333,6 +338,18 @@ class Trainer:
         return (self.run.runtime.overlap_param_gather and self.runtime.on_gpu
                 and self.run.parallel.distributed_optimizer)
 
+    def _report_first_step(self, loss: float) -> None:
+        """Rank 0 says the first loss of a run started from initial weights next to a random
+        model's, and warns in words when the two are close (megalong.training.initial_weights)."""
+        if self.started_from is None or not self.is_logging_rank:
+            return
+        vocab = self.model_config.vocab_size
+        log.info("First step from the initial weights: loss %.3f (a model that has learned nothing: ln(%d) = %.3f)",
+                 loss, vocab, initial_weights.random_model_loss(vocab))
+        warning = initial_weights.first_step_warning(loss, vocab, self.started_from)
+        if warning:
+            log.warning("%s", warning)
+
     def _metrics_writer(self) -> MetricsWriter:
         lc, save_dir = self.run.logging, self.run.checkpoint.save_dir
         tb = lc.tensorboard_dir or (str(Path(save_dir) / "tensorboard") if save_dir else None)
@@ -359,7 +376,10 @@ class Trainer:
             while step < total:
                 for chunk in self.model:
                     chunk.train()
-                metrics.record(self.train_step(step))
+                figures = self.train_step(step)
+                metrics.record(figures)
+                if step == 0:
+                    self._report_first_step(figures.loss)
                 step += 1
                 self.finish_pending_saves(blocking=False)
                 interval = run.checkpoint.save_interval

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 LLAMA3_VOCAB = 128256
 
 # Small enough that a forward over a few hundred tokens takes milliseconds on one core,
@@ -66,6 +68,26 @@ def megalong_losses(directory: str, documents: list[list[int]]) -> list[list[flo
 
     model = MegalongModel(directory, "cpu")
     return [model.token_losses(ids).tolist() for ids in documents]
+
+
+def bf16_and_fp32_losses(directory: str, documents: list[list[int]]) -> dict:
+    """Save a random tiny model in bf16 at ``directory`` and a copy whose model.yaml says fp32
+    (the same, bf16-representable weights; rank fn); per-token losses of each from the megalong
+    runner, and what the runner reports of its bf16 model."""
+    import shutil
+
+    import yaml
+
+    from megalong.eval.models import MegalongModel
+
+    save_random_model(directory, params_dtype="bf16")
+    fp32 = directory + "-as-fp32"
+    shutil.copytree(directory, fp32)
+    config_file = Path(fp32) / "model.yaml"
+    config_file.write_text(yaml.safe_dump({**yaml.safe_load(config_file.read_text()), "params_dtype": "fp32"}))
+    bf16_model = MegalongModel(directory, "cpu")
+    return {"bf16": [bf16_model.token_losses(ids).tolist() for ids in documents], "described": bf16_model.describe(),
+            "fp32": megalong_losses(fp32, documents)}
 
 
 def megalong_generate(directory: str, prompt: list[int], max_new_tokens: int) -> list[int]:

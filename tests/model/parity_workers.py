@@ -23,8 +23,8 @@ CLIP_GRAD = 1.0
 ADAM_EPS = 1e-4
 
 
-def model_config():
-    return preset_config("test-tiny")
+def model_config(params_dtype: str = "fp32"):
+    return preset_config("test-tiny", params_dtype=params_dtype)
 
 
 def fixed_batch():
@@ -33,13 +33,13 @@ def fixed_batch():
     return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
 
 
-def _setup(parallel: ParallelConfig, weights_dir: str):
+def _setup(parallel: ParallelConfig, weights_dir: str, params_dtype: str = "fp32"):
     from megalong.checkpoint.weights import load_weights
     from megalong.runtime import init_distributed, set_seed
 
     init_distributed(parallel)
     set_seed(0)
-    chunks = build_model(model_config(), parallel, on_gpu=False)
+    chunks = build_model(model_config(params_dtype), parallel, on_gpu=False)
     load_weights(chunks, weights_dir)
     return chunks
 
@@ -113,8 +113,11 @@ def logits_and_losses(parallel: ParallelConfig, weights_dir: str):
     return {"rows": (rows.start, rows.stop), "losses": losses, "logits": logits[..., :512]}
 
 
-def one_optimizer_step(parallel: ParallelConfig, weights_dir: str, out_dir: str) -> None:
-    """One AdamW step on the fixed batch with Megatron DDP + (distributed) optimizer, then save."""
+def one_optimizer_step(parallel: ParallelConfig, weights_dir: str, out_dir: str, params_dtype: str = "fp32") -> float:
+    """One AdamW step on the fixed batch with Megatron DDP + (distributed) optimizer, then save
+    the weights to ``out_dir`` and the reduced gradients to ``out_dir``-gradients; returns the
+    gradient norm. With bf16 parameters the optimizer steps its fp32 master copy, taken from
+    the loaded weights, and copies it back into the bf16 model."""
     from megatron.core import parallel_state
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.distributed.finalize_model_grads import finalize_model_grads
@@ -122,7 +125,7 @@ def one_optimizer_step(parallel: ParallelConfig, weights_dir: str, out_dir: str)
 
     from megalong.checkpoint.weights import save_weights
 
-    chunks = _setup(parallel, weights_dir)
+    chunks = _setup(parallel, weights_dir, params_dtype)
     config = chunks[0].config
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, overlap_grad_reduce=False,
@@ -136,7 +139,7 @@ def one_optimizer_step(parallel: ParallelConfig, weights_dir: str, out_dir: str)
         OptimizerConfig(
             optimizer="adam", lr=LR, weight_decay=WEIGHT_DECAY, adam_beta1=0.9, adam_beta2=0.95,
             adam_eps=ADAM_EPS, clip_grad=CLIP_GRAD, use_distributed_optimizer=parallel.distributed_optimizer,
-            params_dtype=torch.float32,
+            params_dtype=torch.bfloat16 if params_dtype == "bf16" else torch.float32, bf16=params_dtype == "bf16",
         ),
         ddp_chunks,
     )
@@ -153,8 +156,15 @@ def one_optimizer_step(parallel: ParallelConfig, weights_dir: str, out_dir: str)
     _save_gradients(chunks, f"{out_dir}-gradients")
     update_ok, grad_norm, _ = optimizer.step()
     assert update_ok
-    save_weights(chunks, out_dir, model_config())
+    save_weights(chunks, out_dir, model_config(params_dtype))
     return float(grad_norm)
+
+
+def steps_in_sequence(layouts: dict, weights_dir: str, out_root: str, params_dtype: str) -> dict:
+    """:func:`one_optimizer_step` at each layout in turn (name -> ParallelConfig), saving into
+    ``out_root``/name; returns name -> gradient norm. Starting processes costs more than a step."""
+    return {name: one_optimizer_step(layout, weights_dir, f"{out_root}/{name}", params_dtype)
+            for name, layout in layouts.items()}
 
 
 def _gather_reduced_gradients(ddp_chunks) -> None:

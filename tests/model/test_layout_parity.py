@@ -9,6 +9,8 @@ from megalong.config import ParallelConfig
 from megalong.runtime.launch import run_processes
 from tests.model import parity_workers as workers
 
+from megalong.gpucheck.compare import relative_error
+from megalong.gpucheck.tolerances import U_BF16, bf16_gradient_bound
 from tests.numerics import UNIT_ROUNDOFF, reordering_rtol
 
 # The longest sums behind logits, losses and gradients of test-tiny on BATCH x SEQ tokens:
@@ -73,14 +75,15 @@ def _adam_first_step(weight, grad, grad_norm):
     return w * (1 - decay) - update, update
 
 
-def _assert_is_adam_step(before, after, grad, grad_norm, what):
+def _assert_is_adam_step(before, after, grad, grad_norm, what, stored_roundoff: float = 0.0):
     """``after`` is the fp32 AdamW step of ``before`` with ``grad``, to fp32 rounding: the decay
     is two roundings of w; the update takes about ten (lerp, square, sqrt, two divisions, the
     eps add, the scale, the clip multiply) and the final add one more of the result; 4u|w| +
     16u|update| covers them. Layout rounding is in ``grad``, so this check is exact whatever
     the layout, and catches a step that used other gradients, moments or learning rate."""
     expected, update = _adam_first_step(before, grad, grad_norm)
-    bound = UNIT_ROUNDOFF * (4 * expected.abs() + 16 * update.abs()) + torch.finfo(torch.float32).tiny
+    bound = ((UNIT_ROUNDOFF * 4 + stored_roundoff) * expected.abs() + UNIT_ROUNDOFF * 16 * update.abs()
+             + torch.finfo(torch.float32).tiny)
     error = (after.double() - expected).abs()
     worst = int((error - bound).argmax())
     assert bool((error <= bound).all()), (
@@ -118,3 +121,49 @@ def test_one_optimizer_step_matches_single_process(reference, reference_step, tm
         _assert_is_adam_step(initial[name], after[name], grads[name], norms[0], f"{name} ({layout})")
     moved = sum(int(not torch.equal(after[name], initial[name])) for name in initial)
     assert moved == len(initial), "every parameter should have been updated by the step"
+
+
+# bf16 parameters (every real run): an fp32 master copy steps, the bf16 model receives it rounded.
+BF16_STEP_LAYOUTS = {"dp2": ParallelConfig(distributed_optimizer=True), "pp2": ParallelConfig(pipeline_parallel=2),
+                     "tp2": ParallelConfig(tensor_parallel=2)}
+
+
+def test_one_bf16_optimizer_step_matches_single_process(reference, tmp_path):
+    """The same bf16 step at DP=2 (distributed optimizer), PP=2 and TP=2 as in one process.
+
+    DP and PP compute every sample exactly as one process does (the same bf16 operations on
+    the same values); they only sum the micro-batches' gradients in another order, in fp32
+    (Megatron DDP's main_grad): the fp32 reordering bound applies. TP rounds its partial sums
+    to bf16 where one process does not: both are within tolerances.bf16_gradient_bound of the
+    exact gradients (norm-wise), so of each other within the sum of their bounds. Each run's
+    bf16 weights are the fp32 AdamW step of its own gradients from the loaded weights, rounded
+    once to bf16 (a relative 2^-8 more than the fp32 check): the master copy was taken from the
+    loaded weights and the step reached the model through it.
+    """
+    weights, _ = reference
+    one = str(tmp_path / "one")
+    (one_norm,) = run_processes(workers.one_optimizer_step, 1, (ParallelConfig(), weights, one, "bf16"))
+    norms = run_processes(workers.steps_in_sequence, 2, (BF16_STEP_LAYOUTS, weights, str(tmp_path), "bf16"))[0]
+    names = list(BF16_STEP_LAYOUTS)
+    directories = [weights, f"{one}-gradients", one]
+    for name in names:
+        directories += [f"{tmp_path / name}-gradients", str(tmp_path / name)]
+    ((initial, one_grads, one_after, *per_layout),) = run_processes(workers.load_states, 1, (directories,))
+    # The master copy and the step start from the loaded weights, i.e. the fp32 ones in bf16.
+    start = {name: value.to(torch.bfloat16).float() for name, value in initial.items()}
+    for name, grad in one_grads.items():
+        _assert_is_adam_step(start[name], one_after[name], grad, one_norm, f"{name} (one process, bf16)", U_BF16)
+    tp_bound = bf16_gradient_bound(4) + bf16_gradient_bound(4, tp=2)
+    for index, layout in enumerate(names):
+        grads, after = per_layout[2 * index], per_layout[2 * index + 1]
+        assert grads.keys() == one_grads.keys()
+        for name, ref_grad in one_grads.items():
+            if layout == "tp2":
+                assert relative_error(grads[name], ref_grad) <= tp_bound, f"{layout}: gradient of {name}"
+            else:
+                torch.testing.assert_close(grads[name], ref_grad, rtol=RTOL, atol=RTOL * ref_grad.abs().max().item(),
+                                           msg=f"{layout}: gradient of {name}")
+            _assert_is_adam_step(start[name], after[name], grads[name], norms[layout], f"{name} ({layout}, bf16)",
+                                 U_BF16)
+        if layout != "tp2":
+            assert norms[layout] == pytest.approx(one_norm, rel=RTOL), layout

@@ -1,4 +1,4 @@
-"""What `megalong plan` says about the layouts it did not propose: kinds, families, closest."""
+"""What `megalong plan` says about the layouts it did not propose: kinds, counts by reason, closest."""
 
 import functools
 
@@ -6,7 +6,7 @@ from megalong.model.presets import preset_config
 from megalong.plan.hardware import gpu_spec
 from megalong.plan.memory import GB
 from megalong.plan.planner import PlanRequest, check_layout, evaluate, plan
-from megalong.plan.summary import closest_to_fitting, family_outcomes, not_shown
+from megalong.plan.summary import closest_to_fitting, not_shown, rejection_counts
 
 LLAMA3_8B = preset_config("llama3-8b")
 
@@ -36,30 +36,19 @@ def test_each_rejection_has_the_kind_its_layout_earns():
             assert candidate.memory.total <= usable and candidate.time.total_s >= best
 
 
-def test_one_line_per_family_best_outcome_first():
+def test_counts_by_reason_cover_every_rejection_not_shown():
     result = _mixed_result()
     rejected = not_shown(result, top=3)
     assert {c.layout for c in result.candidates[:3]}.isdisjoint(r.layout for r in rejected)
-    outcomes = family_outcomes(rejected)
-    families = {r.layout.family() for r in rejected}
-    assert sorted(o.family for o in outcomes) == sorted(families)
-    order = {"slower": 0, "too_large": 1, "invalid": 2}
-    assert [order[o.kind] for o in outcomes] == sorted(order[o.kind] for o in outcomes)
-    slower_times = [o.example.step_time_s for o in outcomes if o.kind == "slower"]
-    assert slower_times == sorted(slower_times) and len(slower_times) > 1
-    for outcome in outcomes:
-        members = [r for r in rejected if r.layout.family() == outcome.family]
-        kinds = {r.kind for r in members}
-        assert outcome.example in members and outcome.example.kind == outcome.kind
-        if outcome.kind == "slower":
-            assert outcome.example.step_time_s == min(r.step_time_s for r in members if r.kind == "slower")
-            assert "fits, but slower" in outcome.describe()
-        elif outcome.kind == "too_large":
-            assert "slower" not in kinds
-            assert outcome.example.memory.total == min(r.memory.total for r in members if r.kind == "too_large")
-        else:
-            assert kinds == {"invalid"}
-            assert outcome.describe() == f"{outcome.family}: {outcome.example.reason}"
+    counts = rejection_counts(rejected)
+    assert sum(n for _, n in counts) == len(rejected)
+    assert [n for _, n in counts] == sorted((n for _, n in counts), reverse=True)
+    reasons = dict(counts)
+    assert reasons["FP8 needs FP8 tensor cores"] == sum(1 for r in rejected if "no FP8 tensor cores" in r.reason)
+    assert reasons["does not fit in memory"] == sum(1 for r in rejected if r.kind == "too_large")
+    assert reasons["fits, but slower"] == sum(1 for r in rejected if r.kind == "slower") > 0
+    # A rule is the reason without its numbers: far fewer rules than distinct messages.
+    assert len(counts) < len({r.reason for r in rejected}) / 5
 
 
 def test_closest_layouts_when_nothing_fits():

@@ -9,7 +9,7 @@ the checkpoints they resume from: one process, then two, then eight, then one ag
 import pytest
 
 from megalong.runtime.launch import run_processes
-from tests.training import broken, helpers, real_data, reshard
+from tests.training import bf16, broken, helpers, real_data, reshard
 
 
 @pytest.fixture(scope="session")
@@ -23,8 +23,10 @@ def single_process_results(workdir):
     batch, the uneven run, the 12-step reference run, the padded-vocabulary check, and a
     stage 1 -> stage 2 transition (optimizer carried or fresh); the resharding matrix's
     one-process run; the real datasets (``megalong preprocess`` and ``sft-data``) and
-    uninterrupted runs on them (a long + concat mixture, and SFT)."""
+    uninterrupted runs on them (a long + concat mixture, and SFT); the bf16 runs of one process
+    (tests/training/bf16.py), from a Hugging Face model converted here first."""
     data = workdir / "real-data"
+    bf16.prepare_initial_weights(workdir)
     calls = [
         (helpers.save_initial_weights, (str(workdir / "initial-weights"),)),
         (helpers.first_step_reference, (helpers.uneven_run(workdir, "uneven-single"),)),
@@ -37,11 +39,13 @@ def single_process_results(workdir):
         (helpers.train_from_dict, (real_data.mixture_run(data, workdir / "mixture"),)),
         (helpers.train_from_dict, (real_data.sft_run(data, workdir / "sft"),)),
     ]
-    (results,) = run_processes(helpers.in_sequence, 1, (calls,))
-    _, first_step, uneven, reference, padded, *stages, matrix, data_build, mixture, sft = results
+    bf16_calls = bf16.calls(workdir, 1, "first")
+    (results,) = run_processes(helpers.in_sequence, 1, (calls + bf16_calls,))
+    bf16_codes = results[len(calls):]
+    _, first_step, uneven, reference, padded, *stages, matrix, data_build, mixture, sft = results[:len(calls)]
     return {"first_step": first_step, "uneven_code": uneven, "reference_code": reference,
             "padded": padded, "stage_codes": stages, "matrix_code": matrix, "data_build_codes": data_build,
-            "mixture_code": mixture, "sft_code": sft}
+            "mixture_code": mixture, "sft_code": sft, "bf16_codes": bf16_codes}
 
 
 def mixture_at_dp2(workdir) -> dict:
@@ -64,7 +68,8 @@ def two_process_results(workdir, single_process_results):
     """In two processes: the uneven batch at DP=2; a TP=2 run saving at steps 2 and 4, then
     `latest` pointed back at step 2 and the run continued at PP=2 x 2 virtual stages; the
     resharding matrix's two-process runs, then its resumes from one process; the real-data
-    mixture at DP=2; a save that fails on rank 0 (file-size limit), rank 1 having none."""
+    mixture at DP=2; a save that fails on rank 0 (file-size limit), rank 1 having none; the bf16
+    runs of two processes (tests/training/bf16.py), resumes from one process among them."""
     tp2, pp2 = helpers.reshard_runs(workdir)
     calls = [
         (helpers.train_from_dict, (helpers.uneven_run(workdir, "uneven-dp2", parallel={"distributed_optimizer": True}),)),
@@ -79,19 +84,25 @@ def two_process_results(workdir, single_process_results):
                                   "iter_0000003")),
         (broken.train_catching, (on_a_copy(workdir, "dp2", "disk-full"), broken.FILE_SIZE_LIMIT, 0)),
     ]
-    results = run_processes(helpers.in_sequence, 2, (calls,))
-    return {"uneven_dp2_codes": [r[0] for r in results], "tp2_codes": [r[1] for r in results],
+    bf16_calls = bf16.calls(workdir, 2, "first") + bf16.calls(workdir, 2, "resume")
+    results = run_processes(helpers.in_sequence, 2, (calls + bf16_calls,))
+    bf16_codes = [r[len(calls):] for r in results]
+    results = [r[:len(calls)] for r in results]
+    return {"bf16_codes": bf16_codes,"uneven_dp2_codes": [r[0] for r in results], "tp2_codes": [r[1] for r in results],
             "pp2_codes": [r[3] for r in results], "matrix_codes": [r[4:4 + len(matrix)] for r in results],
             "mixture_dp2_codes": [r[-3] for r in results], "disk_full": [r[-1] for r in results]}
 
 
 @pytest.fixture(scope="session")
 def eight_process_results(workdir, single_process_results):
-    """In eight processes: the 12-step reference run at TP=2 x PP=2 x CP=2, saving at step 6 for a resume in one process."""
+    """In eight processes: the 12-step reference run at TP=2 x PP=2 x CP=2, saving at step 6 for a
+    resume in one process; then the bf16 zero-lr step from converted weights at that layout.
+    Each rank's exit codes, in that order."""
     save = {"save_dir": str(workdir / "eight-processes" / "ckpt"), "save_interval": 6, "keep_last": 0,
             "optimizer_format": "fully_reshardable"}  # resumed at another layout
     run = helpers.reference_run(workdir, "eight-processes", parallel=helpers.EIGHT_PROCESS_LAYOUT, checkpoint=save)
-    return run_processes(helpers.train_from_dict, 8, (run,))
+    calls = [(helpers.train_from_dict, (run,))] + bf16.calls(workdir, 8, "first")
+    return run_processes(helpers.in_sequence, 8, (calls,))
 
 
 def eight_to_one(workdir, name: str) -> dict:
@@ -106,7 +117,8 @@ def resumed_single_process_results(workdir, two_process_results, eight_process_r
     resumes at one process and its controls; the eight-process run resumed here (and its
     control); the real-data mixture resumed at DP=1 from DP=2. And from copies of the matrix's
     one-process checkpoints: a resume from one with a truncated file and nothing older to fall
-    back to, the same without recorded checksums, and a background save on a full disk."""
+    back to, the same without recorded checksums, and a background save on a full disk. The bf16
+    resumes at one process (tests/training/bf16.py)."""
     one_process = str(reshard.checkpoints(workdir, "one-process"))
     mixture_resumed = real_data.mixture_run(
         workdir / "real-data", workdir / "mixture-dp2-to-1",
@@ -125,7 +137,9 @@ def resumed_single_process_results(workdir, two_process_results, eight_process_r
         (broken.train_catching, (on_a_copy(workdir, "one-process", "disk-full-async", checkpoint={"async_save": True}),
                                  broken.FILE_SIZE_LIMIT)),
     ]
-    (results,) = run_processes(helpers.in_sequence, 1, (calls,))
-    *matrix, resumed, forgetting, mixture, _, truncated, _, unrecorded, _, disk_full_async = results
-    return {"matrix_codes": matrix, "eight_to_one_codes": [resumed, forgetting], "mixture_resumed_code": mixture,
+    bf16_calls = bf16.calls(workdir, 1, "resume")
+    (results,) = run_processes(helpers.in_sequence, 1, (calls + bf16_calls,))
+    bf16_codes = results[len(calls):]
+    *matrix, resumed, forgetting, mixture, _, truncated, _, unrecorded, _, disk_full_async = results[:len(calls)]
+    return {"bf16_codes": bf16_codes,"matrix_codes": matrix, "eight_to_one_codes": [resumed, forgetting], "mixture_resumed_code": mixture,
             "truncated": truncated, "unrecorded": unrecorded, "disk_full_async": disk_full_async}

@@ -19,16 +19,8 @@ SEQ, BATCH, REAL_VOCAB = 96, 2, 500  # vocabulary padded to 512: rank 1 of TP=2 
 
 
 def _model(tp: int, sp: bool, tied: bool, seed: int = 7, **shape):
-    """test-tiny with a padded vocabulary; ``sp``: the output layer sequence-parallel.
-
-    Megatron's local layer spec (its torch norms) refuses sequence parallelism, so on the
-    CPU the decoder runs without it and its output is scattered over the TP ranks along the
-    sequence (Megatron's scatter_to_sequence_parallel_region, whose backward gathers), as a
-    sequence-parallel decoder leaves it; the output layer is switched to its
-    sequence-parallel mode (all-gather in forward, reduce-scatter of the input gradient).
-    """
-    from megatron.core.tensor_parallel import scatter_to_sequence_parallel_region
-
+    """test-tiny with a padded vocabulary; ``sp``: with sequence parallelism (the decoder's
+    output split over the TP ranks along the sequence, gathered by the output layer)."""
     from megalong.model import preset_config
     from megalong.model.llama import build_model
     from megalong.runtime import set_seed
@@ -36,12 +28,7 @@ def _model(tp: int, sp: bool, tied: bool, seed: int = 7, **shape):
     set_seed(seed)
     overrides = {"vocab_size": REAL_VOCAB, "tie_word_embeddings": tied, "num_layers": 2, **shape}
     config = preset_config("test-tiny", transformer_impl="local", **overrides)
-    model = build_model(config, ParallelConfig(tensor_parallel=tp), on_gpu=False)[0]
-    if sp:
-        decoder_forward = model.decoder.forward
-        model.decoder.forward = lambda *a, **k: scatter_to_sequence_parallel_region(decoder_forward(*a, **k))
-        model.output_layer.sequence_parallel, model.output_layer.allreduce_dgrad = True, False
-    return model
+    return build_model(config, ParallelConfig(tensor_parallel=tp, sequence_parallel=sp), on_gpu=False)[0]
 
 
 def _inputs(seq: int = SEQ, batch: int = BATCH, vocab: int = REAL_VOCAB):
@@ -141,6 +128,40 @@ def compare(tp: int, cases) -> list[dict]:
     return results
 
 
+def bf16_cross_entropy(chunk_tokens: int = 50) -> dict:
+    """The loss of a bf16 model (as real runs train), full and chunked, against the cross
+    entropy of the same bf16 logits computed in float64: per-token losses (largest absolute
+    difference), the masked loss sum (relative difference), and the same per-token check
+    applied to the losses rounded once to bf16 (what a loss kept in bf16 would give)."""
+    import torch.nn.functional as F
+
+    from megalong.runtime import init_distributed
+
+    init_distributed(ParallelConfig(), device="cpu")
+    model = _model(1, False, False, params_dtype="bf16")
+    tokens, labels, loss_mask, positions = _inputs()
+    with torch.no_grad():
+        logits = model(tokens, positions, None)  # no labels: the logits the losses come from
+        losses = {"full": model(tokens, positions, None, labels=labels)}
+        model.set_loss_chunk_tokens(chunk_tokens)
+        losses["chunked"] = model(tokens, positions, None, labels=labels)
+    reference = F.cross_entropy(logits[..., :REAL_VOCAB].double().reshape(-1, REAL_VOCAB), labels.reshape(-1),
+                                reduction="none").view_as(labels)
+    reference_sum = float((reference * loss_mask.double()).sum())
+
+    def relative_sum_error(per_token) -> float:
+        return abs(float(masked_loss_sum(loss_mask, per_token)[0]) - reference_sum) / reference_sum
+
+    found = {"logits_dtype": str(logits.dtype)}
+    for name, per_token in losses.items():
+        found[name] = {"dtype": str(per_token.dtype), "loss": (per_token.double() - reference).abs().max().item(),
+                       "sum": relative_sum_error(per_token)}
+    rounded = losses["full"].to(torch.bfloat16)
+    found["rounded to bf16"] = {"loss": (rounded.double() - reference).abs().max().item(),
+                                "sum": relative_sum_error(rounded)}
+    return found
+
+
 def logits_path_peak_bytes(chunk_tokens: int, seq: int = 2048, vocab: int = 31990) -> int:
     """Peak CPU bytes allocated by one forward and backward of the loss path.
 
@@ -202,5 +223,5 @@ def tp2_job(run_dict: dict) -> tuple[list, tuple]:
     return compare(2, CASES_TP2), train_and_report(run_dict)
 
 
-def single_job() -> tuple[list, list]:
-    return compare(1, CASES_TP1), peaks([0, 256])
+def single_job() -> tuple[list, list, dict]:
+    return compare(1, CASES_TP1), peaks([0, 256]), bf16_cross_entropy()

@@ -31,7 +31,9 @@ def single():
 
 @pytest.fixture(scope="module")
 def tp2(workdir, two_process_results):
-    run = short_run(workdir, "chunked-tp2", parallel={"tensor_parallel": 2}, loss={"chunk_tokens": 24})
+    # The recipes' shape: chunks under sequence parallelism (against the TP=2 run without it).
+    run = short_run(workdir, "chunked-tp2", parallel={"tensor_parallel": 2, "sequence_parallel": True},
+                    loss={"chunk_tokens": 24})
     return run_processes(loss_chunks.tp2_job, 2, (run,))
 
 
@@ -53,7 +55,7 @@ def _check(result, tokens_per_rank):
 
 
 def test_chunked_loss_equals_full_logits_at_tp1(single):
-    compared, _ = single
+    compared, _, _ = single
     tokens = loss_chunks.SEQ * loss_chunks.BATCH
     short_last_chunk = []
     for result in compared:
@@ -74,7 +76,7 @@ def test_chunked_loss_equals_full_logits_at_tp2_with_sequence_parallel(tp2):
 
 
 def test_peak_memory_of_the_loss_path_is_one_chunk(single):
-    _, (full, chunked) = single
+    _, (full, chunked), _ = single
     logits = 2048 * 32000 * 4  # [S, B, V] fp32 (vocabulary 31,990 padded to 32,000)
     # One logits-sized tensor: the softmax is computed in place in the logits and the
     # gradient in place in the softmax; the padded-vocabulary fill adds no gradient copy.
@@ -83,11 +85,30 @@ def test_peak_memory_of_the_loss_path_is_one_chunk(single):
     assert chunked < 0.25 * full, (full, chunked)
 
 
+def test_bf16_model_losses_are_computed_and_summed_in_fp32(single):
+    """A bf16 model's logits are bf16, its losses fp32: the cross entropy (Megatron-Core's, full
+    or chunked) and the loss sum accumulate in fp32, as Megatron-Core does.
+
+    Against the float64 cross entropy of the same bf16 logits, a per-token loss log(sum of 512
+    exps) - logit computed in fp32 is off by at most about 512 u32 (absolute; see the fp32
+    test above) and the sum of the BATCH x SEQ = 192 masked losses by 192 u32 of itself. One
+    rounding to bf16 alone moves a loss near ln(500) = 6.2 by up to 6.2 x 2^-9 = 0.012, a
+    thousand times more: the same checks applied to the losses rounded to bf16 must fail.
+    """
+    _, _, found = single
+    assert found["logits_dtype"] == "torch.bfloat16"
+    loss_bound, sum_bound = reordering_rtol(512), reordering_rtol(loss_chunks.BATCH * loss_chunks.SEQ)
+    for name in ("full", "chunked"):
+        assert found[name]["dtype"] == "torch.float32", found[name]
+        assert found[name]["loss"] < loss_bound and found[name]["sum"] < sum_bound, (name, found[name])
+    assert found["rounded to bf16"]["loss"] > loss_bound and found["rounded to bf16"]["sum"] > sum_bound
+
+
 def test_training_run_with_chunked_loss_matches_unchunked(workdir, tp2):
     (_, (code0, installed0)), (_, (code1, installed1)) = tp2
     assert (code0, code1) == (0, 0) and installed0 == installed1 == [24]
     chunked = read_losses(workdir / "chunked-tp2" / "metrics.jsonl")
-    full = read_losses(workdir / "reshard" / "metrics.jsonl")  # the same run at TP=2, unchunked
+    full = read_losses(workdir / "reshard" / "metrics.jsonl")  # the same run at TP=2, unchunked, no SP
     assert sorted(chunked) == [1, 2, 3, 4]
     for step in chunked:
         assert chunked[step] == pytest.approx(full[step], rel=1e-5), step

@@ -1,7 +1,9 @@
-"""Turn a code repository into one document, the way ProLong's code-repo data was built.
+"""Turn a code repository into one document: its files concatenated.
 
 Files are concatenated in a stable order (sorted by path relative to the repository),
-each preceded by a header line with that path. Vendored or tooling directories are pruned;
+each preceded by a header line with that path. The repository is a directory
+(``repo_document``) or the per-file rows of a dataset such as The Stack (``rows_document``,
+megalong/data/preprocess/repo_rows.py); both go through the same filters and cap. Vendored or tooling directories are pruned;
 left out, and reported by reason with their path: generated files, binary files (a NUL byte
 in the first 8 KiB, or not UTF-8), symbolic links (to files or directories, never followed),
 anything that is not a regular file (a named pipe would block the reader forever), empty
@@ -11,10 +13,11 @@ cannot be read.
 
 from __future__ import annotations
 
+import functools
 import os
 import stat
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 from megalong.data.preprocess.files import file_kind, open_regular, walk_files
 
@@ -89,6 +92,24 @@ def _looks_generated(text: str) -> bool:
     return any(marker in head for marker in GENERATED_MARKERS)
 
 
+def check_source(data: bytes, max_file_bytes: int) -> tuple[str | None, str | None, str]:
+    """(text, None, "") when a file's bytes (read up to max_file_bytes + 1) are usable source,
+    else (None, reason, detail)."""
+    if max_file_bytes and len(data) > max_file_bytes:
+        return None, "too_large", f"over {max_file_bytes:,} bytes"
+    if b"\x00" in data[:8192]:
+        return None, "binary", "a NUL byte in the first 8 KiB"
+    try:
+        text = data.decode("utf-8").removeprefix("\ufeff")  # a byte-order mark is not source text
+    except UnicodeDecodeError as err:
+        return None, "binary", f"not UTF-8 (byte {err.start})"
+    if _looks_generated(text):
+        return None, "generated", "a generated-file marker in the first lines"
+    if not text.strip():
+        return None, "empty", ""
+    return text, None, ""
+
+
 def _read_source(path: Path, max_file_bytes: int) -> tuple[str | None, str | None, str]:
     """(text, None, "") for a usable source file, else (None, reason, detail)."""
     try:
@@ -107,38 +128,30 @@ def _read_source(path: Path, max_file_bytes: int) -> tuple[str | None, str | Non
             data = handle.read(max_file_bytes + 1 if max_file_bytes else -1)
     except OSError as err:
         return None, "unreadable", err.strerror or str(err)
-    if max_file_bytes and len(data) > max_file_bytes:
-        return None, "too_large", f"over {max_file_bytes:,} bytes"
-    if b"\x00" in data[:8192]:
-        return None, "binary", "a NUL byte in the first 8 KiB"
-    try:
-        text = data.decode("utf-8").removeprefix("\ufeff")  # a byte-order mark is not source text
-    except UnicodeDecodeError as err:
-        return None, "binary", f"not UTF-8 (byte {err.start})"
-    if _looks_generated(text):
-        return None, "generated", "a generated-file marker in the first lines"
-    if not text.strip():
-        return None, "empty", ""
-    return text, None, ""
+    return check_source(data, max_file_bytes)
 
 
-def repo_document(repo: Path, max_file_bytes: int, max_repo_bytes: int, left_out: LeftOut) -> str:
-    """The repository as one text; every file left out is told to ``left_out`` with its reason.
-    Once a file does not fit under ``max_repo_bytes`` (UTF-8 bytes of the document), the
-    document stops growing: that file and every later one are left out as ``repo_cap``,
-    unread (a giant monorepo is not read to the end for nothing)."""
+# A file of a repository: (path relative to the repository, path to report, reader of its text
+# returning (text, None, "") or (None, reason, detail)).
+RepoFile = tuple[str, object, Callable[[], tuple[str | None, str | None, str]]]
+
+
+def assemble_document(files: Iterable[RepoFile], max_repo_bytes: int, left_out: LeftOut) -> str:
+    """The document of a repository's ``files`` (in the order given); every file left out is
+    told to ``left_out`` with its reason. Once a file does not fit under ``max_repo_bytes``
+    (UTF-8 bytes of the document), the document stops growing: that file and every later one
+    are left out as ``repo_cap``, unread (a giant monorepo is not read to the end for nothing)."""
     parts: list[str] = []
     total = 0
     capped = False
-    for path in list_repo_files(repo, left_out):
-        reason = _skip_by_name(path.name)
+    for relative, where, read in files:
+        reason = _skip_by_name(relative.rsplit("/", 1)[-1])
         detail = ""
         if reason is None and capped:
             reason, detail = "repo_cap", f"the document already holds {total:,} bytes"
         if reason is None:
-            text, reason, detail = _read_source(path, max_file_bytes)
+            text, reason, detail = read()
         if reason is None:
-            relative = path.relative_to(repo).as_posix()
             piece = FILE_HEADER.format(path=relative) + text + ("" if text.endswith("\n") else "\n")
             size = len(piece.encode("utf-8"))
             if max_repo_bytes and total + size > max_repo_bytes:
@@ -148,5 +161,38 @@ def repo_document(repo: Path, max_file_bytes: int, max_repo_bytes: int, left_out
                 parts.append(piece)
                 total += size
         if reason is not None:
-            left_out(reason, path, detail)
+            left_out(reason, where, detail)
     return "".join(parts)
+
+
+def repo_document(repo: Path, max_file_bytes: int, max_repo_bytes: int, left_out: LeftOut) -> str:
+    """The repository directory ``repo`` as one text (see assemble_document)."""
+    files = ((path.relative_to(repo).as_posix(), path, functools.partial(_read_source, path, max_file_bytes))
+             for path in list_repo_files(repo, left_out))
+    return assemble_document(files, max_repo_bytes, left_out)
+
+
+def in_skipped_directory(relative: str) -> bool:
+    """Whether a file's path relative to its repository passes through a pruned directory."""
+    return any(part in SKIPPED_DIRS for part in relative.split("/")[:-1])
+
+
+def rows_document(repo: str, files: Iterable[tuple[str, str]], max_file_bytes: int, max_repo_bytes: int,
+                  left_out: LeftOut) -> str:
+    """A repository given as ``(path in the repository, content)`` pairs (one dataset row per
+    file) as one text: the same order, filters and cap as a directory (files under pruned
+    directories are left out unreported, as pruned directories are never listed); a second
+    row with a path already seen is left out as ``duplicate_path``."""
+    seen: set[str] = set()
+    chosen = []
+    for relative, content in sorted(files, key=lambda pair: pair[0]):
+        if in_skipped_directory(relative):
+            continue
+        where = f"{repo}/{relative}"
+        if relative in seen:
+            left_out("duplicate_path", where, "another row of the repository has this path")
+            continue
+        seen.add(relative)
+        data = content.encode("utf-8", "surrogatepass")[: max_file_bytes + 1 if max_file_bytes else None]
+        chosen.append((relative, where, functools.partial(check_source, data, max_file_bytes)))
+    return assemble_document(chosen, max_repo_bytes, left_out)

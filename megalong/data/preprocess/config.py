@@ -5,13 +5,14 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-INPUT_FORMATS = ("auto", "jsonl", "parquet", "text", "code-repos")
+INPUT_FORMATS = ("auto", "jsonl", "parquet", "text", "code-repos", "mds")
 
 
 @dataclass
 class PreprocessConfig:
     # Files, directories or glob patterns. JSONL (.jsonl/.json, plain, .gz or .zst) and Parquet
-    # are recognised by name; directories of text files or of repositories need input_format.
+    # are recognised by name; directories of text files, of repositories or MDS datasets
+    # (mosaicml-streaming, each directory with its index.json) need input_format.
     inputs: list[str] = field(default_factory=list)
     input_format: str = "auto"
     # JSON key / Parquet column holding the document text.
@@ -21,7 +22,8 @@ class PreprocessConfig:
     # A tokenizer spec for megalong.data.tokenizer.load_tokenizer ("llama3", a file or a directory).
     tokenizer: str = "llama3"
     # BOS/EOS policy. Default: <|begin_of_text|> text <|end_of_text|>, the way Llama-3 was
-    # pre-trained; Megatron-LM's --append-eod is add_bos=False, add_eos=True.
+    # pre-trained; Megatron-LM's --append-eod is add_bos=False, add_eos=True. MDS documents
+    # (already tokenized) get the same; packed MDS samples are stored as released (no policy).
     add_bos: bool = True
     add_eos: bool = True
     # Keep documents whose stored length (BOS/EOS included) is within [min_tokens, max_tokens];
@@ -44,6 +46,11 @@ class PreprocessConfig:
     # document; a repository document stops growing at repo_max_bytes (0 = no cap).
     repo_max_file_bytes: int = 1_000_000
     repo_max_bytes: int = 0
+    # For input_format code-repos given Parquet files with one row per source file (The Stack
+    # v1): the columns of the repository name, the file's path in it and its text.
+    repo_key: str = "max_stars_repo_name"
+    repo_path_key: str = "max_stars_repo_path"
+    repo_content_key: str = "content"
     # Keep <output_prefix>.work/ after a successful merge (for inspection).
     keep_work: bool = False
     # Replace a dataset already at output_prefix that this run did not make (without it, an
@@ -91,4 +98,7 @@ class PreprocessConfig:
             "text_suffixes": list(self.text_suffixes),
             "repo_max_file_bytes": self.repo_max_file_bytes,
             "repo_max_bytes": self.repo_max_bytes,
+            "repo_key": self.repo_key,
+            "repo_path_key": self.repo_path_key,
+            "repo_content_key": self.repo_content_key,
         }

@@ -1,11 +1,14 @@
 """Write Megatron-Core's ``.bin/.idx`` indexed-dataset format incrementally and atomically.
 
 The bytes are exactly what ``megatron.core.datasets.indexed_dataset.IndexedDatasetBuilder``
-writes for one sequence per document (the tests compare the two byte for byte), but:
+writes (the tests compare the two byte for byte): one sequence per document for text corpora,
+or documents of several sequences, with per-sequence modes when ``multimodal`` (packed
+samples, megalong.data.packed), but:
 
 * nothing grows in memory with the corpus: tokens go straight to the ``.bin`` and the
-  per-document lengths are spilled to a side file, from which the ``.idx`` is streamed at
-  the end (the builder keeps Python lists of every length and pointer);
+  per-sequence lengths (and modes), and the sequences per document, are spilled to side
+  files, from which the ``.idx`` is streamed at the end (the builder keeps Python lists of
+  every length and pointer);
 * whole batches are written with numpy, with no per-document tensor conversion;
 * the outputs appear atomically: everything is written under temporary names (carrying the
   process id, so an orphaned writer can never share a file with a new one) and renamed into
@@ -118,44 +121,75 @@ def _tmp(path: Path) -> Path:
 class IndexedDatasetWriter:
     """Append documents (token arrays) and finalize into ``<prefix>.bin`` + ``<prefix>.idx``."""
 
-    def __init__(self, prefix: str | Path, dtype=TOKEN_DTYPE):
+    def __init__(self, prefix: str | Path, dtype=TOKEN_DTYPE, multimodal: bool = False):
         self.prefix = Path(prefix)
         self.dtype = np.dtype(dtype)
+        self.multimodal = multimodal
         if self.dtype not in DTYPE_CODES:
             raise ValueError(f"token dtype {self.dtype} is not one Megatron-Core reads back")
         self.prefix.parent.mkdir(parents=True, exist_ok=True)
         self._bin_tmp = _tmp(bin_path(self.prefix))
         self._lengths_tmp = _tmp(Path(f"{self.prefix}.lengths"))
+        self._counts_tmp = _tmp(Path(f"{self.prefix}.counts"))
+        self._modes_tmp = _tmp(Path(f"{self.prefix}.modes"))
         self._bin = open(self._bin_tmp, "wb")
         self._lengths = open(self._lengths_tmp, "wb")
+        self._counts = open(self._counts_tmp, "wb")  # sequences per document, int32
+        self._modes = open(self._modes_tmp, "wb") if multimodal else None
         self.num_documents = 0
+        self.num_sequences = 0
         self.num_tokens = 0
 
-    def add_documents(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
-        """``tokens``: the documents' tokens back to back; ``lengths``: tokens per document."""
+    def _record(self, lengths: np.ndarray, counts: np.ndarray | None, modes) -> None:
+        """Spill the index entries of sequences ``lengths``, grouped ``counts`` per document
+        (None: one each), with ``modes`` (multimodal only)."""
+        if counts is None:
+            counts = np.ones(lengths.size, dtype=np.int32)
+        counts = np.asarray(counts, dtype=np.int32)
+        if int(counts.sum(dtype=np.int64)) != lengths.size or (counts.size and counts.min() < 1):
+            raise ValueError(f"{lengths.size} sequences cannot be grouped as {counts.tolist()[:10]} per document")
+        if self.multimodal:
+            modes = np.zeros(lengths.size, dtype=np.int8) if modes is None else np.asarray(modes, dtype=np.int8)
+            if modes.size != lengths.size:
+                raise ValueError(f"{modes.size} modes for {lengths.size} sequences")
+            self._modes.write(modes.tobytes())
+        elif modes is not None:
+            raise ValueError("sequence modes need a multimodal writer")
+        self._lengths.write(lengths.tobytes())
+        self._counts.write(counts.tobytes())
+        self.num_sequences += lengths.size
+        self.num_documents += counts.size
+
+    def add_documents(self, tokens: np.ndarray, lengths: np.ndarray, sequences_per_document=None,
+                      modes=None) -> None:
+        """``tokens``: the sequences' tokens back to back; ``lengths``: tokens per sequence;
+        ``sequences_per_document``: how many consecutive sequences make each document
+        (default: one each); ``modes``: one per sequence (multimodal writers)."""
         tokens = np.asarray(tokens, dtype=self.dtype)
         lengths = np.asarray(lengths, dtype=np.int32)
         if int(lengths.sum(dtype=np.int64)) != tokens.size:
             raise ValueError(f"lengths sum to {int(lengths.sum())} but {tokens.size} tokens were given")
-        self._bin.write(tokens.tobytes())
-        self._lengths.write(lengths.tobytes())
-        self.num_documents += lengths.size
+        self._record(lengths, sequences_per_document, modes)
+        # A view, not tobytes(): a fresh multi-megabyte bytes object per call costs page faults
+        # that took 4x the write itself (benchmarks/mds_convert.py).
+        self._bin.write(memoryview(np.ascontiguousarray(tokens)).cast("B"))
         self.num_tokens += tokens.size
 
-    def append_from(self, handle, lengths: np.ndarray) -> None:
-        """Append documents of ``lengths`` whose tokens (in this writer's dtype) are read from
-        ``handle`` at its current position: merging shards without decoding them."""
+    def append_from(self, handle, lengths: np.ndarray, sequences_per_document=None, modes=None) -> None:
+        """Append sequences of ``lengths`` (grouped and moded as in add_documents) whose tokens
+        (in this writer's dtype) are read from ``handle`` at its current position: merging
+        shards without decoding them."""
         lengths = np.ascontiguousarray(lengths, dtype=np.int32)
         count = int(lengths.sum(dtype=np.int64))
+        self._record(lengths, sequences_per_document, modes)
         remaining = count * self.dtype.itemsize
+        buffer = memoryview(bytearray(min(remaining, 1 << 22)))  # reused: no allocation per block
         while remaining > 0:
-            block = handle.read(min(remaining, 1 << 22))
-            if not block:
+            size = handle.readinto(buffer[:min(remaining, len(buffer))])
+            if not size:
                 raise IOError(f"{handle.name}: ended {remaining} bytes before its index says")
-            self._bin.write(block)
-            remaining -= len(block)
-        self._lengths.write(lengths.tobytes())
-        self.num_documents += lengths.size
+            self._bin.write(buffer[:size])
+            remaining -= size
         self.num_tokens += count
 
     def finalize(self, durable: bool = True) -> None:
@@ -164,18 +198,23 @@ class IndexedDatasetWriter:
         if durable:
             self._bin.flush()
             os.fsync(self._bin.fileno())
-        self._bin.close()
-        self._lengths.close()
+        for handle in (self._bin, self._lengths, self._counts, self._modes):
+            if handle is not None:
+                handle.close()
         idx_tmp = _tmp(idx_path(self.prefix))
         itemsize = self.dtype.itemsize
-        n = self.num_documents
+        n = self.num_sequences
+
+        def spilled(path: Path, dtype, count: int) -> np.ndarray:
+            return np.memmap(path, dtype=dtype, mode="r") if count else np.zeros(0, dtype)
+
         with open(idx_tmp, "wb") as out:
             out.write(INDEX_HEADER)
             out.write(struct.pack("<Q", INDEX_VERSION))
             out.write(struct.pack("<B", DTYPE_CODES[self.dtype]))
             out.write(struct.pack("<Q", n))  # sequences
-            out.write(struct.pack("<Q", n + 1))  # document indices (one sequence per document)
-            lengths = np.memmap(self._lengths_tmp, dtype=np.int32, mode="r") if n else np.zeros(0, np.int32)
+            out.write(struct.pack("<Q", self.num_documents + 1))  # document indices
+            lengths = spilled(self._lengths_tmp, np.int32, n)
             for start in range(0, n, _CHUNK):
                 out.write(np.ascontiguousarray(lengths[start : start + _CHUNK]).tobytes())
             pointer = 0
@@ -184,20 +223,34 @@ class IndexedDatasetWriter:
                 ends = np.cumsum(block) + pointer
                 out.write((ends - block).tobytes())
                 pointer = int(ends[-1])
-            for start in range(0, n + 1, _CHUNK):
-                out.write(np.arange(start, min(start + _CHUNK, n + 1), dtype=np.int64).tobytes())
-            del lengths
+            # Document index: the first sequence of every document, then the sequence count.
+            counts = spilled(self._counts_tmp, np.int32, self.num_documents)
+            out.write(np.zeros(1, np.int64).tobytes())
+            first = 0
+            for start in range(0, self.num_documents, _CHUNK):
+                ends = np.cumsum(counts[start : start + _CHUNK], dtype=np.int64) + first
+                out.write(ends.tobytes())
+                first = int(ends[-1])
+            if self.multimodal:
+                modes = spilled(self._modes_tmp, np.int8, n)
+                for start in range(0, n, _CHUNK):
+                    out.write(np.ascontiguousarray(modes[start : start + _CHUNK]).tobytes())
+                del modes
+            del lengths, counts
             if durable:
                 out.flush()
                 os.fsync(out.fileno())
         os.replace(self._bin_tmp, bin_path(self.prefix))
         os.replace(idx_tmp, idx_path(self.prefix))
-        os.unlink(self._lengths_tmp)
+        for spill in (self._lengths_tmp, self._counts_tmp, self._modes_tmp):
+            if spill.exists():
+                os.unlink(spill)
 
     def abort(self) -> None:
-        for handle in (self._bin, self._lengths):
-            handle.close()
-        for path in (self._bin_tmp, self._lengths_tmp, _tmp(idx_path(self.prefix))):
+        for handle in (self._bin, self._lengths, self._counts, self._modes):
+            if handle is not None:
+                handle.close()
+        for path in (self._bin_tmp, self._lengths_tmp, self._counts_tmp, self._modes_tmp, _tmp(idx_path(self.prefix))):
             try:
                 os.unlink(path)
             except FileNotFoundError:
@@ -213,8 +266,7 @@ class IndexedDatasetWriter:
             self.abort()
 
 
-def read_index(prefix: str | Path) -> tuple[np.dtype, np.ndarray]:
-    """(token dtype, per-document lengths) of an indexed dataset, lengths memory-mapped."""
+def _preamble(prefix: str | Path) -> tuple[np.dtype, int, int]:
     path = idx_path(prefix)
     with open(path, "rb") as handle:
         preamble = handle.read(_IDX_PREAMBLE_BYTES)
@@ -224,6 +276,24 @@ def read_index(prefix: str | Path) -> tuple[np.dtype, np.ndarray]:
     dtype = next((dt for dt, c in DTYPE_CODES.items() if c == code), None)
     if dtype is None:
         raise ValueError(f"{path}: token dtype code {code} is not supported")
-    (count,) = struct.unpack("<Q", preamble[18:26])
+    sequences, documents = struct.unpack("<QQ", preamble[18:34])
+    return dtype, sequences, documents
+
+
+def read_index(prefix: str | Path) -> tuple[np.dtype, np.ndarray]:
+    """(token dtype, per-sequence lengths) of an indexed dataset, lengths memory-mapped."""
+    dtype, count, _ = _preamble(prefix)
+    path = idx_path(prefix)
     lengths = np.memmap(path, dtype=np.int32, mode="r", offset=_IDX_PREAMBLE_BYTES, shape=(count,)) if count else np.zeros(0, np.int32)
     return dtype, lengths
+
+
+def read_grouping(prefix: str | Path, multimodal: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """(sequences per document, per-sequence modes or None) of an indexed dataset."""
+    _, sequences, documents = _preamble(prefix)
+    path = idx_path(prefix)
+    offset = _IDX_PREAMBLE_BYTES + sequences * (4 + 8)
+    document_indices = np.fromfile(path, dtype=np.int64, count=documents, offset=offset)
+    modes = (np.fromfile(path, dtype=np.int8, count=sequences, offset=offset + documents * 8)
+             if multimodal else None)
+    return np.diff(document_indices).astype(np.int32), modes

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from megalong.data.preprocess.indexed_writer import IndexedDatasetWriter, bin_path, idx_path, read_index, sidecar_path
+from megalong.data.preprocess.indexed_writer import (IndexedDatasetWriter, bin_path, idx_path, read_grouping, read_index,
+                                                     sidecar_path)
 from megalong.data.preprocess.report import EXAMPLES_PER_REASON, LengthHistogram, resolve_examples
 from megalong.data.preprocess.worker import shard_prefix
 
@@ -57,8 +58,19 @@ def _add_examples(kept: list[dict], new: list[dict]) -> None:
             kept.append(example)
 
 
-def merge_shards(work_dir: str | Path, num_shards: int, output_prefix: str | Path, dedup: bool) -> dict:
-    """Write the merged dataset atomically; return the counts for the sidecar."""
+def _document_lengths(sequence_lengths: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Tokens per document of documents made of ``counts`` consecutive sequences."""
+    if counts.size == 0:
+        return np.zeros(0, np.int64)
+    starts = np.concatenate([[0], np.cumsum(counts[:-1], dtype=np.int64)])
+    return np.add.reduceat(np.asarray(sequence_lengths, dtype=np.int64), starts)
+
+
+def merge_shards(work_dir: str | Path, num_shards: int, output_prefix: str | Path, dedup: bool,
+                 grouped: bool = False, multimodal: bool = False) -> dict:
+    """Write the merged dataset atomically; return the counts for the sidecar. ``grouped``:
+    the shards' documents are made of several sequences (packed samples), with per-sequence
+    modes when ``multimodal``."""
     work_dir = Path(work_dir)
     keep_masks = _first_occurrences(work_dir, num_shards) if dedup else None
     histogram = LengthHistogram()
@@ -67,7 +79,9 @@ def merge_shards(work_dir: str | Path, num_shards: int, output_prefix: str | Pat
     examples: list[dict] = []
     repo_file_examples: list[dict] = []
     input_bytes = 0
-    writer = IndexedDatasetWriter(output_prefix)
+    domains: Counter = Counter()
+    spans = 0
+    writer = IndexedDatasetWriter(output_prefix, multimodal=multimodal)
     try:
         for shard_id in range(num_shards):
             prefix = shard_prefix(work_dir, shard_id)
@@ -75,10 +89,17 @@ def merge_shards(work_dir: str | Path, num_shards: int, output_prefix: str | Pat
             skipped.update(stats["skipped"])
             repo_file_skips.update(stats.get("repo_files_skipped", {}))
             input_bytes += stats["input_bytes"]
+            domains.update(stats.get("mds_domains", {}))
+            spans += stats.get("spans", 0)
             _add_examples(examples, stats["skip_examples"])
             _add_examples(repo_file_examples, stats.get("repo_file_examples", []))
             dtype, lengths = read_index(prefix)
-            if keep_masks is None:
+            if grouped:
+                counts, modes = read_grouping(prefix, multimodal)
+                with open(bin_path(prefix), "rb") as handle:
+                    writer.append_from(handle, lengths, counts, modes)
+                histogram.add(_document_lengths(lengths, counts))
+            elif keep_masks is None:
                 with open(bin_path(prefix), "rb") as handle:
                     writer.append_from(handle, lengths)
                 histogram.add(np.asarray(lengths))
@@ -114,6 +135,8 @@ def merge_shards(work_dir: str | Path, num_shards: int, output_prefix: str | Pat
         "skip_examples": resolve_examples(examples),
         "repo_files_skipped": dict(sorted(repo_file_skips.items())),
         "repo_file_examples": repo_file_examples,
+        **({"mds_domains": dict(sorted(domains.items()))} if domains else {}),
+        **({"spans": spans} if grouped else {}),
     }
 
 

@@ -32,6 +32,7 @@ from megalong.data.preprocess.config import PreprocessConfig
 from megalong.data.preprocess.indexed_writer import bin_path, idx_path, remove_stale_temps, sidecar_path
 from megalong.data.preprocess.merge import merge_shards
 from megalong.data.preprocess.progress import ProgressLine
+from megalong.data.preprocess.repo_rows import GROUP, PARTITION
 from megalong.data.preprocess.sources import Shard, plan_shards
 from megalong.data.preprocess.worker import shard_is_done, tokenize_shard, write_json_atomic
 
@@ -63,8 +64,8 @@ def array_task_from_env(environ=os.environ) -> tuple[int, int]:
 def _input_fingerprint(shards: list[Shard]) -> dict:
     """Size and modification time of every input file that shards address by offset or row,
     and of what was found unreadable (if it is fixed, the plan is out of date)."""
-    kinds = ("jsonl-range", "jsonl-stream", "parquet", "unreadable")
-    files = sorted({item[0] for s in shards if s.kind in kinds for item in s.items})
+    kinds = ("jsonl-range", "jsonl-stream", "parquet", "unreadable", "repo-rows-partition")
+    files = sorted({item[0] for s in shards if s.kind in kinds or s.kind.startswith("mds-") for item in s.items})
     return {name: _file_state(name) for name in files}
 
 
@@ -145,7 +146,7 @@ def remove_leftover_temps(cfg: PreprocessConfig) -> None:
     """Delete the temporary files killed runs on this host left at the prefix and in the work
     directory; say which ones of other processes are left alone."""
     prefix = Path(cfg.output_prefix)
-    outputs = {f"{prefix.name}{ext}" for ext in (".bin", ".idx", ".lengths", ".json")}
+    outputs = {f"{prefix.name}{ext}" for ext in (".bin", ".idx", ".lengths", ".counts", ".modes", ".json")}
     removed, kept = remove_stale_temps(prefix.parent, outputs.__contains__)
     work_removed, work_kept = remove_stale_temps(cfg.work_dir, lambda name: True)  # all of it is ours
     removed, kept = removed + work_removed, kept + work_kept
@@ -231,43 +232,69 @@ def tokenize_shards(cfg: PreprocessConfig, plan: dict, tokenizer, task_index: in
         totals["documents"] += stats["documents"]
         totals["tokens"] += stats["tokens"]
 
-    if workers == 1:
-        for shard_id in pending:
-            stats = tokenize_shard(shard_id, Shard.from_dict(shards[shard_id]), cfg, tokenizer, cfg.work_dir,
-                                   progress=progress.update)
-            progress.update(shards=1)
-            finished(stats)
-    else:
-        context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
-        counters = context.Array("q", 3)
-        seen = [0, 0, 0]
-        pool = context.Pool(workers, initializer=_init_worker, initargs=(cfg, tokenizer, cfg.work_dir, counters))
-        try:
-            results = [(i, pool.apply_async(_run_shard, (i, shards[i]))) for i in pending]
-            while results:
-                time.sleep(0.2)
-                still = []
-                for shard_id, result in results:
-                    if result.ready():
-                        finished(result.get())  # re-raises a worker's error here
-                        progress.update(shards=1)
-                    else:
-                        still.append((shard_id, result))
-                results = still
-                # Read after the results: a finished shard has counted all of its work by then,
-                # so the last line shows everything.
-                with counters.get_lock():
-                    now = list(counters)
-                progress.update(now[0] - seen[0], now[1] - seen[1], now[2] - seen[2])
-                seen = now
-            pool.close()
-        except BaseException:
-            pool.terminate()
-            raise
-        finally:
-            pool.join()
+    def run_shards(pending: list[int]) -> None:
+        if not pending:
+            return
+        if workers == 1:
+            for shard_id in pending:
+                stats = tokenize_shard(shard_id, Shard.from_dict(shards[shard_id]), cfg, tokenizer, cfg.work_dir,
+                                       progress=progress.update)
+                progress.update(shards=1)
+                finished(stats)
+        else:
+            context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+            counters = context.Array("q", 3)
+            seen = [0, 0, 0]
+            pool = context.Pool(workers, initializer=_init_worker, initargs=(cfg, tokenizer, cfg.work_dir, counters))
+            try:
+                results = [(i, pool.apply_async(_run_shard, (i, shards[i]))) for i in pending]
+                while results:
+                    time.sleep(0.2)
+                    still = []
+                    for shard_id, result in results:
+                        if result.ready():
+                            finished(result.get())  # re-raises a worker's error here
+                            progress.update(shards=1)
+                        else:
+                            still.append((shard_id, result))
+                    results = still
+                    # Read after the results: a finished shard has counted all of its work by then,
+                    # so the last line shows everything.
+                    with counters.get_lock():
+                        now = list(counters)
+                    progress.update(now[0] - seen[0], now[1] - seen[1], now[2] - seen[2])
+                    seen = now
+                pool.close()
+            except BaseException:
+                pool.terminate()
+                raise
+            finally:
+                pool.join()
+
+    # Grouping code repositories from rows needs every partition shard, of every array task.
+    grouping = [i for i in pending if shards[i]["kind"] == GROUP]
+    run_shards([i for i in pending if shards[i]["kind"] != GROUP])
+    if grouping:
+        _wait_for_partitions(cfg, shards)
+        run_shards(grouping)
     progress.close()
     return totals
+
+
+def _wait_for_partitions(cfg: PreprocessConfig, shards: list[dict], poll_s: float = 5.0) -> None:
+    """Wait until every repository-rows partition shard is done (other array tasks make theirs)."""
+    partitions = [i for i, shard in enumerate(shards) if shard["kind"] == PARTITION]
+    last_log = 0.0
+    while True:
+        missing = [i for i in partitions if not shard_is_done(cfg.work_dir, i)]
+        if not missing:
+            return
+        if time.monotonic() - last_log > 60:
+            log.info("waiting for %d of %d partition shards (other array tasks; shard ids %s%s) before grouping "
+                     "repositories", len(missing), len(partitions), ", ".join(map(str, missing[:5])),
+                     " ..." if len(missing) > 5 else "")
+            last_log = time.monotonic()
+        time.sleep(poll_s)
 
 
 def merge(cfg: PreprocessConfig, plan: dict) -> dict:
@@ -283,7 +310,10 @@ def merge(cfg: PreprocessConfig, plan: dict) -> dict:
     sidecar_file.unlink(missing_ok=True)  # a sidecar must only ever sit next to the outputs it describes
     log.info("merging %d shards into %s.bin/.idx%s", num_shards, cfg.output_prefix,
              " (dropping exact duplicates)" if cfg.dedup else "")
-    counts = merge_shards(work_dir, num_shards, cfg.output_prefix, cfg.dedup)
+    kinds = {shard["kind"] for shard in plan["shards"]}
+    packed = bool(kinds & {"mds-packed", "mds-packed-mask"})
+    masked = "mds-packed-mask" in kinds
+    counts = merge_shards(work_dir, num_shards, cfg.output_prefix, cfg.dedup, grouped=packed, multimodal=masked)
     from megalong import __version__
 
     settings = plan["settings"]
@@ -305,10 +335,28 @@ def merge(cfg: PreprocessConfig, plan: dict) -> dict:
         "shards": num_shards,
         "created_by": f"megalong {__version__} preprocess",
     }
+    if packed:
+        sidecar.update(packed_sidecar(masked))
     write_json_atomic(sidecar_file, sidecar)
     if not cfg.keep_work:
         shutil.rmtree(work_dir, ignore_errors=True)
     return sidecar
+
+
+def packed_sidecar(masked: bool) -> dict:
+    """What a dataset of packed MDS samples says about itself (megalong.data.packed reads it)."""
+    from megalong.data.packed import SIDECAR_KIND
+
+    return {
+        "kind": SIDECAR_KIND,
+        "format": "megatron-core indexed dataset (.bin/.idx): one document per packed sample (tokens exactly as "
+                  "released), " + ("multimodal: one sequence per run of equal target flag inside a span, mode "
+                               "bit 0 = target (mask != 0), bit 1 = the run opens a span" if masked
+                               else "one sequence per span (a document inside the sample)"),
+        "loss_mask": masked,
+        "bos_eos": {"add_bos": False, "add_eos": False, "meaning": "packed samples are stored as released: nothing added"},
+        "filters": {"min_tokens": 0, "max_tokens": 0, "dedup": False},
+    }
 
 
 def already_complete(cfg: PreprocessConfig) -> bool:

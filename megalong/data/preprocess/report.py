@@ -30,6 +30,14 @@ REASONS = {
     "too_short": "fewer tokens than min_tokens",
     "too_long": "more tokens than max_tokens",
     "duplicate": "exact duplicate of an earlier document",
+    # MDS (mosaicml-streaming) inputs: megalong/data/preprocess/mds_input.py
+    "unreadable_index": "an MDS directory without a readable index.json",
+    "unreadable_shard": "an MDS shard that is missing, corrupt, cut short or not decompressible (counted per sample lost)",
+    "corrupt_sample": "an MDS sample whose bytes do not decode",
+    "bad_tokens": "input_ids missing, empty, not integers, or outside the tokenizer's vocabulary",
+    "bad_spans": "indices (document spans) that do not tile the sample: outside it, overlapping or leaving a gap",
+    "mask_length": "a mask whose length differs from input_ids",
+    "length_mismatch": "the length field differs from the number of input_ids",
 }
 # Dropped by the user's own filters: counted, but never a reason for --strict to stop.
 FILTER_REASONS = frozenset({"too_short", "too_long", "duplicate"})
@@ -45,6 +53,7 @@ REPO_FILE_REASONS = {
     "repo_cap": "past the repository cap (repo_max_bytes)",
     "unreadable": "the file could not be read",
     "unreadable_directory": "the directory could not be listed: the files in it are missing",
+    "duplicate_path": "a second dataset row with the same path in the repository (the first is kept)",
 }
 # Input errors, not policy: --strict stops at them.
 REPO_FILE_ERRORS = frozenset({"unreadable", "unreadable_directory"})
@@ -68,18 +77,19 @@ class SkipLog:
         self.repo_file_examples: list[dict] = []
 
     def skip(self, reason: str, path: str, detail: str = "", *, line: int | None = None,
-             offset: int | None = None, row: int | None = None, count: int = 1) -> None:
+             offset: int | None = None, row: int | None = None, sample: int | None = None,
+             count: int = 1) -> None:
         """Record ``count`` skipped records; ``offset`` (a byte offset of a line) is turned
         into a line number only when needed (in strict mode now, else when reporting)."""
         if self.strict and reason not in FILTER_REASONS:
             if offset is not None:
                 line = line_numbers(path, [offset])[offset]
-            where = format_location({"path": path, "line": line, "row": row})
+            where = format_location({"path": path, "line": line, "row": row, "sample": sample})
             raise _strict_stop(where, REASONS.get(reason, reason), detail)
         self.counts[reason] += count
         if self.counts[reason] - count < EXAMPLES_PER_REASON:
             example = {"reason": reason, "path": path, "detail": detail[:200]}
-            for key, value in (("line", line), ("offset", offset), ("row", row)):
+            for key, value in (("line", line), ("offset", offset), ("row", row), ("sample", sample)):
                 if value is not None:
                     example[key] = value
             self.examples.append(example)
@@ -104,6 +114,8 @@ def format_location(example: dict) -> str:
         where += f":{example['line']}"
     elif example.get("row") is not None:
         where += f" row {example['row']}"
+    elif example.get("sample") is not None:
+        where += f" sample {example['sample']}"
     return where
 
 

@@ -9,6 +9,7 @@ gets the same shards: a resumed run, or each task of a SLURM job array.
 * compressed JSONL (.gz, .zst) cannot be seeked: one shard per file;
 * Parquet is cut at row groups;
 * text files and code repositories are grouped whole;
+* MDS datasets (mosaicml-streaming) are cut at their shard files (mds_input.py);
 * what cannot be read at all (a directory that cannot be listed, a dangling link, a named
   pipe) gets a shard of kind ``unreadable``, so the worker reports it like any bad input:
   counted with its path, or the stop of a ``--strict`` run.
@@ -37,9 +38,12 @@ class InputError(ValueError):
 
 @dataclass
 class Shard:
-    kind: str  # jsonl-range | jsonl-stream | parquet | text-files | code-repos | unreadable
+    kind: str  # jsonl-range | jsonl-stream | parquet | text-files | code-repos | mds-<layout> | unreadable
     # jsonl-range: [[path, start, end]]; jsonl-stream: [[path]]; parquet: [[path, row_group]];
-    # text-files / code-repos: [[path], ...]; unreadable: [[path, skip reason, detail]]
+    # text-files / code-repos: [[path], ...]; mds-*: [[shard file, dataset dir, number, index entry]];
+    # repo-rows-partition: [[parquet file, buckets, repo column, path column, content column]];
+    # repo-rows-group: [[bucket, buckets, [partition shard ids]]];
+    # unreadable: [[path, skip reason, detail]]
     items: list = field(default_factory=list)
     input_bytes: int = 0
 
@@ -104,10 +108,15 @@ def plan_shards(cfg: PreprocessConfig) -> list[Shard]:
     # First find every unit of input and its size, then cut shards of the chosen size.
     # entries: ("file", path, size), ("group", kind, [(path, size), ...]) or ("unreadable", shard)
     entries: list[tuple] = []
+    if cfg.input_format == "mds":
+        return _plan_mds(cfg)
     for pattern in cfg.inputs:
         for path in _expand(pattern):
             fmt = cfg.input_format
             unreadable: list[Shard] = []
+            if fmt == "code-repos" and path.is_file() and _is_parquet(path.name):
+                entries.append(("repo-rows", path))
+                continue
             if fmt in ("text", "code-repos"):
                 if not path.is_dir():
                     raise InputError(f"input {path}: input_format {fmt} expects a directory")
@@ -125,10 +134,19 @@ def plan_shards(cfg: PreprocessConfig) -> list[Shard]:
                 )
             entries += [("file", f, _size(f)) for f in chosen]
             entries += [("unreadable", shard) for shard in unreadable]
+    row_files = [e[1] for e in entries if e[0] == "repo-rows"]
+    if row_files and len(row_files) != len(entries):
+        raise InputError("--input-format code-repos takes either repository directories or Parquet files of one "
+                         "row per source file, not both in one run")
     total = sum(e[2] if e[0] == "file" else sum(size for _, size in e[2]) if e[0] == "group" else 0
                 for e in entries)
     target = int(cfg.shard_size_mb * (1 << 20)) if cfg.shard_size_mb else auto_shard_bytes(total)
     target = max(1, target)
+    if row_files:
+        from megalong.data.preprocess.repo_rows import plan_repo_rows
+
+        columns = (cfg.repo_key, cfg.repo_path_key, cfg.repo_content_key)
+        return [Shard(kind, items, size) for kind, items, size in plan_repo_rows(row_files, target, columns)]
     shards: list[Shard] = []
     for entry in entries:
         if entry[0] == "file":
@@ -199,4 +217,41 @@ def _group(kind: str, units: list, target: int) -> list[Shard]:
         current_bytes += size
     if current:
         shards.append(Shard(kind, current, current_bytes))
+    return shards
+
+
+def _plan_mds(cfg: PreprocessConfig) -> list[Shard]:
+    """MDS dataset directories: whole MDS shards, grouped up to the shard size; a directory
+    whose index cannot be read becomes an ``unreadable`` shard (counted, or the stop of a
+    strict run). Every directory must hold the same layout (documents or packed samples)."""
+    from megalong.data.preprocess.mds_input import plan_mds
+
+    units, layouts, shards = [], {}, []
+    for pattern in cfg.inputs:
+        for path in _expand(pattern):
+            if not path.is_dir():
+                raise InputError(f"input {path}: input_format mds expects a dataset directory (with index.json)")
+            found, layout, unreadable = plan_mds(path)
+            if unreadable:
+                shards.append(Shard("unreadable", [list(unreadable)], 0))
+            if layout is not None:
+                layouts.setdefault(layout, str(path))
+            units += found
+    if len(layouts) > 1:
+        raise InputError("the MDS inputs mix layouts (" + "; ".join(f"{k}: {v}" for k, v in layouts.items())
+                         + "): packed samples and documents go to separate outputs")
+    if layouts and next(iter(layouts)) != "documents" and (cfg.min_tokens or cfg.max_tokens or cfg.dedup):
+        raise InputError("--min-tokens, --max-tokens and --dedup filter documents; packed MDS samples are kept "
+                         "exactly as released")
+    total = sum(size for _, size, _ in units)
+    target = max(1, int(cfg.shard_size_mb * (1 << 20)) if cfg.shard_size_mb else auto_shard_bytes(total))
+    current, current_bytes = [], 0
+    for kind, size, item in units:
+        if current and current_bytes + size > target:
+            shards.append(Shard(kind, current, current_bytes))
+            current, current_bytes = [], 0
+        current.append(item)
+        current_bytes += size
+    if current:
+        shards.append(Shard(units[-1][0], current, current_bytes))
     return shards

@@ -18,6 +18,9 @@ import numpy as np
 
 from megalong.data.preprocess.config import PreprocessConfig
 from megalong.data.preprocess.indexed_writer import IndexedDatasetWriter, sidecar_path, tmp_tag
+from megalong.data.preprocess.mds_input import SHARD_KINDS as MDS_SHARD_KINDS
+from megalong.data.preprocess.mds_input import MdsShardConverter
+from megalong.data.preprocess import repo_rows
 from megalong.data.preprocess.readers import iter_documents
 from megalong.data.preprocess.report import SkipLog
 from megalong.data.preprocess.sources import Shard
@@ -76,10 +79,20 @@ class _ShardTokenizer:
         if self.chars >= BATCH_CHARS:
             self.flush()
 
+    def add_tokens(self, tokens: np.ndarray, where: tuple, input_bytes: int) -> None:
+        """A document already tokenized (MDS input): the policy and filters still apply, and
+        dedup compares token ids. Not mixed with ``add`` in one shard."""
+        self.texts.append(tokens)
+        self.wheres.append(where)
+        self.chars += input_bytes
+        if self.chars >= BATCH_CHARS:
+            self.flush()
+
     def flush(self) -> None:
         if not self.texts:
             return
-        arrays = self.tokenizer.encode_batch_arrays(self.texts)
+        pretokenized = isinstance(self.texts[0], np.ndarray)
+        arrays = self.texts if pretokenized else self.tokenizer.encode_batch_arrays(self.texts)
         lengths = np.fromiter((a.size for a in arrays), dtype=np.int64, count=len(arrays)) + self.extra
         keep = lengths > 0  # text that tokenizes to nothing, with no BOS/EOS, is not a document
         if self.cfg.min_tokens:
@@ -107,7 +120,8 @@ class _ShardTokenizer:
         if kept_lengths.size:
             self.writer.add_documents(np.concatenate(pieces).astype(np.int32, copy=False), kept_lengths)
         if self.hashes is not None and kept_texts:
-            digests = b"".join(hashlib.blake2b(t.encode("utf-8"), digest_size=8).digest() for t in kept_texts)
+            keys = (np.asarray(t, dtype=np.int32).tobytes() if pretokenized else t.encode("utf-8") for t in kept_texts)
+            digests = b"".join(hashlib.blake2b(key, digest_size=8).digest() for key in keys)
             self.hashes.write(digests)
         if self.progress is not None:
             consumed = min(self.chars, self.input_budget)
@@ -123,18 +137,29 @@ def tokenize_shard(shard_id: int, shard: Shard, cfg: PreprocessConfig, tokenizer
     skips = SkipLog(cfg.strict)
     hashes_path = Path(f"{prefix}.hashes")
     hashes_tmp = hashes_path.with_name(f"{hashes_path.name}.tmp.{tmp_tag()}")
-    writer = IndexedDatasetWriter(prefix)
+    writer = IndexedDatasetWriter(prefix, multimodal=shard.kind == "mds-packed-mask")
     hashes = open(hashes_tmp, "wb") if cfg.dedup else None
+    extra = {}
     try:
         batcher = _ShardTokenizer(cfg, tokenizer, writer, skips, hashes, progress, shard.input_bytes)
-        for text, where in iter_documents(shard, cfg, skips):
-            batcher.add(text, where)
+        if shard.kind == repo_rows.PARTITION:
+            repo_rows.partition_file(shard.items[0], repo_rows.partition_path(work_dir, shard_id), skips)
+        elif shard.kind == repo_rows.GROUP:
+            for text, where in repo_rows.group_documents(shard.items[0], Path(work_dir), cfg, skips):
+                batcher.add(text, where)
+        elif shard.kind in MDS_SHARD_KINDS:
+            converter = MdsShardConverter(shard.kind, writer, skips, tokenizer.vocab_size, batcher.add_tokens, progress)
+            converter.convert(shard.items)
+            extra = {"mds_domains": dict(converter.domains), "spans": converter.spans}
+        else:
+            for text, where in iter_documents(shard, cfg, skips):
+                batcher.add(text, where)
         batcher.flush()
         if hashes is not None:
             hashes.close()
             os.replace(hashes_tmp, hashes_path)
         stats = {"shard": shard_id, "documents": writer.num_documents, "tokens": writer.num_tokens,
-                 "input_bytes": shard.input_bytes, **skips.to_dict()}
+                 "input_bytes": shard.input_bytes, **skips.to_dict(), **extra}
         writer.finalize(durable=False)
     except BaseException:
         writer.abort()

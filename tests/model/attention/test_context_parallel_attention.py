@@ -2,7 +2,9 @@
 
 Each rank computes the reference on the full sequence (same seeded inputs everywhere),
 then megalong's CP attention on its load-balanced shard, and reports the largest
-differences of the output and of the q/k/v gradients at its own positions.
+differences of the output and of the q/k/v gradients at its own positions: in fp32, and in
+bf16 (as real runs call it) against the float64 definition within the bf16 bounds of
+tests/model/attention/precision.py.
 """
 
 import math
@@ -35,6 +37,7 @@ def _cp_attention_worker(cp_sizes, cases) -> dict:
     for cp_size in cp_sizes:
         groups = [dist.new_group(list(range(start, start + cp_size))) for start in range(0, world, cp_size)]
         results[cp_size] = _check_cases(cp_size, groups[rank // cp_size], cases)
+        results[f"bf16 CP={cp_size}"] = _check_bf16(cp_size, groups[rank // cp_size])
     dist.destroy_process_group()  # here, so the launcher need not import Megatron-Core to shut down
     return results
 
@@ -44,10 +47,7 @@ def _check_cases(cp_size: int, group, cases) -> list:
 
     from megalong.data.cp_shard import load_balanced_index
     from megalong.model.attention.layout import DocumentLayout
-    from megalong.model.attention.local import sdpa_attention
     from megalong.model.attention.reference import reference_attention
-    from megalong.model.attention.ring import ring_attention
-    from megalong.model.attention.ulysses import ulysses_attention
 
     # The attention only needs a process group (Megatron-Core's parallel state is
     # exercised by the whole-model tests).
@@ -65,13 +65,7 @@ def _check_cases(cp_size: int, group, cases) -> list:
 
         index = load_balanced_index(SEQ_LENGTH, cp_size, rank)
         shard = [t[index].clone().requires_grad_() for t in (q, k, v)]
-        if comm == "ring":
-            out = ring_attention(*shard, layout, group, scale, tile)
-        else:
-            out = ulysses_attention(
-                *shard, layout, group,
-                lambda q_, k_, v_, layout_: sdpa_attention(q_, k_, v_, layout_, scale, tile),
-            )
+        out = _cp_kernels(group, layout, scale, tile)[comm](*shard)
         out.backward(grad_out[index])
         errors.append({
             "out": (out - reference[index]).abs().max().item(),
@@ -81,6 +75,40 @@ def _check_cases(cp_size: int, group, cases) -> list:
     errors.append(_thd_relayout_errors(cp_size, rank, group))
     errors.append(_te_kernel_per_layer_host_calls(group))
     return errors
+
+
+def _cp_kernels(group, layout, scale: float, tile: int) -> dict:
+    """megalong's two CP kernels over ``group``: ring, and all-to-all around the sdpa kernel."""
+    from megalong.model.attention.local import sdpa_attention
+    from megalong.model.attention.ring import ring_attention
+    from megalong.model.attention.ulysses import ulysses_attention
+
+    return {
+        "ring": lambda q, k, v: ring_attention(q, k, v, layout, group, scale, tile),
+        "a2a": lambda q, k, v: ulysses_attention(
+            q, k, v, layout, group, lambda q_, k_, v_, layout_: sdpa_attention(q_, k_, v_, layout_, scale, tile)),
+    }
+
+
+def _check_bf16(cp_size: int, group) -> dict:
+    """Norm-wise errors of each CP kernel in bf16 at this rank's positions, and its bounds' verdict."""
+    import torch.distributed as dist
+
+    from megalong.data.cp_shard import load_balanced_index
+    from megalong.model.attention.layout import DocumentLayout
+    from tests.model.attention import precision
+
+    cu_seqlens, q, k, v, grad_out = precision.bf16_inputs()
+    layout = DocumentLayout.from_sample_cu_seqlens(cu_seqlens, precision.SEQ_LENGTH)
+    reference = precision.reference_outputs(q, k, v, grad_out, layout.doc_ids)
+    index = load_balanced_index(precision.SEQ_LENGTH, cp_size, dist.get_rank(group))
+    local_reference = {name: value[index] for name, value in reference.items()}
+    found = {}
+    for comm, kernel in _cp_kernels(group, layout, precision.SCALE, tile=64).items():
+        got = precision.run_kernel(kernel, q[index], k[index], v[index], grad_out[index])
+        errors = precision.errors(got, local_reference)
+        found[comm] = {"errors": errors, "outside": precision.within_bounds(errors, cp=cp_size)}
+    return found
 
 
 def _thd_relayout_errors(cp_size: int, rank: int, group) -> dict:
@@ -172,8 +200,11 @@ def _te_kernel_per_layer_host_calls(group) -> dict:
 def test_cp_attention_matches_reference():
     results = run_processes(_cp_attention_worker, 4, args=((2, 4), CASES))
     for rank, per_cp in enumerate(results):
-        assert sorted(per_cp) == [2, 4]
-        for cp_size, errors in per_cp.items():
+        assert sorted(per_cp, key=str) == [2, 4, "bf16 CP=2", "bf16 CP=4"]
+        for cp_size in (2, 4):
+            for comm, found in per_cp[f"bf16 CP={cp_size}"].items():
+                assert found["outside"] == [], f"bf16 {comm} at CP={cp_size} rank {rank}: {found['errors']}"
+            errors = per_cp[cp_size]
             assert len(errors) == len(CASES) + 2
             for case, error in zip(CASES + ["THD relayout", "TE kernel's host calls per layer"], errors):
                 for name, value in error.items():
