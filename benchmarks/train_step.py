@@ -135,8 +135,8 @@ class BareMegatronStep:
         chunks = build_model(trainer.model_config, run.parallel, on_gpu=trainer.runtime.on_gpu,
                              loss_chunk_tokens=run.loss.chunk_tokens)
         config = get_model_config(chunks[0])
-        self.model = wrap_with_ddp(chunks, run, trainer.runtime.on_gpu)
-        self.optimizer = build_optimizer(self.model, run, trainer.runtime.on_gpu)
+        self.model = wrap_with_ddp(chunks, run)
+        self.optimizer = build_optimizer(self.model, run)
         self.scheduler = build_scheduler(self.optimizer, run)
         config.grad_scale_func = self.optimizer.scale_loss
         config.finalize_model_grads_func = finalize_model_grads

@@ -35,6 +35,11 @@ _LOG_NOISE = re.compile("|".join((
     r"DistributedDataParallel: full_param_layout not provided",
     # Advice to pick a writer from nvidia-resiliency-ext: megalong uses Megatron-Core's own.
     r"MCore's async save is deprecated",
+    # The NaN/Inf gradient check (check_for_nan_in_grad) goes through Megatron-Core's rerun
+    # state machine, which then sets itself up in its default mode (no reruns: a NaN stops the
+    # run with an error) and says so at warning level.
+    r"Implicit initialization of Rerun State Machine",
+    r"RerunStateMachine initialized in mode RerunMode\.DISABLED",
     # A fully reshardable optimizer save in the memory-efficient mode (megalong.training.checkpoint):
     # only the first data-parallel rank gathers the state, the others hold nothing, by design.
     r"common state dict differs from rank 0 common state dict\. Keys only on rank 0: \[\], "

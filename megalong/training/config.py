@@ -126,10 +126,18 @@ class RuntimeConfig:
     device: Literal["auto", "cuda", "cpu"] = "auto"
     # Save and exit with the requeue code after this many minutes (0 = no limit).
     exit_duration_minutes: float = 0.0
-    # Overlap the data-parallel gradient reduce-scatter with the backward pass (GPU).
+    # Overlap the data-parallel gradient reduce-scatter (all-reduce without the distributed
+    # optimizer) with the backward pass: each bucket is reduced as soon as its gradients are
+    # complete (GPU, and on CPU with gloo's asynchronous collectives).
     overlap_grad_reduce: bool = False
-    # Overlap the distributed optimizer's parameter all-gather with the next forward (GPU).
+    # Overlap the distributed optimizer's parameter all-gather with the next forward pass: each
+    # bucket's updated weights are gathered just before its first layer runs. Needs
+    # parallel.distributed_optimizer (there is nothing to gather without it).
     overlap_param_gather: bool = False
+    # Parameters per gradient bucket of the overlapped reduce (Megatron-LM's --ddp-bucket-size);
+    # null = Megatron-Core's max(40M, 1M x DP). Only with overlap_grad_reduce; as in Megatron-LM,
+    # only the first virtual chunk of the first pipeline stage is split, the others are one bucket.
+    ddp_bucket_size: Optional[int] = None
     distributed_timeout_minutes: int = 30
 
 
@@ -230,6 +238,13 @@ class RunConfig:
             raise ConfigError(
                 f"optimizer.min_lr={self.optimizer.min_lr} must lie between 0 and optimizer.lr={self.optimizer.lr}"
             )
+        runtime = self.runtime
+        if runtime.overlap_param_gather and not parallel.distributed_optimizer:
+            raise ConfigError("runtime.overlap_param_gather=true needs parallel.distributed_optimizer=true (it "
+                              "overlaps the gather of the distributed optimizer's updated shards)")
+        if runtime.ddp_bucket_size is not None and runtime.ddp_bucket_size < 1:
+            raise ConfigError(f"runtime.ddp_bucket_size must be >= 1 (or null for Megatron-Core's default), "
+                              f"got {runtime.ddp_bucket_size}")
         if self.loss.chunk_tokens < 0:
             raise ConfigError(f"loss.chunk_tokens must be >= 0 (0 = off), got {self.loss.chunk_tokens}")
         if self.logging.log_samples and self.data_factory:

@@ -18,9 +18,11 @@ from typing import Optional
 
 from megalong.checkpoint import layout
 
-# "Near ln(V)": within a tenth of it. A trained Llama-3 starts long-context training near 2 nats
-# (ln V = 11.76); a freshly initialized one at ln V plus a little.
-NEAR_RANDOM_FRACTION = 0.9
+# "Near ln(V)": within 5% of it. A freshly initialized model starts at ln V give or take a
+# little (its logits are nearly equal); a model that has learned even which tokens are frequent
+# starts clearly below (the quickstart's smoke model after 16 steps: 0.90 ln V), and a trained
+# Llama-3 far below.
+NEAR_RANDOM_FRACTION = 0.95
 
 
 def describe_source(source: Path) -> str:

@@ -16,19 +16,23 @@ import torch
 from megalong.training.config import RunConfig
 
 
-def wrap_with_ddp(model_chunks: list, run: RunConfig, on_gpu: bool) -> list:
+def wrap_with_ddp(model_chunks: list, run: RunConfig) -> list:
     """Wrap each model chunk in Megatron-Core DDP (gradients in contiguous fp32 buffers)."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.utils import get_model_config
 
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
-        overlap_grad_reduce=run.runtime.overlap_grad_reduce and on_gpu,
-        overlap_param_gather=run.runtime.overlap_param_gather and on_gpu and run.parallel.distributed_optimizer,
+        overlap_grad_reduce=run.runtime.overlap_grad_reduce,
+        overlap_param_gather=run.runtime.overlap_param_gather,
+        # With several chunks the interleaved schedule starts the gathers (Trainer.setup sets
+        # param_sync_func); a bucket's forward hook then only waits for its own.
+        align_param_gather=run.runtime.overlap_param_gather and len(model_chunks) > 1,
+        bucket_size=run.runtime.ddp_bucket_size,
         use_distributed_optimizer=run.parallel.distributed_optimizer,
         # Per-token loss: gradients are summed, then divided by the global token count.
         average_in_collective=False,
-        check_for_nan_in_grad=on_gpu,
+        check_for_nan_in_grad=True,
     )
     config = get_model_config(model_chunks[0])
     return [
@@ -43,7 +47,7 @@ def wrap_with_ddp(model_chunks: list, run: RunConfig, on_gpu: bool) -> list:
     ]
 
 
-def build_optimizer(model_chunks: list, run: RunConfig, on_gpu: bool):
+def build_optimizer(model_chunks: list, run: RunConfig):
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
     params_dtype = torch.bfloat16 if run.model.params_dtype == "bf16" else torch.float32
@@ -59,7 +63,7 @@ def build_optimizer(model_chunks: list, run: RunConfig, on_gpu: bool):
         bf16=params_dtype == torch.bfloat16,
         params_dtype=params_dtype,
         use_distributed_optimizer=run.parallel.distributed_optimizer,
-        overlap_param_gather=run.runtime.overlap_param_gather and on_gpu and run.parallel.distributed_optimizer,
+        overlap_param_gather=run.runtime.overlap_param_gather,
         decoupled_weight_decay=True,
     )
     return get_megatron_optimizer(config, model_chunks)

@@ -91,22 +91,30 @@ class Trainer:
             log.info("Cross entropy in chunks of %d tokens (logits recomputed in backward)",
                      run.loss.chunk_tokens)
         self.padded_vocab = chunks[0].vocab_size
-        self.model = wrap_with_ddp(chunks, run, self.runtime.on_gpu)
-        self.optimizer = build_optimizer(self.model, run, self.runtime.on_gpu)
+        self.model = wrap_with_ddp(chunks, run)
+        self.optimizer = build_optimizer(self.model, run)
         self.scheduler = build_scheduler(self.optimizer, run)
 
         config = get_model_config(self.model[0])
         config.grad_scale_func = self.optimizer.scale_loss
         config.finalize_model_grads_func = finalize_model_grads
-        if run.runtime.overlap_grad_reduce and self.runtime.on_gpu:
-            no_sync = [m.no_sync for m in self.model]
-            config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
-        if run.parallel.virtual_pipeline and run.parallel.virtual_pipeline > 1:
+        per_chunk = (lambda funcs: funcs[0]) if len(self.model) == 1 else list
+        if run.runtime.overlap_grad_reduce:
+            # Megatron-LM's --overlap-grad-reduce with its default --align-grad-reduce: the
+            # micro-batches before the last accumulate without reducing (no_sync), and a pipeline
+            # schedule starts each chunk's reduce itself, at the same point on every stage.
+            config.no_sync_func = per_chunk([m.no_sync for m in self.model])
+            config.grad_sync_func = per_chunk([m.start_grad_sync for m in self.model])
+        if len(self.model) > 1:
             # Megatron-LM's settings for the interleaved schedule. With batched p2p, PP=2 posts a
             # backward and a forward tensor to the same peer in an order the peer does not receive
             # them in (seen on gloo: wrong activations, wrong losses); overlapped p2p orders them.
             config.overlap_p2p_comm = True
             config.batch_p2p_comm = False
+            if run.runtime.overlap_param_gather:
+                # And its --align-param-gather (on by default with virtual stages): the schedule
+                # starts each chunk's parameter all-gather ahead of the chunk's first forward.
+                config.param_sync_func = [m.start_param_sync for m in self.model]
         self.model_transformer_config = config
 
         if self.stream is None:
@@ -309,8 +317,9 @@ class Trainer:
         self.state.layout = self.layout
         self.state.data = self.stream.describe()
         # With overlapped parameter all-gather the last update reaches the model only in the
-        # next forward pass: gather it now, so the saved weights are the updated ones.
-        deferred_gather = self._overlaps_param_gather()
+        # next forward pass (each rank has updated its own shard of the weights, the rest is
+        # stale): gather it now, so the saved weights are the updated ones.
+        deferred_gather = run.runtime.overlap_param_gather
         self.finish_pending_saves()  # one checkpoint in flight at a time
         if deferred_gather:
             for chunk in self.model:
@@ -333,10 +342,6 @@ class Trainer:
         """Publish background checkpoint writes that are complete (all of them if blocking)."""
         if self.async_queue is not None:
             self.async_queue.maybe_finalize_async_calls(blocking=blocking)
-
-    def _overlaps_param_gather(self) -> bool:
-        return (self.run.runtime.overlap_param_gather and self.runtime.on_gpu
-                and self.run.parallel.distributed_optimizer)
 
     def _report_first_step(self, loss: float) -> None:
         """Rank 0 says the first loss of a run started from initial weights next to a random

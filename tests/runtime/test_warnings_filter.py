@@ -23,8 +23,11 @@ def test_megatron_core_notices_for_its_callers_are_dropped(console):
     megatron.warning("MCore's async save is deprecated and will be removed in the future releases. "
                      "Please, use NVRx async solution by setting `async_strategy` to `nvrx`.")
     logging.getLogger("megatron.core.models.gpt.gpt_model").warning("GPTModel IS DEPRECATED. Use HybridModel")
+    rerun = logging.getLogger("megatron.core.rerun_state_machine")
+    rerun.warning("Implicit initialization of Rerun State Machine!")
+    rerun.warning("RerunStateMachine initialized in mode RerunMode.DISABLED")
     megatron.warning("Overwriting old incomplete / corrupted checkpoint...")  # a real one stays
     logging.getLogger("megalong.x").warning("GPTModel IS DEPRECATED (megalong's own lines are never dropped)")
     err = console()
-    assert "async save is deprecated" not in err and "HybridModel" not in err
+    assert "async save is deprecated" not in err and "HybridModel" not in err and "Rerun" not in err
     assert "Overwriting old incomplete" in err and "megalong's own lines are never dropped" in err

@@ -84,10 +84,12 @@ def two_process_results(workdir, single_process_results):
                                   "iter_0000003")),
         (broken.train_catching, (on_a_copy(workdir, "dp2", "disk-full"), broken.FILE_SIZE_LIMIT, 0)),
     ]
+    # Before the full-disk run: Megatron-Core's checkpoint writer processes, started under its
+    # file-size limit, keep it for later saves in the same process.
     bf16_calls = bf16.calls(workdir, 2, "first") + bf16.calls(workdir, 2, "resume")
-    results = run_processes(helpers.in_sequence, 2, (calls + bf16_calls,))
-    bf16_codes = [r[len(calls):] for r in results]
-    results = [r[:len(calls)] for r in results]
+    results = run_processes(helpers.in_sequence, 2, (bf16_calls + calls,))
+    bf16_codes = [r[:len(bf16_calls)] for r in results]
+    results = [r[len(bf16_calls):] for r in results]
     return {"bf16_codes": bf16_codes,"uneven_dp2_codes": [r[0] for r in results], "tp2_codes": [r[1] for r in results],
             "pp2_codes": [r[3] for r in results], "matrix_codes": [r[4:4 + len(matrix)] for r in results],
             "mixture_dp2_codes": [r[-3] for r in results], "disk_full": [r[-1] for r in results]}
@@ -137,9 +139,10 @@ def resumed_single_process_results(workdir, two_process_results, eight_process_r
         (broken.train_catching, (on_a_copy(workdir, "one-process", "disk-full-async", checkpoint={"async_save": True}),
                                  broken.FILE_SIZE_LIMIT)),
     ]
+    # Before the full-disk runs (see two_process_results).
     bf16_calls = bf16.calls(workdir, 1, "resume")
-    (results,) = run_processes(helpers.in_sequence, 1, (calls + bf16_calls,))
-    bf16_codes = results[len(calls):]
-    *matrix, resumed, forgetting, mixture, _, truncated, _, unrecorded, _, disk_full_async = results[:len(calls)]
+    (results,) = run_processes(helpers.in_sequence, 1, (bf16_calls + calls,))
+    bf16_codes = results[:len(bf16_calls)]
+    *matrix, resumed, forgetting, mixture, _, truncated, _, unrecorded, _, disk_full_async = results[len(bf16_calls):]
     return {"bf16_codes": bf16_codes,"matrix_codes": matrix, "eight_to_one_codes": [resumed, forgetting], "mixture_resumed_code": mixture,
             "truncated": truncated, "unrecorded": unrecorded, "disk_full_async": disk_full_async}

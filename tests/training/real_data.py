@@ -117,6 +117,9 @@ def mixture_run(root: Path, run_dir: Path, **sections) -> dict:
 
 
 def sft_run(root: Path, run_dir: Path, **sections) -> dict:
-    """Eight steps of SFT on the chat dataset (conversations packed, loss on answers only)."""
+    """Eight steps of SFT on the chat dataset (conversations packed, loss on answers only), in
+    bf16 as real SFT runs (its killed and resumed run is then the bf16 exact-resume check)."""
+    from tests.training.helpers import merge
+
     domains = [{"name": "chat", "kind": "sft", "weight": 1.0, "paths": ["chat"]}]
-    return _recipe(root, run_dir, domains, SFT_SEQ_LENGTH, **sections)
+    return _recipe(root, run_dir, domains, SFT_SEQ_LENGTH, **merge({"model": {"params_dtype": "bf16"}}, sections))

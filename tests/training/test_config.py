@@ -51,8 +51,11 @@ def test_tiny_cpu_recipe_is_valid_for_two_processes():
     (["parallel.tensor_parallel=2"], 3, r"world size 3 is not divisible by TP x CP x PP"),
     (["model.num_query_groups=3"], 2, r"model.num_attention_heads=4 is not divisible by model.num_query_groups=3"),
     (["schedule.train_steps=5"], 2, r"warmup \(5 steps.*must be shorter than schedule.train_steps=5"),
+    (["runtime.overlap_param_gather=true", "parallel.distributed_optimizer=false"], 2,
+     r"runtime.overlap_param_gather=true needs parallel.distributed_optimizer=true"),
+    (["runtime.ddp_bucket_size=0"], 2, r"runtime.ddp_bucket_size must be >= 1"),
 ], ids=["seq-vs-cp", "sp-without-tp", "seq-beyond-positions", "batch-vs-dp", "world-size", "model-shape",
-        "warmup-vs-steps"])
+        "warmup-vs-steps", "gather-without-distributed-optimizer", "empty-buckets"])
 def test_a_configuration_that_cannot_work_is_refused_naming_the_keys(overrides, world, message):
     run = load(RunConfig, EXAMPLES / "tiny_cpu.yaml", overrides)
     with pytest.raises((ConfigError, LayoutError), match=message):

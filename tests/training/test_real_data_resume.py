@@ -87,9 +87,10 @@ def test_mixture_killed_resumes_exactly_past_a_corrupted_checkpoint(workdir, uni
 
 
 def test_sft_killed_then_a_full_disk_then_resumed_exactly(workdir, uninterrupted):
-    """SFT on ``megalong sft-data`` output: SIGKILL after step 3; the rerun may not write files
-    over 200 KB (a full disk for the ~460 KB model files) and stops at its first save with an
-    error saying so, `latest` unchanged; a third run ends as uninterrupted."""
+    """SFT on ``megalong sft-data`` output, in bf16: SIGKILL after step 3; the rerun may not
+    write files over 200 KB (a full disk for the model and optimizer files) and stops at its
+    first save with an error saying so, `latest` unchanged; a third run ends as uninterrupted,
+    bitwise (bf16 weights and fp32 master weights restored exactly)."""
     run_dir, recipe, metrics = _command_run(workdir, "sft-command", real_data.sft_run)
     _kill_after(recipe, metrics, run_dir / "killed.log", 3)
     save_dir = run_dir / "ckpt"
