@@ -104,17 +104,17 @@ def build_run(args):
 def check_gpu_memory(run, device_memory_bytes: float) -> None:
     """Refuse (with the planner's numbers) a GPU run whose two models will not fit one GPU."""
     from megalong.plan.hardware import GpuSpec
-    from megalong.plan.memory import TrainingShape, estimate
+    from megalong.plan.memory import TrainingShape
+    from megalong.plan.planner import check_fits
 
-    model = run.resolved_model()
     shape = TrainingShape(run.data.seq_length, loss_chunk_tokens=run.loss.chunk_tokens or None,
                           num_microbatches=run.schedule.global_batch_size)
-    one = estimate(model, run.parallel, shape, world_size=1, framework_overhead_bytes=GpuSpec.framework_overhead_gb * 1e9,
-                   fragmentation=GpuSpec.fragmentation)
-    both = one.total + one.static  # a second copy of weights, gradients and optimizer states
-    if both > 0.95 * device_memory_bytes:
-        raise SystemExit(f"the two sides need about {both / 1e9:.0f} GB (one side: {one.describe()}), this GPU has "
-                         f"{device_memory_bytes / 1e9:.0f} GB: lower --layers or --seq-length")
+    one = check_fits(run.resolved_model(), run.parallel, shape, world_size=1,
+                     gpu=GpuSpec.of_memory("this GPU", device_memory_bytes / 1e9))
+    both = one.memory.total + one.memory.static  # a second copy of weights, gradients and optimizer states
+    if both > one.usable_bytes:
+        raise SystemExit(f"the two sides need about {both / 1e9:.0f} GB (one side: {one.memory.describe()}), this GPU "
+                         f"has {device_memory_bytes / 1e9:.0f} GB: lower --layers or --seq-length")
     print(f"planner: both sides together about {both / 1e9:.0f} GB of {device_memory_bytes / 1e9:.0f} GB")
 
 

@@ -17,7 +17,7 @@ from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, Metadata
 from torch.distributed.checkpoint.planner import LoadPlan, SavePlan, TensorWriteData, WriteItem, WriteItemType
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
-from megalong.convert.dist_io import DistCheckpointError, ObjectPiece, TensorPiece
+from megalong.convert.dist_pieces import DistCheckpointError, ObjectPiece, TensorPiece
 from megalong.convert.prefetch import Prefetcher
 
 

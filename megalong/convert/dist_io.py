@@ -17,50 +17,20 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import os
 import pickle
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 
+from megalong.convert.dist_pieces import DistCheckpointError, ObjectPiece, TensorPiece
 from megalong.convert.prefetch import Prefetcher
 
 
 # What Megatron-Core writes for its torch_dist backend (dist_checkpointing/core.py).
 MCORE_METADATA = {"sharded_backend": "torch_dist", "sharded_backend_version": 1,
                   "common_backend": "torch", "common_backend_version": 1}
-
-
-class DistCheckpointError(ValueError):
-    """A distributed checkpoint that is missing, unreadable or lacks a tensor."""
-
-
-@dataclass
-class TensorPiece:
-    """One chunk of a global tensor, produced on demand. ``produce`` returns a tensor of its
-    own (not a view of memory the caller keeps): the writer frees it once written."""
-
-    key: str
-    global_shape: tuple[int, ...]
-    offset: tuple[int, ...]
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-    produce: Callable[[], torch.Tensor]
-
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * self.dtype.itemsize
-
-
-@dataclass
-class ObjectPiece:
-    """A ShardedObject (e.g. a layer's ``_extra_state``); stored as Megatron-Core stores it."""
-
-    key: str
-    value: object
 
 
 def sharded_object_key(key: str, offset: tuple[int, ...], shape: tuple[int, ...]) -> str:

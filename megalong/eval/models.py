@@ -173,23 +173,31 @@ class MegalongModel:
         return tokens, positions
 
     @torch.inference_mode()
-    def greedy_generate(self, prompt_ids: list[int], max_new_tokens: int, stop_ids: list[int]) -> list[int]:
-        """Greedy decoding with Megatron-Core's static KV cache (last-position logits only)."""
+    def greedy_steps(self, prompt_ids: list[int], max_new_tokens: int):
+        """Greedy decoding with Megatron-Core's static KV cache, one step at a time: yields the
+        logits at the last position ([real vocabulary], on the device) and the token chosen
+        from them. The prompt goes through the model once, then one token per step."""
         from megatron.core.inference.contexts import StaticInferenceContext
 
         context = StaticInferenceContext(max_batch_size=1, max_sequence_length=len(prompt_ids) + max_new_tokens)
         tokens, positions = self._inputs(prompt_ids)
-        generated: list[int] = []
         for _ in range(max_new_tokens):
             # Inference mode needs the full-vocabulary logits gathered (a no-op without TP).
             logits = self.model(tokens, positions, None, inference_context=context, runtime_gather_output=True)
-            next_id = int(logits[0, -1, : self.vocab_size].argmax())
-            if next_id in stop_ids:
-                break
-            generated.append(next_id)
+            last = logits[0, -1, : self.vocab_size]
+            next_id = int(last.argmax())
+            yield last, next_id
             context.sequence_len_offset += tokens.size(1)
             tokens = torch.tensor([[next_id]], dtype=torch.long, device=self.device)
             positions = torch.tensor([[context.sequence_len_offset]], dtype=torch.long, device=self.device)
+
+    def greedy_generate(self, prompt_ids: list[int], max_new_tokens: int, stop_ids: list[int]) -> list[int]:
+        """Greedy decoding with Megatron-Core's static KV cache (last-position logits only)."""
+        generated: list[int] = []
+        for _, next_id in self.greedy_steps(prompt_ids, max_new_tokens):
+            if next_id in stop_ids:
+                break
+            generated.append(next_id)
         return generated
 
     @torch.inference_mode()

@@ -27,7 +27,7 @@ _COMMON = dict(rope_theta=500000.0, tie_word_embeddings=False, norm_epsilon=1e-5
 MODEL = ModelConfig(num_layers=2, hidden_size=512, ffn_hidden_size=1536, num_attention_heads=4,
                     num_query_groups=2, vocab_size=1000, max_position_embeddings=8192, **_COMMON)
 # Checkpoint portability: small, FP8-friendly (every GEMM dimension a multiple of 16), the
-# same shape as the Hugging Face model the converter reads (see hf_config()).
+# same shape as the Hugging Face model the converter reads (checks.checkpoints.write_sources).
 CHECKPOINT_MODEL = ModelConfig(num_layers=2, hidden_size=256, ffn_hidden_size=512, num_attention_heads=4,
                                num_query_groups=2, vocab_size=1000, max_position_embeddings=256, **_COMMON)
 # FP8 against bf16 on real text: the real Llama-3 vocabulary, so the loss at initialisation is
@@ -110,20 +110,6 @@ def text_samples(documents, seq_length: int, first: int, count: int, seed: int =
         next_token = int(last[layout.offsets[-1] + layout.lengths[-1]]) if layout.continues else None
         samples.append(materialize(layout, pieces, next_token, pad_token_id=0, seq_length=seq_length))
     return samples
-
-
-def hf_config(model: ModelConfig):
-    """The Hugging Face LlamaConfig of ``model``'s shape (for the converter's input)."""
-    from transformers import LlamaConfig
-
-    return LlamaConfig(
-        hidden_size=model.hidden_size, intermediate_size=model.ffn_hidden_size,
-        num_hidden_layers=model.num_layers, num_attention_heads=model.num_attention_heads,
-        num_key_value_heads=model.num_query_groups, vocab_size=model.vocab_size,
-        max_position_embeddings=model.max_position_embeddings, rope_theta=model.rope_theta,
-        rms_norm_eps=model.norm_epsilon, tie_word_embeddings=model.tie_word_embeddings,
-        bos_token_id=1, eos_token_id=2,
-    )
 
 
 # Head size of the attention-kernel checks (Llama-3's).

@@ -15,11 +15,12 @@ Checks also need things nobody asks for by name: a GPU (unless ``--allow-no-gpu`
 
 from __future__ import annotations
 
-import importlib
 import importlib.metadata
 import platform
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Optional
+
+from megalong.model import backends
 
 FEATURES = {
     "te": "Transformer Engine",
@@ -28,6 +29,8 @@ FEATURES = {
     "cp": "context parallelism across 2+ GPUs",
     "tp-cp": "tensor x context parallelism across 4+ GPUs",
 }
+# GPUs a feature needs (decided by count alone, also before any process starts: runner.unstartable).
+GPUS_NEEDED = {"gpu": 1, "cp": 2, "tp-cp": 4}
 # Transformer Engine's THD attention with padding between documents (megalong's TE context
 # parallelism pads every document to a multiple of 2 x CP) runs only in cuDNN's fused attention.
 MIN_CUDNN_FOR_TE_THD_PADDING = (9, 1)
@@ -44,16 +47,6 @@ def parse_required(text: Optional[str]) -> tuple[str, ...]:
     if unknown:
         raise RequirementError(f"--require: unknown feature(s) {', '.join(unknown)}; known: {', '.join(FEATURES)}")
     return names
-
-
-def _import_problem(module: str) -> Optional[str]:
-    """None when ``module`` imports; else the error (a wheel built for another CUDA or torch
-    is found on the path but fails here)."""
-    try:
-        importlib.import_module(module)
-    except Exception as err:  # OSError, RuntimeError, ImportError ...: all mean "not usable"
-        return f"{type(err).__name__}: {err}".strip()
-    return None
 
 
 def _distribution_version(name: str) -> Optional[str]:
@@ -94,22 +87,17 @@ class Machine:
     fp8_problem: Optional[str] = "not checked"
     transformers_problem: Optional[str] = "not checked"
     tokenizer_problem: Optional[str] = "not checked"
-    notes: list = field(default_factory=list)
 
     def missing(self, feature: str) -> Optional[str]:
         """Why ``feature`` is not available here, or None when it is."""
-        if feature == "gpu":
-            return None if self.gpus else "no GPU is visible (torch.cuda.is_available() is False)"
+        if feature in GPUS_NEEDED:
+            return gpu_count_problem(feature, self.gpus)
         if feature == "te":
             return self.te_problem and f"Transformer Engine does not import: {self.te_problem}"
         if feature == "flash-attn":
             return self.flash_problem and f"flash-attn does not import: {self.flash_problem}"
         if feature == "fp8":
             return self.missing("te") or self.missing("gpu") or self.fp8_problem
-        if feature == "cp":
-            return None if self.gpus >= 2 else f"context parallelism across GPUs needs 2 GPUs, {self.gpus} visible"
-        if feature == "tp-cp":
-            return None if self.gpus >= 4 else f"TP=2 x CP=2 needs 4 GPUs, {self.gpus} visible"
         if feature == "transformers":
             return self.transformers_problem and f"transformers does not import: {self.transformers_problem}"
         if feature == "tokenizer":
@@ -118,6 +106,16 @@ class Machine:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def gpu_count_problem(feature: str, gpus: int) -> Optional[str]:
+    """Why ``gpus`` visible GPUs are too few for ``feature`` (see :data:`GPUS_NEEDED`), or None."""
+    needed = GPUS_NEEDED[feature]
+    if gpus >= needed:
+        return None
+    if feature == "gpu":
+        return "no GPU is visible (torch.cuda.is_available() is False)"
+    return f"{FEATURES[feature]} needs {needed} GPUs, {gpus} visible"
 
 
 def detect(device_type: str) -> Machine:
@@ -136,35 +134,25 @@ def detect(device_type: str) -> Machine:
         machine.gpu_memory_gib = props.total_memory / 2**30
         machine.cudnn_torch = _cudnn_tuple(torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None)
 
-    machine.te_problem = _import_problem("transformer_engine.pytorch")
+    # The answers megalong's own kernel choice uses (one import check, megalong.model.backends).
+    machine.te_problem = backends.transformer_engine_problem()
     if machine.te_problem is None:
         import transformer_engine
 
         machine.te_version = getattr(transformer_engine, "__version__", _distribution_version("transformer-engine"))
-        _check_megalong_agrees(machine, "te")
         if machine.gpus:
             from transformer_engine.pytorch.utils import get_cudnn_version
 
             machine.cudnn_te = tuple(get_cudnn_version())
-    machine.flash_problem = _import_problem("flash_attn")
+    machine.flash_problem = backends.flash_attn_problem()
     if machine.flash_problem is None:
         import flash_attn
 
         machine.flash_version = getattr(flash_attn, "__version__", None)
-        _check_megalong_agrees(machine, "flash-attn")
     machine.fp8_problem = _fp8_problem(machine)
-    machine.transformers_problem = _import_problem("transformers")
+    machine.transformers_problem = backends.import_problem("transformers")
     machine.tokenizer_problem = _tokenizer_problem()
     return machine
-
-
-def _check_megalong_agrees(machine: Machine, feature: str) -> None:
-    """megalong decides with its own (cached) import checks; a disagreement is itself a finding."""
-    from megalong.model import backends
-
-    usable = backends.transformer_engine_version() is not None if feature == "te" else backends.flash_attn_usable()
-    if not usable:
-        machine.notes.append(f"{feature} imports here but megalong.model.backends does not find it usable")
 
 
 def _fp8_problem(machine: Machine) -> Optional[str]:
@@ -172,13 +160,12 @@ def _fp8_problem(machine: Machine) -> Optional[str]:
         return "needs Transformer Engine on a GPU"
     import transformer_engine.pytorch as te
 
-    from megalong.model.backends import fp8_problem
     from megalong.model.config import FP8Config
 
     available, reason = te.is_fp8_available(return_reason=True)
     if not available:
         return f"Transformer Engine: {reason}"
-    return fp8_problem(FP8Config(), machine.compute_capability)
+    return backends.fp8_problem(FP8Config(), machine.compute_capability)
 
 
 def _tokenizer_problem() -> Optional[str]:
@@ -210,13 +197,12 @@ def version_problems(machine: Machine) -> list[str]:
 def version_notes(machine: Machine) -> list[str]:
     """Worth reading, not failures: versions megalong's GPU code was not written against."""
     from megalong.compat import parse_version
-    from megalong.model.backends import TESTED_TE
 
-    notes = list(machine.notes)
+    notes = []
     if machine.te_version is not None:
         te = parse_version(machine.te_version)[:2]
-        if not TESTED_TE[0] <= te <= TESTED_TE[1]:
-            low, high = (".".join(map(str, v)) for v in TESTED_TE)
+        if not backends.TESTED_TE[0] <= te <= backends.TESTED_TE[1]:
+            low, high = (".".join(map(str, v)) for v in backends.TESTED_TE)
             notes.append(f"Transformer Engine {machine.te_version} is outside the releases megalong's TE paths "
                          f"were written against ({low} to {high})")
     return notes

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+from megalong.gpucheck.machine import GPUS_NEEDED
+
 
 @dataclass(frozen=True)
 class CheckOptions:
@@ -49,11 +51,12 @@ class Group:
 
 
 GROUPS = {
-    "single": Group("single", "one GPU (or the CPU with --allow-no-gpu)", lambda gpus: 1, 0, 420),
-    "figures": Group("figures", "throughput on one GPU, in a process of its own", lambda gpus: 1, 1, 300),
-    "cp": Group("cp", "two GPUs: context parallelism", lambda gpus: 2, 2, 300),
+    "single": Group("single", "one GPU (or the CPU with --allow-no-gpu)", lambda gpus: 1, 0, 480),
+    "figures": Group("figures", "throughput on one GPU, in a process of its own", lambda gpus: 1,
+                     GPUS_NEEDED["gpu"], 300),
+    "cp": Group("cp", "two GPUs: context parallelism", lambda gpus: GPUS_NEEDED["cp"], GPUS_NEEDED["cp"], 300),
     "multi": Group("multi", "four or eight GPUs: wide context parallelism, TP x CP",
-                   lambda gpus: 8 if gpus >= 8 else 4, 4, 360),
+                   lambda gpus: 8 if gpus >= 8 else GPUS_NEEDED["tp-cp"], GPUS_NEEDED["tp-cp"], 360),
 }
 
 CHECKS = (
@@ -67,6 +70,9 @@ CHECKS = (
           ("gpu", "flash-attn"), "single", "model_backends:check_flash"),
     Check("model.te", "the whole model with the te backend against the fp32 reference",
           ("gpu", "te"), "single", "model_backends:check_te"),
+    Check("training.initial-weights", "a new stage keeps the weights it starts from through its first step (bf16, "
+          "and FP8 where this GPU runs it; trainer seeded apart from the weights)", (), "single",
+          "initial_weights:check_initial_weights"),
     Check("checkpoint.te-bf16", "a converted HF checkpoint and a CPU-written one load into the TE model and back "
           "with the same logits", ("gpu", "te", "transformers"), "single", "checkpoints:check_te_bf16"),
     Check("checkpoint.te-fp8", "the same into the TE model with FP8; its FP8 state survives a save and load; "

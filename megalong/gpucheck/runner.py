@@ -16,7 +16,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from megalong.gpucheck.machine import FEATURES, RequirementError, parse_required
+from megalong.gpucheck.machine import FEATURES, GPUS_NEEDED, RequirementError, gpu_count_problem, parse_required
 from megalong.gpucheck.records import (
     FAILED, SKIPPED, CheckResult, counts, exit_code, result_line, verdict_line, write_report,
 )
@@ -61,10 +61,9 @@ def visible_gpus() -> int:
 
 def unstartable(check: Check, gpus: int, required: tuple[str, ...]) -> CheckResult:
     """The record of a check whose group cannot start on ``gpus`` GPUs (decided by count alone)."""
-    needed = {"gpu": 1, "cp": 2, "tp-cp": 4}
     for need in check.needs:
-        if need in needed and gpus < needed[need]:
-            reason = (f"needs {needed[need]} GPU(s) ({FEATURES.get(need, 'a CUDA GPU')}), {gpus} visible")
+        reason = gpu_count_problem(need, gpus) if need in GPUS_NEEDED else None
+        if reason:
             status = FAILED if need in required else SKIPPED
             return CheckResult(check.name, status, f"required, but {reason}" if status == FAILED else reason)
     group = GROUPS[check.group]

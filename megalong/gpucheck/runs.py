@@ -42,12 +42,28 @@ def micro_batch(samples, ctx, cp_size: int = 1, cp_rank: int = 0):
     return MicroBatcher(len(samples), cp_size, cp_rank, ctx.device).split(samples, 1)[0]
 
 
+def step_forward(model, *args, **kwargs):
+    """``model(*args, **kwargs)`` as the first micro-batch of a training step runs it.
+
+    Megatron-Core's schedule calls ``set_is_first_microbatch()`` before a step's first
+    micro-batch (``schedules.forward_step``): Transformer Engine's linears then quantize their
+    weights to FP8 again, with the current scales. After that call they set the flag to False
+    and reuse the cached FP8 weights (TE's ``is_first_microbatch=False``), so a forward run by
+    hand without it would compute with weights quantized at their first call, at the initial
+    scale 1.0, before any update or load. Every forward the checks run goes through here. A
+    no-op without FP8.
+    """
+    model.set_is_first_microbatch()
+    return model(*args, **kwargs)
+
+
 def forward_loss(model, mb, cp_group=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(this rank's share of the token-averaged loss, the global loss-token count), as the
     trainer computes them (masked sum of per-token losses over the tokens of all CP ranks)."""
     from megalong.training.loss import masked_loss_sum
 
-    per_token = model(mb.tokens, mb.position_ids, None, labels=mb.labels, packed_seq_params=mb.packed_seq_params)
+    per_token = step_forward(model, mb.tokens, mb.position_ids, None, labels=mb.labels,
+                             packed_seq_params=mb.packed_seq_params)
     loss_sum, count, _ = masked_loss_sum(mb.loss_mask, per_token)
     count = count.to(torch.float64)
     if cp_group is not None:
@@ -76,7 +92,7 @@ def logits(model, tokens: torch.Tensor, vocab_size: int) -> torch.Tensor:
     device = next(model.parameters()).device
     ids = tokens.to(device)[None]
     positions = torch.arange(ids.shape[1], device=device)[None]
-    return model(ids, positions, None)[0, :, :vocab_size].float().cpu()
+    return step_forward(model, ids, positions, None)[0, :, :vocab_size].float().cpu()
 
 
 def core_attention(model):

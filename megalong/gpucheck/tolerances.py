@@ -159,12 +159,6 @@ def attention_gradient_bound(cp: int = 1) -> float:
     return quadrature([(2 + 2 + merges, U_BF16)])
 
 
-def cosine_floor(relative_error: float) -> float:
-    """The smallest cosine between ``ref`` and ``got`` when ``||got - ref|| <= e ||ref||``
-    (the error orthogonal to ``got``): sqrt(1 - e^2)."""
-    return math.sqrt(max(0.0, 1.0 - relative_error**2))
-
-
 def training_loss_bound(forward: float, gradient: float, first_loss: float, loss: float) -> float:
     """How far the loss of step k may be from a reference run's, both from the same weights on
     the same data, each within ``forward`` (loss) and ``gradient`` (gradients) of exact.

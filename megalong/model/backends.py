@@ -2,7 +2,8 @@
 
 Transformer Engine (TE) and flash-attn are optional. ``importlib.util.find_spec`` only says
 a package is on the path; a wheel built for another CUDA or torch fails at import, so
-:func:`transformer_engine_version` and :func:`flash_attn_usable` really import them (once).
+:func:`transformer_engine_problem` and :func:`flash_attn_problem` really import them (once) and
+say why they cannot be used; ``tools/gpu_check.py`` reports the same answers.
 
 The ``*_problem`` functions are pure decisions (versions, shapes and hardware in, a
 sentence naming the setting and what to use instead out, or None), so they are tested on
@@ -19,7 +20,7 @@ from typing import Optional
 from megalong.compat import parse_version
 from megalong.config.loader import ConfigError
 from megalong.config.parallel import ParallelConfig
-from megalong.model.config import FP8Config, ModelConfig
+from megalong.model.config import FP8Config, ModelConfig, all_to_all_heads_problem
 
 log = logging.getLogger(__name__)
 
@@ -28,31 +29,88 @@ log = logging.getLogger(__name__)
 TESTED_TE = ((2, 9), (2, 11))
 
 
+def import_problem(*modules: str) -> Optional[str]:
+    """None when every one of ``modules`` imports; else the error, in words."""
+    import importlib
+
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except Exception as err:  # a broken build raises OSError, RuntimeError, ... not only ImportError
+            return f"{type(err).__name__}: {err}".strip()
+    return None
+
+
 @functools.lru_cache(maxsize=1)
+def transformer_engine_problem() -> Optional[str]:
+    """Why ``transformer_engine.pytorch`` (the part megalong uses) cannot be used here, or None."""
+    problem = import_problem("transformer_engine", "transformer_engine.pytorch")
+    if problem and not problem.startswith("ModuleNotFoundError"):
+        log.warning("Transformer Engine is installed but does not import (%s); not using it", problem)
+    return problem
+
+
+@functools.lru_cache(maxsize=1)
+def flash_attn_problem() -> Optional[str]:
+    """Why flash-attn's varlen kernel (what megalong calls) cannot be used here, or None."""
+    problem = import_problem("flash_attn")
+    if problem is None:
+        try:
+            from flash_attn import flash_attn_varlen_func  # noqa: F401
+        except Exception as err:
+            problem = f"{type(err).__name__}: {err}".strip()
+    if problem and not problem.startswith("ModuleNotFoundError"):
+        log.warning("flash-attn is installed but does not import (%s); not using it", problem)
+    return problem
+
+
 def transformer_engine_version() -> Optional[tuple[int, int]]:
     """(major, minor) of an importable ``transformer_engine.pytorch``; None when it does not import."""
-    try:
-        import transformer_engine
-        import transformer_engine.pytorch  # noqa: F401  (the part megalong uses must import)
-    except Exception as err:  # a broken build raises OSError, RuntimeError, ... not only ImportError
-        if not isinstance(err, ModuleNotFoundError):
-            log.warning("Transformer Engine is installed but does not import (%s: %s); not using it",
-                        type(err).__name__, err)
+    if transformer_engine_problem() is not None:
         return None
+    import transformer_engine
+
     return parse_version(getattr(transformer_engine, "__version__", "0.0"))[:2]
 
 
-@functools.lru_cache(maxsize=1)
 def flash_attn_usable() -> bool:
-    try:
-        import flash_attn  # noqa: F401
-        from flash_attn import flash_attn_varlen_func  # noqa: F401
-    except Exception as err:
-        if not isinstance(err, ModuleNotFoundError):
-            log.warning("flash-attn is installed but does not import (%s: %s); not using it",
-                        type(err).__name__, err)
-        return False
-    return True
+    return flash_attn_problem() is None
+
+
+def resolve_backend(requested: str, on_gpu: bool, params_dtype: str = "bf16") -> str:
+    """The kernel for whole-sequence attention: "te", "flash" or "sdpa".
+
+    ``auto``: on a GPU with bf16 parameters, Transformer Engine when it imports, else
+    flash-attn when it imports; otherwise PyTorch SDPA (the only one that takes fp32). An
+    explicit choice that cannot run here is an error saying why.
+    """
+    if requested == "auto":
+        if not on_gpu:
+            return "sdpa"
+        if params_dtype != "bf16":
+            log.info("attention_backend=auto with %s parameters: PyTorch SDPA (flash-attn and Transformer "
+                     "Engine attention run only in 16-bit)", params_dtype)
+            return "sdpa"
+        if transformer_engine_version() is not None:
+            return "te"
+        if flash_attn_usable():
+            return "flash"
+        return "sdpa"
+    if requested in ("te", "flash"):
+        if not on_gpu:
+            raise ValueError(f"model.attention_backend={requested} needs a GPU; use sdpa (or auto) on CPU")
+        problem = attention_backend_problem(requested, params_dtype)
+        if problem:
+            raise ValueError(problem)
+        usable = transformer_engine_version() is not None if requested == "te" else flash_attn_usable()
+        if not usable:
+            package = {"te": "transformer_engine.pytorch", "flash": "flash_attn"}[requested]
+            raise ValueError(f"model.attention_backend={requested} but {package} does not import here "
+                             "(pip install 'megalong[gpu]', built for this CUDA and torch)")
+        return requested
+    if requested == "sdpa":
+        return "sdpa"
+    raise ValueError(f"unknown model.attention_backend {requested!r}; choose auto, sdpa, flash or te")
 
 
 def attention_backend_problem(requested: str, params_dtype: str) -> Optional[str]:
@@ -72,13 +130,15 @@ def te_context_parallel_problem(te_version: tuple[int, int], cp_comm: str, query
     TE 2.9 asserts that a2a sees neither THD input nor a padding mask (megalong's documents
     are both); 2.10 and later take THD but need the query and key heads of each TP rank
     divisible by the CP size (Llama-3-8B at TP=8 has one KV head per rank). TE's ring
-    ("p2p") has neither limit; megalong's own all-to-all (attention_backend sdpa or flash)
-    repeats KV heads instead.
+    ("p2p") has neither limit. megalong's own all-to-all (attention_backend sdpa or flash)
+    repeats KV heads, but needs the query heads to divide (``all_to_all_heads_problem``):
+    it is suggested only where it can run.
     """
     if cp == 1 or cp_comm != "a2a":
         return None
-    instead = ("use model.cp_comm=ring (Transformer Engine's p2p ring), or attention_backend=flash with "
-               "cp_comm=a2a (megalong's all-to-all, which repeats KV heads)")
+    instead = "use model.cp_comm=ring (Transformer Engine's p2p ring)"
+    if all_to_all_heads_problem(query_heads_per_tp, cp) is None:
+        instead += ", or attention_backend=flash with cp_comm=a2a (megalong's all-to-all, which repeats KV heads)"
     if te_version < (2, 10):
         return (f"Transformer Engine {te_version[0]}.{te_version[1]} cannot run model.cp_comm=a2a on packed "
                 f"documents (its all-to-all refuses THD input and padding masks before 2.10): {instead}")
@@ -127,9 +187,7 @@ def check_for_machine(model: ModelConfig, parallel: ParallelConfig, on_gpu: bool
         problem = fp8_problem(model.fp8, torch.cuda.get_device_capability())
         if problem:
             raise ConfigError(problem)
-    from megalong.model import attention
-
-    if attention.resolve_backend(model.attention_backend, on_gpu, model.params_dtype) == "te":
+    if resolve_backend(model.attention_backend, on_gpu, model.params_dtype) == "te":
         tp = parallel.tensor_parallel
         problem = te_context_parallel_problem(
             transformer_engine_version(), model.cp_comm, model.num_attention_heads // tp,

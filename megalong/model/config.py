@@ -48,6 +48,19 @@ class FP8Config:
     margin: int = 0
 
 
+def all_to_all_heads_problem(query_heads_per_tp: int, context_parallel: int) -> Optional[str]:
+    """Why an all-to-all (Ulysses) context parallelism cannot split ``query_heads_per_tp``
+    query heads over ``context_parallel`` ranks, or None. After the exchange each rank attends
+    with all tokens of heads / CP heads, so the query heads of each tensor-parallel rank must
+    divide evenly; megalong's all-to-all repeats KV heads to fit, Transformer Engine's (2.10+)
+    needs the KV heads to divide as well (megalong.model.backends)."""
+    if context_parallel > 1 and query_heads_per_tp % context_parallel:
+        return (f"all-to-all context parallelism (model.cp_comm=a2a) needs the query heads of each "
+                f"tensor-parallel rank divisible by context_parallel={context_parallel}, but each rank has "
+                f"{query_heads_per_tp}: use model.cp_comm=ring")
+    return None
+
+
 SHAPE_FIELDS = (
     "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
     "vocab_size", "max_position_embeddings", "rope_theta", "tie_word_embeddings", "norm_epsilon",
@@ -108,7 +121,7 @@ class ModelConfig:
         multiple = self.make_vocab_size_divisible_by * tensor_parallel
         return int(math.ceil(self.vocab_size / multiple) * multiple)
 
-    def validate(self, tensor_parallel: int = 1, pipeline_stages: int = 1) -> None:
+    def validate(self, tensor_parallel: int = 1, pipeline_stages: int = 1, context_parallel: int = 1) -> None:
         """Check the shape against itself and the parallel layout; names the values."""
         from megalong.config.parallel import LayoutError
 
@@ -149,3 +162,7 @@ class ModelConfig:
             )
         if self.rope_theta <= 0:
             raise LayoutError(f"model.rope_theta must be positive, got {self.rope_theta}")
+        if self.cp_comm == "a2a":
+            problem = all_to_all_heads_problem(self.num_attention_heads // tensor_parallel, context_parallel)
+            if problem:
+                raise LayoutError(problem)

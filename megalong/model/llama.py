@@ -158,7 +158,8 @@ def validate_layout(model: ModelConfig, parallel: ParallelConfig, world_size: in
     process group exists; returns the resolved model config. Errors name the values."""
     parallel.validate(world_size)
     model = presets.resolve(model)
-    model.validate(parallel.tensor_parallel, parallel.pipeline_parallel * (parallel.virtual_pipeline or 1))
+    model.validate(parallel.tensor_parallel, parallel.pipeline_parallel * (parallel.virtual_pipeline or 1),
+                   parallel.context_parallel)
     return model
 
 

@@ -40,6 +40,13 @@ class GpuSpec:
     def with_memory(self, memory_gb: float) -> "GpuSpec":
         return replace(self, memory_gb=memory_gb)
 
+    @classmethod
+    def of_memory(cls, name: str, memory_gb: float) -> "GpuSpec":
+        """A GPU known only by its memory (the one a process runs on), for memory checks:
+        no speed figures, the default framework overhead and fragmentation."""
+        return cls(name, memory_gb, bf16_tflops=0.0, fp8_tflops=None, hbm_tbps=0.0, nvlink_gbps=0.0,
+                   network_gbps=0.0)
+
 
 GPUS: dict[str, GpuSpec] = {
     "a100": GpuSpec("a100", 80, 312, None, 2.0, 300, 25, generation="ampere"),

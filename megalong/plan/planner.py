@@ -176,7 +176,7 @@ def _problem(layout: Layout, request: PlanRequest) -> Optional[tuple[str, str]]:
         return ("TP must divide the GPUs of a node",
                 f"TP={tp} does not divide the {request.gpus_per_node} GPUs of a node (TP stays on NVLink)")
     try:
-        model.validate(tp, pp)
+        model.validate(tp, pp, cp)
     except LayoutError as err:
         return "the model's heads, KV heads, FFN or layers do not split over TP/PP", str(err)
     if world % (tp * pp * cp):

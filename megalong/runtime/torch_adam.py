@@ -52,13 +52,16 @@ def _distributed_optimizers_on_torch_adam(optimizer) -> list:
 def load_state_dict(optimizer, loaded: dict) -> None:
     """``optimizer.load_state_dict(loaded)``, with two fixes for torch's Adam (no Apex/TE).
 
-    Megatron-Core's fully reshardable loader copies every per-parameter state entry of the
-    destination, but torch's Adam keeps its ``step`` there (Apex/TE keep it in the param
-    groups) and the loaded entries carry none: the copy fails with KeyError 'step'. And it
-    restores ``step`` as ONE tensor shared by all parameters, which torch's Adam then
-    increments once per parameter per step (wrong bias correction after a resume). On this
-    path each parameter's entry is completed with its own step, and the step tensors are
-    unshared after loading. GPU runs with Transformer Engine or Apex never take this path.
+    Megatron-Core restores Adam's step count from the checkpoint's param groups into every
+    parameter's state, then copies the loaded per-parameter entries over that state. But
+    torch's Adam keeps its ``step`` among those entries (Apex/TE keep it in the param groups):
+    the fully reshardable loader's entries carry none (the copy fails with KeyError 'step'),
+    and the dp_reshardable loader's carry the step of the optimizer being loaded into, not the
+    checkpoint's (a resume would restart Adam's bias correction). On this path each copy gets
+    the restored step instead. And the step is restored as ONE tensor shared by all
+    parameters, which torch's Adam then increments once per parameter per step (wrong bias
+    correction after a resume): the step tensors are unshared after loading. GPU runs with
+    Transformer Engine or Apex never take this path.
     """
     patched = []
     for dist_opt in _distributed_optimizers_on_torch_adam(optimizer):
@@ -67,8 +70,8 @@ def load_state_dict(optimizer, loaded: dict) -> None:
         def with_step(model_param, tensors, _opt=dist_opt, _original=original):
             group_index, group_order = _opt.model_param_group_index_map[model_param]
             main_param = _opt.optimizer.param_groups[group_index]["params"][group_order]
-            step = _opt.optimizer.state[main_param].get("step")
-            if step is not None and "step" not in tensors:
+            step = _opt.optimizer.state[main_param].get("step")  # the checkpoint's, restored
+            if step is not None:
                 tensors = {**tensors, "step": step.detach().clone()}
             return _original(model_param, tensors)
 

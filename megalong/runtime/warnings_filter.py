@@ -40,6 +40,10 @@ _LOG_NOISE = re.compile("|".join((
     # run with an error) and says so at warning level.
     r"Implicit initialization of Rerun State Machine",
     r"RerunStateMachine initialized in mode RerunMode\.DISABLED",
+    # A fully reshardable optimizer save in the memory-efficient mode (megalong.training.checkpoint):
+    # only the first data-parallel rank gathers the state, the others hold nothing, by design.
+    r"common state dict differs from rank 0 common state dict\. Keys only on rank 0: \[\], "
+    r"Keys only on \d+: \[\('param_state',\)\], Mismatched keys: \[\]$",
 )))
 
 

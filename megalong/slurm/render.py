@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 SETTINGS_START = "# --- settings"
+# A GPU training job's --mem unless the user gives one: 0 is "all of the node's memory".
+TRAINING_NODE_MEMORY = "0"
 SETTINGS_END = "# --- end of settings ---"
 
 
@@ -101,6 +103,11 @@ def render_train(recipe: str, overrides: Sequence[str], options: JobOptions, lau
     if launcher not in ("srun", "torchrun"):
         raise ValueError(f"launcher must be 'srun' or 'torchrun', got {launcher!r}")
     sbatch = options.common_lines() + [f"--nodes={options.nodes}"]
+    if options.gpus_per_node and not options.mem:
+        # All of each node's host memory (a site's default memory per CPU is often a few GB): a
+        # fully reshardable checkpoint save or load holds a whole TP x PP shard's optimizer
+        # state on some processes (docs/train.md, "Checkpoint formats").
+        sbatch.append(f"--mem={TRAINING_NODE_MEMORY}")
     if launcher == "srun":
         sbatch.append(f"--ntasks-per-node={options.procs_per_node}")
     else:

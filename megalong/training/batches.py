@@ -41,6 +41,43 @@ class TrainingStream(Protocol):
         """What the stream has drawn (per domain, for a mixture), logged when training ends."""
 
 
+class FixedSampleStream:
+    """A :class:`TrainingStream` over a fixed list of packed samples, served in order and
+    cycling: global batch ``step`` is samples ``step * G .. step * G + G - 1``, split evenly
+    over the data-parallel ranks in rank order, so every layout sees the same global batches
+    (what ``tools/gpu_check.py``'s training checks and the tests' data factories serve)."""
+
+    def __init__(self, samples: list[PackedSample], global_batch_size: int, data_parallel_size: int,
+                 description: str = "fixed packed samples"):
+        if not samples:
+            raise ValueError("FixedSampleStream needs at least one sample")
+        if global_batch_size < 1 or global_batch_size % data_parallel_size:
+            raise ValueError(f"global batch {global_batch_size} does not split over {data_parallel_size} "
+                             f"data-parallel ranks")
+        self.samples, self.global_batch_size = samples, global_batch_size
+        self.per_rank = global_batch_size // data_parallel_size
+        self.description = description
+
+    def batch_for_step(self, step: int, dp_rank: int) -> list[PackedSample]:
+        first = step * self.global_batch_size + dp_rank * self.per_rank
+        return [self.samples[(first + i) % len(self.samples)] for i in range(self.per_rank)]
+
+    def describe(self) -> str:
+        return f"{len(self.samples)} {self.description}"
+
+    def fingerprint(self) -> str:
+        import hashlib
+
+        digest = hashlib.sha256(str(self.global_batch_size).encode())
+        for sample in self.samples:
+            digest.update(sample.tokens.tobytes())
+            digest.update(sample.loss_mask.tobytes())
+        return digest.hexdigest()[:16]
+
+    def report(self) -> dict:
+        return {"samples": len(self.samples)}
+
+
 @dataclass
 class MicroBatch:
     tokens: torch.Tensor        # [B, S/CP]

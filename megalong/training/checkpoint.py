@@ -5,8 +5,9 @@ Layout of ``<save_dir>/iter_0001000/`` (a superset of a weights directory, so
 
     model/             the model weights (Megatron-Core dist checkpoint; any TP/PP/CP/DP)
     model.yaml         the resolved ModelConfig
-    optimizer/         the optimizer state (dist checkpoint; the distributed optimizer in
-                       Megatron-Core's "fully_reshardable" format, so it also loads at any layout)
+    optimizer/         the optimizer state (dist checkpoint; the distributed optimizer's in one of
+                       the formats of OPTIMIZER_FORMATS, recorded in the checkpoint: see
+                       save_format for which save gets which)
     rng/rank_*.pt      each rank's random-number generator states
     train_state.json   step, samples and tokens consumed, where each data domain's shuffle began
                        and stands (with the step, the data position: the stream is deterministic
@@ -129,8 +130,88 @@ def _model_sharded_state(model_chunks: list) -> dict:
     return weights.sharded_model_state([unwrap(c) for c in model_chunks])
 
 
+# How the distributed optimizer lays its state out in ``optimizer/`` (Megatron-Core's
+# ``distrib_optim_*`` metadata of ``DistributedOptimizer.sharded_state_dict``). Measured on the
+# CPU in benchmarks/checkpoint_memory.py; what a user gives up with each: docs/train.md.
+OPTIMIZER_FORMATS = {
+    # Each rank writes and reads its own shard of the fp32 weights and Adam moments as it lies
+    # in the optimizer's buffers: no gathering, host memory near that shard, every rank writes
+    # in parallel. Loads only at the same tensor- and pipeline-parallel sizes (and virtual
+    # pipeline), at any data- or context-parallel size.
+    "dp_reshardable": {"distrib_optim_sharding_type": "dp_reshardable"},
+    # The state in the model's own shapes, which loads at any layout. Saving gathers the
+    # state of each TP x PP shard on its first data-parallel rank (over gloo: the
+    # memory-efficient mode; the default mode gathers it on every rank), which writes it;
+    # loading reads the whole TP x PP shard's state on every rank and keeps its share.
+    "fully_reshardable": {"distrib_optim_sharding_type": "fully_reshardable",
+                          "distrib_optim_fully_reshardable_mem_efficient": True},
+}
+# What optimizer/ of a checkpoint without recorded metadata holds (megalong wrote only this
+# format before it recorded which).
+_UNRECORDED_FORMAT = "fully_reshardable"
+
+
+def save_format(configured: str, step: int, train_steps: int) -> str:
+    """The optimizer format of the save of ``step``: the configured one, or with "auto" (the
+    default) ``fully_reshardable`` for the save of the run's last step (the stage's output,
+    what a next stage or a resume at another layout loads) and ``dp_reshardable`` for the
+    others (periodic, or on a stop signal: resumed by the same job at the same layout), whose
+    host memory stays near each rank's own shard."""
+    if configured != "auto":
+        return configured
+    return "fully_reshardable" if step >= train_steps else "dp_reshardable"
+
+
 def _optimizer_metadata(optimizer_format: str) -> dict:
-    return {"distrib_optim_sharding_type": optimizer_format, "chained_optim_avoid_prefix": True}
+    return {**OPTIMIZER_FORMATS[optimizer_format], "chained_optim_avoid_prefix": True}
+
+
+def _is_distributed(optimizer) -> bool:
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    return any(isinstance(inner, DistributedOptimizer)
+               for inner in getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
+def saved_optimizer_format(directory: str | Path) -> str:
+    """The format ``optimizer/`` of the checkpoint ``directory`` was saved in (recorded in its
+    metadata; checkpoints that do not record it are fully reshardable)."""
+    from megatron.core import dist_checkpointing
+
+    saved = dist_checkpointing.load_content_metadata(str(Path(directory) / OPTIMIZER_SUBDIR)) or {}
+    return saved.get("distrib_optim_sharding_type", _UNRECORDED_FORMAT)
+
+
+def _parallel_sizes(layout_tag: str) -> dict:
+    """{"tp": 2, "pp": 1, ...} of a TrainState.layout tag "tp2,pp1,cp1,dp4,vp1"."""
+    sizes = {}
+    for part in layout_tag.split(","):
+        name = part.rstrip("0123456789")
+        if name and part[len(name):]:
+            sizes[name] = int(part[len(name):])
+    return sizes
+
+
+def _refuse_unreshardable(directory: Path, saved_layout: str, model_chunks: list) -> None:
+    """A dp_reshardable optimizer state loads only at the TP, PP and virtual-pipeline sizes it
+    was saved at; elsewhere Megatron-Core fails with a bare assertion. Say it in words."""
+    from megatron.core import parallel_state as ps
+
+    saved = _parallel_sizes(saved_layout)
+    here = {"tp": ps.get_tensor_model_parallel_world_size(), "pp": ps.get_pipeline_model_parallel_world_size(),
+            "vp": len(model_chunks)}
+    differ = [name for name in here if name in saved and saved[name] != here[name]]
+    if not differ:
+        return
+    names = {"tp": "tensor_parallel", "pp": "pipeline_parallel", "vp": "virtual_pipeline"}
+    raise CheckpointError(
+        f"{directory / OPTIMIZER_SUBDIR} holds the distributed optimizer's state in the dp_reshardable format "
+        f"(a periodic or stop-signal save; saved at {saved_layout}), which loads only at the same "
+        f"{', '.join(names[n] for n in here)} (any data- or context-parallel size); this job has "
+        + ", ".join(f"{names[n]}={here[n]} (saved: {saved[n]})" for n in differ)
+        + ". Resume at the saved sizes; or continue from a fully reshardable checkpoint (the save of a run's last "
+        "step is one; checkpoint.optimizer_format=fully_reshardable makes every save one); or start a new stage "
+        f"from its weights with a fresh optimizer (init.weights={directory} init.load_optimizer=false).")
 
 
 def _rng_state(on_gpu: bool) -> dict:
@@ -172,6 +253,9 @@ def save_checkpoint(
 ) -> Path:
     """Save a complete training checkpoint (collective: every rank calls it).
 
+    ``optimizer_format`` (a key of :data:`OPTIMIZER_FORMATS`; :func:`save_format` chooses it)
+    is how the distributed optimizer writes its state, recorded in the checkpoint; a
+    non-distributed optimizer's state is always in the model's shapes (fully reshardable).
     ``on_gpu`` (the runtime's answer) adds the CUDA generator to the saved RNG states.
 
     With ``async_queue`` (Megatron-Core's ``AsyncCallsQueue``) the model and optimizer
@@ -222,10 +306,11 @@ def save_checkpoint(
 
     # dist_checkpointing.save consumes the state dict it is given: the optimizer's sharded
     # state (built from the model's) gets a model state dict of its own.
+    if not _is_distributed(optimizer):
+        optimizer_format = _UNRECORDED_FORMAT
+    metadata = _optimizer_metadata(optimizer_format)
     optimizer_state = optimizer.sharded_state_dict(
-        _model_sharded_state(model_chunks), is_loading=False,
-        metadata=_optimizer_metadata(optimizer_format),
-    )
+        _model_sharded_state(model_chunks), is_loading=False, metadata=metadata)
     background = async_queue is not None
     # In the background: Megatron-Core's own writer, whichever release (megalong.compat).
     writer = compat.async_save_kwargs() if background else {}
@@ -235,7 +320,8 @@ def save_checkpoint(
         model_request = dist_checkpointing.save(
             _model_sharded_state(model_chunks), str(tmp / MODEL_SUBDIR), async_sharded_save=background, **writer)
         optimizer_request = dist_checkpointing.save(
-            optimizer_state, str(tmp / OPTIMIZER_SUBDIR), async_sharded_save=background, **writer)
+            optimizer_state, str(tmp / OPTIMIZER_SUBDIR), async_sharded_save=background,
+            content_metadata=metadata, **writer)
     except _WRITE_FAILURES as err:
         abandon(_reason(err))
 
@@ -452,7 +538,6 @@ def load_checkpoint(
     directory: str | Path,
     model_chunks: list,
     optimizer,
-    optimizer_format: str = "fully_reshardable",
     load_optimizer_state: bool = True,
     restore_rng_for_layout: Optional[str] = None,
     on_gpu: bool = False,
@@ -469,7 +554,9 @@ def load_checkpoint(
     say so. Megatron-LM calls the same ``reload_model_params`` whenever it loads weights
     without optimizer state. (An fp32 optimizer updates the parameters themselves: the
     refresh changes nothing there.) RNG states are restored only when
-    ``restore_rng_for_layout`` equals the layout the checkpoint was saved at.
+    ``restore_rng_for_layout`` equals the layout the checkpoint was saved at. The optimizer
+    state is read in the format the checkpoint records (:func:`saved_optimizer_format`); a
+    dp_reshardable one at other TP / PP sizes is refused with the ways out.
     """
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.validation import StrictHandling
@@ -484,6 +571,9 @@ def load_checkpoint(
         if not optimizer_path.is_dir():
             raise FileNotFoundError(f"no optimizer state at {optimizer_path}")
         weights.refuse_unreadable(optimizer_path)
+        optimizer_format = saved_optimizer_format(directory)
+        if optimizer_format == "dp_reshardable":
+            _refuse_unreshardable(directory, state.layout, model_chunks)
         torch_adam.materialize_state(optimizer)
         optimizer_state = optimizer.sharded_state_dict(
             _model_sharded_state(model_chunks), is_loading=True,
@@ -491,7 +581,12 @@ def load_checkpoint(
         )
         with _naming_unreadable(optimizer_path):
             loaded = dist_checkpointing.load(optimizer_state, str(optimizer_path), strict=StrictHandling.RAISE_ALL)
-        torch_adam.load_state_dict(optimizer, loaded)
+        # Without autograd: Megatron-Core's dp_reshardable loader (core_v0.16.1 to 0.19) copies into
+        # the fp32 master weights outside no_grad, which fails when they are views of fp32 model
+        # parameters ("a view of a leaf Variable that requires grad is being used in an in-place
+        # operation"); its fully reshardable loader is already decorated with no_grad.
+        with torch.no_grad():
+            torch_adam.load_state_dict(optimizer, loaded)
     with _naming_unreadable(model_path):
         weights.load_model_state([unwrap(c) for c in model_chunks], model_path)
     if not load_optimizer_state:

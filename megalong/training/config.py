@@ -78,9 +78,12 @@ class CheckpointConfig:
     keep_last: int = 2
     # Resume from <save_dir>/latest when it exists ("auto"), never ("never"), or from a path.
     resume: str = "auto"
-    # Megatron-Core distributed-optimizer checkpoint format. "fully_reshardable" loads at any
-    # TP/PP/DP layout; "dp_reshardable" is faster to write but only reshards across DP.
-    optimizer_format: Literal["fully_reshardable", "dp_reshardable"] = "fully_reshardable"
+    # How the distributed optimizer's state is saved (megalong.training.checkpoint.OPTIMIZER_FORMATS,
+    # docs/train.md). "dp_reshardable": host memory near each rank's own shard, loads only at the
+    # same TP and PP; "fully_reshardable": loads at any layout, gathers each TP x PP shard's state
+    # when saving and reads it on every rank when loading. "auto": fully_reshardable for the save
+    # of the last step, dp_reshardable for periodic and stop-signal saves.
+    optimizer_format: Literal["auto", "fully_reshardable", "dp_reshardable"] = "auto"
     # Write the tensors in a background process while training continues (Megatron-Core's
     # async dist_checkpointing); the checkpoint appears (rename, `latest`) once complete.
     async_save: bool = False
@@ -208,7 +211,8 @@ class RunConfig:
         model = self.resolved_model() if check_init or not self.init.weights else presets.resolve(self.model)
         # A later stage checked before its initial weights exist may not know its shape yet.
         if check_init or all(getattr(model, name) is not None for name in SHAPE_FIELDS):
-            model.validate(parallel.tensor_parallel, parallel.pipeline_parallel * (parallel.virtual_pipeline or 1))
+            model.validate(parallel.tensor_parallel, parallel.pipeline_parallel * (parallel.virtual_pipeline or 1),
+                           parallel.context_parallel)
             if data.seq_length > model.max_position_embeddings:
                 raise ConfigError(
                     f"data.seq_length={data.seq_length:,} exceeds model.max_position_embeddings="

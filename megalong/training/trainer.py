@@ -185,7 +185,6 @@ class Trainer:
 
     def _load_initial_state(self) -> None:
         run = self.run
-        fmt = run.checkpoint.optimizer_format
         resume = self._resume_dir()
         if resume is not None:
             saved = ckpt.read_train_state(resume)
@@ -199,7 +198,7 @@ class Trainer:
                     f"it was trained on (data fingerprint {saved.data_fingerprint[:12]} vs {fingerprint[:12]}); "
                     f"a new data mix is a new stage: start it with init.weights={resume}"
                 )
-            self.state = ckpt.load_checkpoint(resume, self.model, self.optimizer, fmt,
+            self.state = ckpt.load_checkpoint(resume, self.model, self.optimizer,
                                               restore_rng_for_layout=self.layout, on_gpu=self.runtime.on_gpu)
             self.scheduler.load_state_dict(self.state.scheduler)
             self.state.layout = self.layout
@@ -227,8 +226,7 @@ class Trainer:
                          ", carrying its optimizer state" if carry else ", fresh optimizer state")
             self.started_from = source
             with hyperparameters_kept(self.optimizer):  # the moments carry over, not the old run's LR
-                ckpt.load_checkpoint(source, self.model, self.optimizer, run.checkpoint.optimizer_format,
-                                     load_optimizer_state=carry)
+                ckpt.load_checkpoint(source, self.model, self.optimizer, load_optimizer_state=carry)
             self.scheduler.step(0)  # this schedule's learning rate for the first step
             return
         if self.is_logging_rank:
@@ -378,7 +376,9 @@ class Trainer:
             with stop_signals_deferred():
                 return ckpt.save_checkpoint(
                     run.checkpoint.save_dir, self.state, self.model, self.optimizer, self.model_config, run,
-                    optimizer_format=run.checkpoint.optimizer_format, keep_last=run.checkpoint.keep_last,
+                    optimizer_format=ckpt.save_format(run.checkpoint.optimizer_format, self.state.step,
+                                                      run.schedule.train_steps),
+                    keep_last=run.checkpoint.keep_last,
                     async_queue=self.async_queue, on_gpu=self.runtime.on_gpu,
                 )
         finally:

@@ -50,6 +50,47 @@ def test_te_all_to_all_context_parallelism_per_version(version, tp, cp, comm, re
         assert refused in problem and "cp_comm=ring" in problem
 
 
+@pytest.mark.parametrize("version", [(2, 9), (2, 10)])
+@pytest.mark.parametrize("tp,cp", [(8, 2), (8, 8), (4, 2), (4, 8), (2, 8), (1, 8)])
+def test_te_all_to_all_refusal_suggests_only_layouts_that_run(version, tp, cp):
+    """Where TE's all-to-all is refused, megalong's own all-to-all is suggested only when it can
+    split the query heads: at ProLong stage 2's shape (TP=8 -> 4 query heads per rank, CP=8) it
+    cannot, and the layout is refused by preflight itself (ModelConfig.validate)."""
+    from megalong.config import LayoutError
+    from megalong.model import preset_config
+
+    problem = backends.te_context_parallel_problem(version, "a2a", 32 // tp, 8 // tp, cp)
+    if problem is None:
+        return  # TE's own all-to-all runs this layout
+    suggested = preset_config("llama3-8b", cp_comm="a2a")
+    if "cp_comm=a2a (megalong's all-to-all" in problem:
+        suggested.validate(tp, 1, cp)  # the suggestion runs
+    else:
+        with pytest.raises(LayoutError, match=f"divisible by context_parallel={cp}, but each rank has {32 // tp}"):
+            suggested.validate(tp, 1, cp)
+    if (tp, cp) == (8, 8):
+        assert "flash" not in problem and "cp_comm=ring" in problem
+
+
+def test_preflight_refuses_an_all_to_all_the_query_heads_do_not_split():
+    from megalong.config import LayoutError
+    from megalong.training.config import RunConfig
+
+    run = RunConfig(model=preset_config_for_a2a(), parallel=ParallelConfig(tensor_parallel=8, context_parallel=8))
+    run.data.seq_length = 1024
+    run.data_factory = "tests.training.text_stream:text_stream"
+    with pytest.raises(LayoutError, match="context_parallel=8, but each rank has 4: use model.cp_comm=ring"):
+        run.validate(64, check_data=False, check_init=False)
+    run.model.cp_comm = "ring"
+    run.validate(64, check_data=False, check_init=False)
+
+
+def preset_config_for_a2a():
+    from megalong.model import preset_config
+
+    return preset_config("llama3-8b", cp_comm="a2a", max_position_embeddings=1024)
+
+
 def test_te_context_parallel_refusal_comes_from_check_for_machine(gpu_libraries, monkeypatch):
     import torch
 

@@ -96,6 +96,19 @@ def test_rendered_srun_training_script(tmp_path):
     _bash_syntax_ok(script, tmp_path)
 
 
+def test_gpu_training_jobs_ask_for_the_whole_node_memory_unless_told():
+    """A fully reshardable checkpoint holds a whole TP x PP shard's optimizer state on some
+    processes (docs/train.md): GPU training jobs get --mem=0 unless --mem says otherwise; CPU
+    jobs keep the site's default (the local test cluster schedules memory per CPU)."""
+    gpu = JobOptions(job_name="s", nodes=1, gpus_per_node=8, procs_per_node=8)
+    assert "#SBATCH --mem=0\n" in render_train("r.yaml", [], gpu)
+    assert "#SBATCH --mem=0\n" in render_train("r.yaml", [], gpu, launcher="torchrun")
+    told = render_train("r.yaml", [], JobOptions(job_name="s", gpus_per_node=8, procs_per_node=8, mem="512G"))
+    assert "#SBATCH --mem=512G\n" in told and told.count("#SBATCH --mem=") == 1
+    cpu = render_train("r.yaml", [], JobOptions(job_name="s", gpus_per_node=0, procs_per_node=2))
+    assert "#SBATCH --mem" not in cpu
+
+
 def test_rendered_torchrun_script_has_one_launcher_per_node(tmp_path):
     options = JobOptions(job_name="s", nodes=2, gpus_per_node=8, procs_per_node=8, cpus_per_task=8)
     script = render_train("r.yaml", [], options, launcher="torchrun")

@@ -77,3 +77,83 @@ def megalong_cp_check_with_and_without_documents() -> dict:
     context_parallel._judge_kernel("ring without documents", 4, 1, errors, 2, failures, {})
     return {"status": result.status, "reason": result.reason, "figures": result.figures,
             "without_documents": failures}
+
+
+def _cpu_context(work_dir: str):
+    """A gpu_check WorkerContext of this one CPU process (one Megatron-Core layout: no parallelism)."""
+    from megalong.config.parallel import ParallelConfig
+    from megalong.gpucheck.machine import detect
+    from megalong.gpucheck.registry import CheckOptions
+    from megalong.gpucheck.worker import WorkerContext
+    from megalong.runtime import init_distributed
+
+    runtime = init_distributed(ParallelConfig(), device="cpu")
+    return WorkerContext(CheckOptions(work_dir), detect("cpu"), (), runtime.device, runtime, 0, 1, Path(work_dir))
+
+
+def training_paths(work_dir: str) -> dict:
+    """Both CPU tests of how the checks train, in one process: the is_first_microbatch flags
+    hand-run forwards leave (:func:`flags_seen_by_hand_run_forwards`), and training.initial-weights
+    with and without the fix it guards (:func:`initial_weights_check_with_and_without_the_fix`)."""
+    ctx = _cpu_context(work_dir)
+    return {"flags": flags_seen_by_hand_run_forwards(ctx), **initial_weights_check_with_and_without_the_fix(ctx)}
+
+
+def initial_weights_check_with_and_without_the_fix(ctx) -> dict:
+    """training.initial-weights on the CPU (bf16, distributed optimizer), then again with the fix
+    of megalong.training.checkpoint.load_checkpoint reverted: every Megatron-Core optimizer's
+    ``reload_model_params`` (the refresh of its fp32 master weights after a weights-only load)
+    made a no-op, as megalong was before it called it. Leaves them so: call it last."""
+    from megatron.core.optimizer import MegatronOptimizer
+
+    from megalong.gpucheck.checks import initial_weights
+
+    found = {}
+    result = initial_weights.check_initial_weights(ctx)
+    found["fixed"] = {"status": result.status, "reason": result.reason, "figures": result.figures}
+
+    def subclasses(cls):
+        for sub in cls.__subclasses__():
+            yield sub
+            yield from subclasses(sub)
+
+    for cls in [MegatronOptimizer, *subclasses(MegatronOptimizer)]:
+        if "reload_model_params" in vars(cls):
+            cls.reload_model_params = lambda self, *args, **kwargs: None
+    result = initial_weights.check_initial_weights(ctx)
+    found["reverted"] = {"status": result.status, "reason": result.reason}
+    return found
+
+
+def flags_seen_by_hand_run_forwards(ctx) -> list:
+    """What a Transformer Engine linear would see of ``is_first_microbatch`` in each forward
+    gpu_check runs by hand (runs.logits, runs.loss_and_backward, training.mean_loss), twice
+    each. TE's linears set the flag to False after every call and then reuse their cached FP8
+    weights; only Megatron-Core's ``set_is_first_microbatch`` (what its schedule calls before a
+    step) sets it again. A module with the flag stands in for such a linear; ``config.fp8`` is
+    set so that ``set_is_first_microbatch`` acts (without Transformer Engine, Megatron-Core's
+    FP8 context is a no-op and the local layers run as before)."""
+    import torch
+
+    from megalong.gpucheck import cases, runs, training
+
+    config = cases.model_config(cases.MODEL, transformer_impl="local", params_dtype="fp32", attention_backend="sdpa")
+    model = runs.build(config, ctx)[0]
+    layer = model.decoder.layers[0]
+    layer.te_linear_flag = torch.nn.Module()
+    layer.te_linear_flag.is_first_microbatch = False  # as after a first call
+    seen = []
+
+    def like_a_te_linear(module, args):
+        seen.append(layer.te_linear_flag.is_first_microbatch)
+        layer.te_linear_flag.is_first_microbatch = False
+
+    layer.register_forward_pre_hook(like_a_te_linear)
+    model.config.fp8 = "hybrid"
+    batch = runs.micro_batch(cases.synthetic_samples([[100, 28]], config.vocab_size, seed=1), ctx)
+    tokens = torch.arange(16) % config.vocab_size
+    for _ in range(2):
+        runs.logits(model, tokens, config.vocab_size)
+        runs.loss_and_backward(model, batch)
+        training.mean_loss(model, [batch])
+    return seen

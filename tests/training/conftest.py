@@ -120,7 +120,8 @@ def eight_process_results(workdir, single_process_results):
     """In eight processes: the 12-step reference run at TP=2 x PP=2 x CP=2, saving at step 6 for a
     resume in one process; then the bf16 zero-lr step from converted weights at that layout.
     Each rank's exit codes, in that order."""
-    save = {"save_dir": str(workdir / "eight-processes" / "ckpt"), "save_interval": 6, "keep_last": 0}
+    save = {"save_dir": str(workdir / "eight-processes" / "ckpt"), "save_interval": 6, "keep_last": 0,
+            "optimizer_format": "fully_reshardable"}  # resumed at another layout
     run = helpers.reference_run(workdir, "eight-processes", parallel=helpers.EIGHT_PROCESS_LAYOUT, checkpoint=save)
     calls = [(helpers.train_from_dict, (run,))] + bf16.calls(workdir, 8, "first")
     return run_processes(helpers.in_sequence, 8, (calls,))

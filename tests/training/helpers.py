@@ -72,7 +72,9 @@ def short_run(workdir, name, **sections) -> dict:
 
 def reshard_runs(workdir) -> tuple[dict, dict]:
     """Save at TP=2 every 2 steps; then continue from step 2 at PP=2 with 2 virtual stages."""
-    save = {"save_dir": str(workdir / "reshard" / "checkpoints"), "save_interval": 2, "keep_last": 0}
+    # Resumed at another layout: every save fully reshardable (periodic ones are dp_reshardable by default).
+    save = {"save_dir": str(workdir / "reshard" / "checkpoints"), "save_interval": 2, "keep_last": 0,
+            "optimizer_format": "fully_reshardable"}
     # The TP=2 run writes its checkpoints in the background (async save); the resume reads them.
     tp2_save = {**save, "async_save": True}
     tp2 = short_run(workdir, "reshard", parallel={"tensor_parallel": 2}, checkpoint=tp2_save)

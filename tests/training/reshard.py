@@ -27,9 +27,16 @@ LAYOUTS = {
     "cp2": ({"context_parallel": 2}, 2),
     "tp2": ({"tensor_parallel": 2}, 2),
     "pp2": ({"pipeline_parallel": 2}, 2),
+    "tp2-dp-reshardable": ({"tensor_parallel": 2}, 2),
 }
+# The step-SAVED_AT save is periodic: by default (checkpoint.optimizer_format: auto) its
+# optimizer state is dp_reshardable, which loads at any data- and context-parallel size (the
+# pairs between one-process, dp2 and cp2) but only at the TP and PP it was saved at. The runs
+# resumed at another TP or PP save every checkpoint fully reshardable, as a user who plans to
+# must ask; "tp2-dp-reshardable" keeps the default, and its resume at one process is refused.
+FULLY_RESHARDABLE = ("tp2", "pp2")
 # (saved at, resumed at). Layouts with sequence parallelism resume to and from one process
-# in tests/training/test_sequence_parallel.py (its own runs and process starts).
+# in tests/training/test_sequence_parallel.py (its own runs).
 PAIRS = [("dp2", "one-process"), ("one-process", "dp2"), ("cp2", "one-process"), ("one-process", "cp2"),
          ("tp2", "one-process"), ("pp2", "one-process")]
 TARGETS = ("one-process", "dp2", "cp2")
@@ -43,6 +50,8 @@ def _run(workdir: Path, name: str, layout: str, **sections) -> dict:
 def uninterrupted(workdir: Path, layout: str) -> dict:
     """Six steps at ``layout``, saving at step SAVED_AT (and at the end)."""
     save = {"save_dir": str(checkpoints(workdir, layout)), "save_interval": SAVED_AT, "keep_last": 0}
+    if layout in FULLY_RESHARDABLE:
+        save["optimizer_format"] = "fully_reshardable"
     return _run(workdir, layout, layout, checkpoint=save)
 
 
@@ -69,6 +78,7 @@ def forgetting(workdir: Path, target: str, forget: str) -> tuple:
 def calls(workdir: Path, processes: int, stage: str) -> list:
     """The (function, args) calls of one process count: ``stage`` "first" (the uninterrupted
     runs) or "resume" (resumed runs and controls at layouts of that many processes)."""
+    from tests.training.broken import train_catching
     from tests.training.helpers import train_from_dict
 
     if stage == "first":
@@ -78,6 +88,7 @@ def calls(workdir: Path, processes: int, stage: str) -> list:
     found += [forgetting(workdir, t, "all") for t in TARGETS if LAYOUTS[t][1] == processes]
     if processes == 1:
         found.append(forgetting(workdir, "one-process", "step"))
+        found.append((train_catching, (resumed(workdir, "tp2-dp-reshardable", "one-process"),)))
     return found
 
 

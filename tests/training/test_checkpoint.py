@@ -93,3 +93,12 @@ def test_prune_counts_back_from_latest_when_it_was_set_back(tmp_path):
     assert prune_checkpoints(tmp_path, keep_last=1) == ["iter_0000002"]
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("iter_")) == [
         "iter_0000004", "iter_0000006", "iter_0000008"]
+
+
+def test_auto_saves_the_last_step_fully_reshardable_and_the_others_dp_reshardable():
+    from megalong.training.checkpoint import save_format
+
+    assert save_format("auto", 250, 5000) == "dp_reshardable"  # periodic, or on a stop signal
+    assert save_format("auto", 5000, 5000) == "fully_reshardable"  # the stage's output
+    assert save_format("fully_reshardable", 250, 5000) == "fully_reshardable"
+    assert save_format("dp_reshardable", 5000, 5000) == "dp_reshardable"

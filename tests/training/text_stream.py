@@ -14,7 +14,6 @@ step, each rank's list is its micro-batches in order.
 from __future__ import annotations
 
 import functools
-import hashlib
 import sysconfig
 from collections import Counter
 from pathlib import Path
@@ -23,6 +22,7 @@ import numpy as np
 
 from megalong.data.sample import PackedSample
 from megalong.data.tokenizer import load_tokenizer
+from megalong.training.batches import FixedSampleStream
 
 STDLIB_FILES = ("textwrap.py", "shlex.py", "fnmatch.py", "bisect.py", "colorsys.py", "glob.py",
                 "heapq.py", "keyword.py", "queue.py", "sched.py", "string.py", "this.py")
@@ -73,39 +73,15 @@ def pack(docs, seq_length: int, loss_masks=None) -> list[PackedSample]:
     return samples
 
 
-class ListStream:
-    """Serves a fixed pool of samples in order, cycling; global batch i*G .. (i+1)*G - 1."""
-
-    def __init__(self, samples: list[PackedSample], global_batch_size: int, data_parallel_size: int):
-        self.samples = samples
-        self.global_batch_size = global_batch_size
-        self.data_parallel_size = data_parallel_size
-
-    def batch_for_step(self, step: int, dp_rank: int) -> list[PackedSample]:
-        per_rank = self.global_batch_size // self.data_parallel_size
-        first = step * self.global_batch_size + dp_rank * per_rank
-        return [self.samples[(first + i) % len(self.samples)] for i in range(per_rank)]
-
-    def describe(self) -> str:
-        return f"{len(self.samples)} packed samples of stdlib source (Llama-3 tokens, restricted vocabulary)"
-
-    def fingerprint(self) -> str:
-        digest = hashlib.sha256(str(self.global_batch_size).encode())
-        for sample in self.samples:
-            digest.update(sample.tokens.tobytes())
-            digest.update(sample.loss_mask.tobytes())
-        return digest.hexdigest()[:16]
-
-    def report(self) -> dict:
-        return {"samples": len(self.samples)}
+STDLIB_SAMPLES = "packed samples of stdlib source (Llama-3 tokens, restricted vocabulary)"
 
 
-def text_stream(run, data_parallel_size: int) -> ListStream:
+def text_stream(run, data_parallel_size: int) -> FixedSampleStream:
     """data_factory for recipes: ``data_factory: tests.training.text_stream:text_stream``."""
     seq_length = run.data.seq_length
     vocab = int(run.model.vocab_size or 512)
     samples = pack(stdlib_documents(vocab), seq_length)
-    return ListStream(samples, run.schedule.global_batch_size, data_parallel_size)
+    return FixedSampleStream(samples, run.schedule.global_batch_size, data_parallel_size, STDLIB_SAMPLES)
 
 
 def uneven_samples(seq_length: int = 64, vocab_size: int = 512) -> list[PackedSample]:
@@ -136,7 +112,7 @@ def uneven_samples(seq_length: int = 64, vocab_size: int = 512) -> list[PackedSa
     return samples
 
 
-def uneven_stream(run, data_parallel_size: int) -> ListStream:
+def uneven_stream(run, data_parallel_size: int) -> FixedSampleStream:
     """data_factory serving uneven_samples() as every global batch (4 samples)."""
-    return ListStream(uneven_samples(run.data.seq_length), run.schedule.global_batch_size,
-                      data_parallel_size)
+    return FixedSampleStream(uneven_samples(run.data.seq_length), run.schedule.global_batch_size,
+                             data_parallel_size, STDLIB_SAMPLES)

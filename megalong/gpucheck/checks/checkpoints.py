@@ -58,9 +58,10 @@ def _start_cpu_runtime() -> None:
 
 def write_sources(work_dir: str) -> dict:
     """CPU-only process: the two source checkpoints and their fp32 logits."""
-    from transformers import LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     from megalong.convert import convert_hf_to_megatron
+    from megalong.convert.hf_config import hf_config_from_model
 
     _start_cpu_runtime()
     work, tokens, vocab = Path(work_dir), probe_tokens(), cases.CHECKPOINT_MODEL.vocab_size
@@ -69,7 +70,8 @@ def write_sources(work_dir: str) -> dict:
     written = runs.save_fresh(chunks, work / "checkpoint-cpu-written", config)
 
     torch.manual_seed(22)
-    hf = LlamaForCausalLM(cases.hf_config(cases.CHECKPOINT_MODEL)).eval()
+    # The config.json megalong's own export writes for this shape.
+    hf = LlamaForCausalLM(LlamaConfig.from_dict(hf_config_from_model(cases.CHECKPOINT_MODEL, "float32"))).eval()
     with torch.no_grad():  # random norm weights too, so a norm loaded in the wrong place shows
         for name, param in hf.named_parameters():
             if name.endswith("norm.weight"):

@@ -38,10 +38,8 @@ def planner_estimate(layers: int, seq_length: int, precision: str, memory_gb: fl
     from megalong.plan.planner import check_fits
 
     model = preset_config("llama3-8b", num_layers=layers, max_position_embeddings=seq_length, params_dtype="bf16")
-    gpu = GpuSpec(gpu_name, memory_gb, bf16_tflops=0.0, fp8_tflops=None, hbm_tbps=0.0, nvlink_gbps=0.0,
-                  network_gbps=0.0)
     fit = check_fits(model, ParallelConfig(), TrainingShape(seq_length, loss_chunk_tokens=LOSS_CHUNK_TOKENS),
-                     world_size=1, gpu=gpu, precision=precision)
+                     world_size=1, gpu=GpuSpec.of_memory(gpu_name, memory_gb), precision=precision)
     return fit.fits, fit.memory
 
 
@@ -72,7 +70,7 @@ def _measure(ctx, fp8, layers: int) -> dict:
     torch.cuda.reset_peak_memory_stats()
     trainer = None
     try:
-        trainer = training.start_trainer(run, ctx.runtime, training.SampleStream(samples, 1, 1))
+        trainer = training.start_trainer(run, ctx.runtime, samples)
         metrics = [trainer.train_step(step) for step in range(steps)]
     finally:
         del trainer

@@ -30,25 +30,6 @@ from megalong.gpucheck.tolerances import bf16_forward_bound
 PROMPT_TOKENS = 13
 
 
-def _cached_logits(runner, prompt: list[int]) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """The runner model's logits at the prompt's last position (prompt forward into the KV cache)
-    and after one decode step of the greedy token, computed the way greedy_generate does."""
-    from megatron.core.inference.contexts import StaticInferenceContext
-
-    context = StaticInferenceContext(max_batch_size=1, max_sequence_length=len(prompt) + 2)
-    device, vocab = runner.device, runner.vocab_size
-    with torch.inference_mode():
-        tokens = torch.tensor([prompt], device=device)
-        positions = torch.arange(len(prompt), device=device)[None]
-        first = runner.model(tokens, positions, None, inference_context=context, runtime_gather_output=True)
-        first = first[0, -1, :vocab].float().cpu()
-        context.sequence_len_offset += len(prompt)
-        chosen = int(first.argmax())
-        step = runner.model(torch.tensor([[chosen]], device=device), torch.tensor([[len(prompt)]], device=device),
-                            None, inference_context=context, runtime_gather_output=True)
-    return first, step[0, -1, :vocab].float().cpu(), chosen
-
-
 def check_fp8_trained(ctx) -> CheckResult:
     from megalong.checkpoint.layout import read_model_config
     from megalong.checkpoint.weights import load_weights
@@ -69,7 +50,9 @@ def check_fp8_trained(ctx) -> CheckResult:
     sample = _data(ctx)["heldout"][0]
     prompt = [int(t) for t in sample.tokens[:PROMPT_TOKENS]]
 
-    first, step, chosen = _cached_logits(runner, prompt)
+    # The prompt forward into the KV cache and one decode step of the greedy token, as
+    # greedy_generate computes them.
+    (first, chosen), (step, _) = [(logits.float().cpu(), token) for logits, token in runner.greedy_steps(prompt, 2)]
     generated = runner.greedy_generate(prompt, 2, [])
     recomputed = runner.greedy_generate_recompute(prompt, 2, [])
     ids = prompt + [chosen]

@@ -4,7 +4,9 @@ Transformer Engine layers and attention (ring), bf16, real text, the same initia
 the same global batches.
 
 1. Gradients of the first step. Each layout runs one Trainer step with learning rate 0 and no
-   clipping (the weights stay, Megatron's DDP leaves the reduced gradients in ``main_grad``).
+   clipping (the weights stay, Megatron's DDP leaves the reduced gradients in ``main_grad``);
+   the Trainer is seeded apart from the initial weights, and after that step every weight
+   must still be bit for bit the loaded one (training.first_step_changes).
    The TP x CP gradients go through a checkpoint (copied into the weights and saved), which
    puts them in the TP=1 layout, and are compared parameter by parameter with the
    reference's: both are bf16 computations within tolerances.bf16_gradient_bound of exact
@@ -34,8 +36,11 @@ MODEL = cases.model_config(cases.MODEL, vocab_size=128256, transformer_impl="tra
 CANDIDATE = {"tensor_parallel": 2, "context_parallel": 2, "sequence_parallel": True}
 
 
-def _trainer(ctx, parallel: dict, initial: str, samples: list, steps: int, lr: float, clip_grad: float):
-    """A Trainer at ``parallel`` (no distributed optimizer: every rank keeps whole gradients)."""
+def _trainer(ctx, parallel: dict, initial: str, samples: list, steps: int, lr: float, clip_grad: float,
+             keep_loaded: bool = False):
+    """A Trainer at ``parallel`` (no distributed optimizer: every rank keeps whole gradients),
+    and with ``keep_loaded`` this rank's share of the initial weights as it must hold them
+    before the first step (training.loaded_weights), else None."""
     from megalong.config.parallel import ParallelConfig
 
     parallel = {**parallel, "distributed_optimizer": False}
@@ -43,25 +48,27 @@ def _trainer(ctx, parallel: dict, initial: str, samples: list, steps: int, lr: f
                               micro_batch=1, lr=lr, initial_weights=initial, parallel=parallel,
                               warmup_steps=0, decay="constant", clip_grad=clip_grad)
     runtime = ctx.use_layout(ParallelConfig(**parallel))
-    stream = training.SampleStream(samples, ctx.world_size, runtime.data_parallel_size)
-    return training.start_trainer(run, runtime, stream)
+    loaded = training.loaded_weights(MODEL, run.parallel, initial, ctx) if keep_loaded else None
+    return training.start_trainer(run, runtime, samples), loaded
 
 
-def _first_step_gradients(ctx, parallel: dict, initial: str, samples: list, save_to=None) -> tuple[float, dict]:
-    """(loss, gradients by checkpoint name) of step 1 at ``parallel``; with ``save_to``, the
-    gradients are saved instead as a checkpoint (copied into the weights), which any layout
-    reads, and none are returned."""
+def _first_step_gradients(ctx, parallel: dict, initial: str, samples: list, save_to=None) -> tuple[float, dict, list]:
+    """(loss, gradients by checkpoint name, failures) of step 1 at ``parallel``, at learning
+    rate 0: the initial weights must come through it unchanged (training.first_step_changes).
+    With ``save_to``, the gradients are saved instead as a checkpoint (copied into the
+    weights), which any layout reads, and none are returned."""
     from megalong.config.parallel import ParallelConfig
     from megalong.training.checkpoint import unwrap
 
-    trainer = _trainer(ctx, parallel, initial, samples, steps=1, lr=0.0, clip_grad=0.0)
+    trainer, loaded = _trainer(ctx, parallel, initial, samples, steps=1, lr=0.0, clip_grad=0.0, keep_loaded=True)
     try:
-        loss = trainer.train_step(0).loss
-        chunks = [unwrap(chunk) for chunk in trainer.model]
+        metrics = trainer.train_step(0)
+        failures = training.first_step_changes(trainer, metrics, loaded)
         grads = {}
         if save_to is None:
-            grads = {checkpoint_name(n): p.main_grad.detach().float().cpu() for n, p in chunks[0].named_parameters()}
+            grads = training.main_gradients(trainer)
         else:
+            chunks = [unwrap(chunk) for chunk in trainer.model]
             with torch.no_grad():
                 for param in chunks[0].parameters():
                     param.copy_(param.main_grad)
@@ -70,13 +77,13 @@ def _first_step_gradients(ctx, parallel: dict, initial: str, samples: list, save
         del trainer
         training.free_gpu_memory()
         ctx.use_layout(ParallelConfig())
-    return loss, grads
+    return metrics.loss, grads, failures
 
 
 def _losses(ctx, parallel: dict, initial: str, samples: list, steps: int) -> list[float]:
     from megalong.config.parallel import ParallelConfig
 
-    trainer = _trainer(ctx, parallel, initial, samples, steps, LR, clip_grad=1.0)
+    trainer, _ = _trainer(ctx, parallel, initial, samples, steps, LR, clip_grad=1.0)
     try:
         return [trainer.train_step(step).loss for step in range(steps)]
     finally:
@@ -97,9 +104,9 @@ def check_training(ctx) -> CheckResult:
     training.free_gpu_memory()
 
     # 1. Gradients of step 1, the candidate's brought to the TP=1 layout through a checkpoint.
-    reference_loss, reference_grads = _first_step_gradients(ctx, {}, initial, samples)
+    reference_loss, reference_grads, reference_failures = _first_step_gradients(ctx, {}, initial, samples)
     gradient_dir = ctx.work_dir / "tp-cp-gradients"
-    loss, _ = _first_step_gradients(ctx, CANDIDATE, initial, samples, save_to=gradient_dir)
+    loss, _, candidate_failures = _first_step_gradients(ctx, CANDIDATE, initial, samples, save_to=gradient_dir)
     chunks = runs.build(MODEL, ctx, seed=runs.SEED + 1)
     load_weights(chunks, gradient_dir)
     candidate_grads = {checkpoint_name(n): p.detach().float().cpu() for n, p in chunks[0].named_parameters()}
@@ -109,6 +116,7 @@ def check_training(ctx) -> CheckResult:
     # Both layouts within bf16_gradient_bound of exact; the copy into bf16 weights rounds once more.
     gradient_bound = bf16_gradient_bound(layers) + bf16_gradient_bound(layers, cp=2, tp=2) + U_BF16
     grad_figures, failures = compare_gradients(candidate_grads, reference_grads, gradient_bound)
+    failures += [f"TP=1: {f}" for f in reference_failures] + [f"TP=2 x CP=2: {f}" for f in candidate_failures]
 
     # 2. Losses over a few training steps.
     reference = _losses(ctx, {}, initial, samples, steps)
@@ -125,11 +133,13 @@ def check_training(ctx) -> CheckResult:
     if not all(math.isfinite(x) for x in candidate):
         failures.append(f"non-finite losses at TP=2 x CP=2: {candidate}")
     figures = {"layout": {**CANDIDATE, "data_parallel": ctx.world_size // 4}, "reference_layout": "TP=1 CP=1",
+               "trainer_seed": training.TRAINER_SEED, "initial_weights_seed": runs.SEED,
                "steps": steps, "seq_length": SEQ_LENGTH, "global_batch": ctx.world_size, "lr": LR,
                "first_step_loss": loss, "first_step_reference_loss": reference_loss,
                "losses": candidate, "reference_losses": reference, "loss_bounds": bounds, **grad_figures}
     return CheckResult.judged(
         "tp-cp.training", failures, figures,
         f"step-1 gradients at TP=2 x CP=2 x SP within {gradient_bound:.1e} of TP=1's (worst "
-        f"{grad_figures['gradient_worst_relative_error']:.1e}); {steps} steps: losses "
+        f"{grad_figures['gradient_worst_relative_error']:.1e}); the initial weights survived both layouts' first "
+        f"step; {steps} steps: losses "
         f"{', '.join(f'{x:.4f}' for x in candidate)} vs {', '.join(f'{x:.4f}' for x in reference)}")

@@ -106,5 +106,8 @@ class DocumentLayout:
         return self._cache[key]
 
     def max_document_length(self) -> int:
-        cu = self.flat_cu_seqlens()
-        return int((cu[1:] - cu[:-1]).max())
+        def longest() -> int:
+            cu = self.flat_cu_seqlens()
+            return int((cu[1:] - cu[:-1]).max())
+
+        return self.cached("max_document_length", longest)

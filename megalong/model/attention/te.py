@@ -17,7 +17,6 @@ PyTorch backend on a GPU machine.
 
 from __future__ import annotations
 
-
 import torch
 
 from megalong.model.attention.layout import DocumentLayout
@@ -61,7 +60,7 @@ class TEDocumentKernel(torch.nn.Module):
 
     def forward(self, query, key, value, layout: DocumentLayout) -> torch.Tensor:
         s, b, hq, d = query.shape
-        cu = layout.flat_cu_seqlens(query.device)
+        cu = layout.flat_cu_seqlens(query.device)  # moved once per micro-batch (cached)
         max_len = layout.max_document_length()
 
         def flat(x):
@@ -117,16 +116,15 @@ class TEContextParallelKernel(torch.nn.Module):
         from megalong.model.attention.thd_relayout import from_thd, thd_plan, to_thd
 
         s_local, b, hq, d = query.shape
-        plan = thd_plan(layout, self.cp_size, self.cp_rank)
-        device = query.device
-        cu = plan.cu_seqlens.to(device)
-        cu_padded = plan.cu_seqlens_padded.to(device)
+        # Made and moved to the device once per micro-batch; every layer uses it as it is.
+        plan = thd_plan(layout, self.cp_size, self.cp_rank, query.device)
         out = self._kernel(hq, key.shape[2])(
             to_thd(query, plan, self.cp_group), to_thd(key, plan, self.cp_group),
             to_thd(value, plan, self.cp_group),
             attn_mask_type="padding_causal",
-            cu_seqlens_q=cu, cu_seqlens_kv=cu,
-            cu_seqlens_q_padded=cu_padded, cu_seqlens_kv_padded=cu_padded,
+            cu_seqlens_q=plan.cu_seqlens, cu_seqlens_kv=plan.cu_seqlens,
+            cu_seqlens_q_padded=plan.cu_seqlens_padded, cu_seqlens_kv_padded=plan.cu_seqlens_padded,
             max_seqlen_q=plan.max_padded_length, max_seqlen_kv=plan.max_padded_length,
+            pad_between_seqs=plan.pad_between_seqs,
         )
         return from_thd(out.reshape(-1, hq * d), plan, s_local, b, self.cp_group).reshape(s_local, b, hq * d)

@@ -11,11 +11,18 @@ and the output back afterwards, with one uneven all-to-all each way (an autograd
 Function whose backward is the opposite exchange). Every rank derives the whole plan
 from the unsharded document boundaries, so no metadata is communicated. RoPE stays
 global because it was applied before the exchange.
+
+The plan is made once per micro-batch (cached on its :class:`DocumentLayout`) and moved to
+the device in one copy (from pinned memory, without waiting, on a GPU); every layer, its
+recomputation and its backward then use the device plan as it is. A copy of pageable host
+memory to the device per call would stall the host at every layer (about 10 per layer
+forward, again in recompute and backward).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -38,7 +45,8 @@ def thd_index(cu_seqlens_padded: torch.Tensor, cp_size: int, cp_rank: int) -> to
 
 @dataclass(frozen=True)
 class ThdPlan:
-    """One rank's part of the exchange (token slots are indices into flattened buffers)."""
+    """One rank's part of the exchange (token slots are indices into flattened buffers), on
+    the host or, from :func:`thd_plan` with a device, on that device."""
 
     send_slots: torch.Tensor  # slots of the [s_local * b] local buffer, grouped by destination
     send_counts: list
@@ -48,12 +56,38 @@ class ThdPlan:
     cu_seqlens: torch.Tensor  # int32 real document boundaries of the flattened micro-batch
     cu_seqlens_padded: torch.Tensor  # int32 boundaries after padding to multiples of 2 * cp
     max_padded_length: int
+    # Transformer Engine's pad_between_seqs, decided here on the host by TE's own rule (a
+    # document before the last one was padded): left to TE, it compares the two device
+    # boundary tensors (torch.equal), a host sync in every layer.
+    pad_between_seqs: bool
+    # A device plan's pinned host buffer, kept until the copy from it has surely finished.
+    host_buffer: Optional[torch.Tensor] = field(default=None, repr=False, compare=False)
 
 
-def thd_plan(layout: DocumentLayout, cp_size: int, cp_rank: int) -> ThdPlan:
-    key = ("thd_plan", cp_size, cp_rank)
-    if key in layout._cache:
-        return layout._cache[key]
+def thd_plan(layout: DocumentLayout, cp_size: int, cp_rank: int, device=None) -> ThdPlan:
+    """This rank's plan for the micro-batch of ``layout``; with ``device``, on that device.
+    Both are made once per micro-batch and cached on the layout, which every layer shares."""
+    if device is None:
+        return layout.cached(("thd_plan", cp_size, cp_rank), lambda: _host_plan(layout, cp_size, cp_rank))
+    return layout.cached(("thd_plan", cp_size, cp_rank, str(device)),
+                         lambda: _on_device(thd_plan(layout, cp_size, cp_rank), torch.device(device)))
+
+
+def _on_device(plan: ThdPlan, device: torch.device) -> ThdPlan:
+    """The plan's four index tensors in one host-to-device copy, views of it after."""
+    parts = [plan.send_slots, plan.recv_slots, plan.cu_seqlens, plan.cu_seqlens_padded]
+    packed = torch.cat([part.to(torch.int64) for part in parts])
+    if device.type == "cuda":
+        # Pinned memory lets the copy run without the host waiting; the plan keeps the pinned
+        # buffer alive (below) until the copy has surely finished.
+        packed = packed.pin_memory()
+    moved = packed.to(device, non_blocking=device.type == "cuda")
+    send, recv, cu, cu_padded = torch.split(moved, [part.numel() for part in parts])
+    return ThdPlan(send, plan.send_counts, recv, plan.recv_counts, plan.thd_tokens, cu.to(torch.int32),
+                   cu_padded.to(torch.int32), plan.max_padded_length, plan.pad_between_seqs, host_buffer=packed)
+
+
+def _host_plan(layout: DocumentLayout, cp_size: int, cp_rank: int) -> ThdPlan:
     batch, seq = layout.batch, layout.seq_length
     cu = layout.flat_cu_seqlens().to(torch.int64)
     lengths = cu[1:] - cu[:-1]
@@ -97,18 +131,18 @@ def thd_plan(layout: DocumentLayout, cp_size: int, cp_rank: int) -> ThdPlan:
         incoming = incoming[torch.argsort(thd_slot[incoming])]
         recv_slots.append(thd_slot[incoming])
         recv_counts.append(incoming.numel())
-    plan = ThdPlan(
+    return ThdPlan(
         torch.cat(send_slots), send_counts, torch.cat(recv_slots), recv_counts, thd_tokens,
         cu.to(torch.int32), cu_padded.to(torch.int32), int(padded_lengths.max()),
+        pad_between_seqs=not torch.equal(cu_padded[:-1], cu[:-1]),
     )
-    layout._cache[key] = plan
-    return plan
 
 
 def _exchange(values: torch.Tensor, gather_slots, scatter_slots, send_counts, recv_counts,
               out_rows: int, group) -> torch.Tensor:
-    """rows ``gather_slots`` of ``values`` go out; received rows land at ``scatter_slots`` of the result."""
-    outgoing = values.index_select(0, gather_slots.to(values.device)).contiguous()
+    """rows ``gather_slots`` of ``values`` go out; received rows land at ``scatter_slots`` of the
+    result. The slots are already where ``values`` are (a device plan)."""
+    outgoing = values.index_select(0, gather_slots).contiguous()
     staged = values.device.type != "cpu" and dist.get_backend(group) == "gloo"
     if staged:
         outgoing = outgoing.cpu()
@@ -116,7 +150,7 @@ def _exchange(values: torch.Tensor, gather_slots, scatter_slots, send_counts, re
     dist.all_to_all_single(incoming, outgoing, output_split_sizes=recv_counts,
                            input_split_sizes=send_counts, group=group)
     result = values.new_zeros((out_rows, *values.shape[1:]))
-    result.index_copy_(0, scatter_slots.to(values.device), incoming.to(values.device))
+    result.index_copy_(0, scatter_slots, incoming.to(values.device) if staged else incoming)
     return result
 
 

@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 from megalong.model.attention.comm import all_to_all
 from megalong.model.attention.layout import DocumentLayout, rank_concat_order
+from megalong.model.config import all_to_all_heads_problem
 
 
 def _sequence_to_heads(x: torch.Tensor, group) -> torch.Tensor:
@@ -59,12 +60,11 @@ class _HeadsToSequence(torch.autograd.Function):
 
 
 def kv_repeat_for(kv_heads: int, query_heads: int, cp_size: int) -> int:
-    """How often each KV head must be repeated so that KV heads split evenly over CP ranks."""
-    if query_heads % cp_size:
-        raise ValueError(
-            f"all-to-all context parallelism needs the query heads per tensor-parallel rank "
-            f"({query_heads}) to be divisible by context_parallel={cp_size}; use cp_comm: ring"
-        )
+    """How often each KV head must be repeated so that KV heads split evenly over CP ranks.
+    (Preflight refuses the query-head counts that do not split, with the same message.)"""
+    problem = all_to_all_heads_problem(query_heads, cp_size)
+    if problem:
+        raise ValueError(problem)
     return cp_size // math.gcd(kv_heads, cp_size)
 
 

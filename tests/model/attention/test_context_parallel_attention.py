@@ -73,6 +73,7 @@ def _check_cases(cp_size: int, group, cases) -> list:
                for name, s, f in zip("qkv", shard, full)},
         })
     errors.append(_thd_relayout_errors(cp_size, rank, group))
+    errors.append(_te_kernel_per_layer_host_calls(group))
     return errors
 
 
@@ -150,6 +151,52 @@ def _thd_relayout_errors(cp_size: int, rank: int, group) -> dict:
     }
 
 
+def _te_kernel_per_layer_host_calls(group) -> dict:
+    """megalong's side of Transformer Engine's context parallelism (TEContextParallelKernel: the
+    THD plan, the exchanges, the arguments TE gets) over 1 and 4 layers of one micro-batch,
+    forward and backward, with a stand-in for TE's attention (TE runs only on GPUs). Counted:
+    the calls that copy between host and device or read a tensor's value on a GPU
+    (tests.model.attention.host_calls); on the CPU no copy happens, but the calls are what
+    would. The plan is made and moved once per micro-batch, so one layer and four must make the
+    same calls: a per-layer copy adds to the count with every layer."""
+    from megalong.data.cp_shard import load_balanced_index
+    from megalong.model.attention.layout import DocumentLayout
+    from megalong.model.attention.te import TEContextParallelKernel
+    from tests.model.attention.host_calls import HostCalls
+
+    cu_seqlens, q, k, v, grad_out = make_inputs(SEQ_LENGTH, 2, 4, 2, HEAD_DIM, seed=5, styles=("mixed", "short"))
+    cp, rank = torch.distributed.get_world_size(group), torch.distributed.get_rank(group)
+    index = load_balanced_index(SEQ_LENGTH, cp, rank)
+    seen_by_te = []
+
+    def stand_in_for_te(query, key, value, **arguments):  # [thd, heads, dim] in, TE's THD layout
+        seen_by_te.append(arguments)
+        return query * 2 + (key + value).mean(dim=1, keepdim=True)
+
+    calls = {}
+    for layers in (1, 4):
+        layout = DocumentLayout.from_sample_cu_seqlens(cu_seqlens, SEQ_LENGTH)  # a new micro-batch
+        kernels = [TEContextParallelKernel(HEAD_DIM, 1.0, number, group, "ring") for number in range(layers)]
+        for kernel in kernels:
+            kernel.kernels["q4_kv2"] = stand_in_for_te
+        x = q[index].clone().requires_grad_()
+        with HostCalls() as counted:
+            hidden = x
+            for kernel in kernels:
+                hidden = kernel(hidden, k[index], v[index], layout).view_as(x)
+            hidden.backward(grad_out[index].view_as(x))
+        calls[layers] = counted.calls
+    first, *rest = seen_by_te[1:]  # the four layers of the second micro-batch
+    same_tensors = all(a[key] is first[key] for a in rest
+                       for key in ("cu_seqlens_q", "cu_seqlens_kv", "cu_seqlens_q_padded", "cu_seqlens_kv_padded"))
+    return {
+        "extra host calls of 3 more layers": float(sum(calls[4].values()) - sum(calls[1].values())),
+        "boundaries not the same tensors in every layer": float(not same_tensors),
+        "pad_between_seqs not given as a bool": float(not all(type(a.get("pad_between_seqs")) is bool
+                                                             for a in seen_by_te)),
+    }
+
+
 def test_cp_attention_matches_reference():
     results = run_processes(_cp_attention_worker, 4, args=((2, 4), CASES))
     for rank, per_cp in enumerate(results):
@@ -158,7 +205,7 @@ def test_cp_attention_matches_reference():
             for comm, found in per_cp[f"bf16 CP={cp_size}"].items():
                 assert found["outside"] == [], f"bf16 {comm} at CP={cp_size} rank {rank}: {found['errors']}"
             errors = per_cp[cp_size]
-            assert len(errors) == len(CASES) + 1
-            for case, error in zip(CASES + ["THD relayout"], errors):
+            assert len(errors) == len(CASES) + 2
+            for case, error in zip(CASES + ["THD relayout", "TE kernel's host calls per layer"], errors):
                 for name, value in error.items():
                     assert value < 1e-5, f"CP={cp_size} rank {rank} case {case}: {name} differs by {value:.3g}"
