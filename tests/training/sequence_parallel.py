@@ -75,6 +75,10 @@ def _checkpoints(workdir: Path, layout: str, dtype: str) -> Path:
 
 def uninterrupted(workdir: Path, layout: str, dtype: str) -> dict:
     save = {"save_dir": str(_checkpoints(workdir, layout, dtype)), "save_interval": SAVED_AT, "keep_last": 0}
+    if dtype == "fp32" and layout in {source for source, _ in RESHARDS}:
+        # A periodic save resumes at another TP only in the fully reshardable format (the
+        # default keeps periodic saves dp_reshardable: tests/training/reshard.py).
+        save["optimizer_format"] = "fully_reshardable"
     return _run(workdir, run_name(layout, dtype), layout, dtype, checkpoint=save)
 
 
