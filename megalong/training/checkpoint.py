@@ -48,6 +48,7 @@ from megalong.checkpoint import checksums, layout, weights
 from megalong.checkpoint.layout import MODEL_SUBDIR, OPTIMIZER_SUBDIR, RNG_SUBDIR, RUN_CONFIG_FILE, TRAIN_STATE_FILE
 from megalong.config.loader import dump_yaml
 from megalong.runtime import torch_adam
+from megalong.training.optimizer import align_param_groups
 
 log = logging.getLogger(__name__)
 
@@ -541,6 +542,7 @@ def load_checkpoint(
     load_optimizer_state: bool = True,
     restore_rng_for_layout: Optional[str] = None,
     on_gpu: bool = False,
+    hyperparameters_of: str = "checkpoint",
 ) -> TrainState:
     """Load weights (and the optimizer state and RNG when asked) saved at any layout into
     ``model_chunks`` and ``optimizer``, the optimizer built over them.
@@ -554,7 +556,10 @@ def load_checkpoint(
     say so. Megatron-LM calls the same ``reload_model_params`` whenever it loads weights
     without optimizer state. (An fp32 optimizer updates the parameters themselves: the
     refresh changes nothing there.) RNG states are restored only when
-    ``restore_rng_for_layout`` equals the layout the checkpoint was saved at. The optimizer
+    ``restore_rng_for_layout`` equals the layout the checkpoint was saved at. The optimizer's
+    hyperparameters (learning rates, betas, weight decay) after loading its state are the
+    checkpoint's (``hyperparameters_of="checkpoint"``, a resume) or this run's (``"run"``, a new
+    stage carrying the moments): :func:`megalong.training.optimizer.align_param_groups`. The optimizer
     state is read in the format the checkpoint records (:func:`saved_optimizer_format`); a
     dp_reshardable one at other TP / PP sizes is refused with the ways out.
     """
@@ -585,6 +590,7 @@ def load_checkpoint(
         # the fp32 master weights outside no_grad, which fails when they are views of fp32 model
         # parameters ("a view of a leaf Variable that requires grad is being used in an in-place
         # operation"); its fully reshardable loader is already decorated with no_grad.
+        align_param_groups(optimizer, loaded, keep=hyperparameters_of)
         with torch.no_grad():
             torch_adam.load_state_dict(optimizer, loaded)
     with _naming_unreadable(model_path):

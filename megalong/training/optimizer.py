@@ -9,8 +9,6 @@ and ``OptimizerParamScheduler`` (linear warmup, cosine decay to ``min_lr``).
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 from megalong.training.config import RunConfig
@@ -97,23 +95,43 @@ def current_lr(optimizer) -> float:
     return 0.0
 
 
-@contextlib.contextmanager
-def hyperparameters_kept(optimizer):
-    """Keep this run's optimizer hyperparameters through a load of another run's optimizer state.
+# What defines a Megatron-Core parameter group besides its hyperparameters: two runs of the same
+# model build the same groups, in the same order, with these the same.
+_GROUP_IDENTITY = ("wd_mult", "lr_mult", "is_expert_parallel", "is_decoupled_lr")
 
-    Megatron-Core's parameter groups carry the run's learning rates (``max_lr``, ``min_lr``,
-    which its LR scheduler reads) next to torch's own (``lr``, ``betas``, ``eps``,
-    ``weight_decay``), and loading a state dict replaces the groups' values with the saved
-    run's. A new stage that carries the previous stage's Adam moments (ProLong's stage 2,
-    ``init.load_optimizer: true``) would then follow the previous stage's schedule: stage 2's
-    5e-6 silently replaced by stage 1's 1e-5. What carries over is the per-parameter state
-    (the moments, and the step count, which Apex's and TE's Adam keep in the group: it is
-    left as loaded); every other group value is set back to this run's.
+
+def align_param_groups(optimizer, loaded, keep: str) -> None:
+    """Give the parameter groups of ``loaded`` (an optimizer state dict read from a checkpoint)
+    and of ``optimizer`` the same hyperparameters before ``optimizer.load_state_dict(loaded)``:
+    this run's (``keep="run"``: a new stage carrying the previous stage's Adam moments) or the
+    checkpoint's (``keep="checkpoint"``: a resume, where the checkpoint's schedule wins).
+
+    Megatron-Core's parameter groups carry the learning rates its scheduler reads (``max_lr``,
+    ``min_lr``) next to torch's own (``lr``, ``betas``, ``eps``, ``weight_decay``), and a load
+    replaces a group's values with the saved ones: a new stage would follow the previous
+    stage's schedule (ProLong's stage 2 at stage 1's 1e-5 instead of its 5e-6). From 0.19 on,
+    Megatron-Core also pairs saved and current groups by those values, so a stage whose
+    learning rate differs could not load the moments at all (KeyError). Groups are paired by
+    position (both runs build them in the same order from the same model), checked on what
+    defines them (``_GROUP_IDENTITY``). The step count, which Apex's and TE's Adam keep in the
+    group, is state, not a hyperparameter: it carries over as saved.
     """
-    configured = [{k: v for k, v in group.items() if k not in ("params", "step")} for group in optimizer.param_groups]
-    yield
-    groups = optimizer.param_groups
-    if len(groups) != len(configured):
-        raise RuntimeError(f"the loaded optimizer state has {len(groups)} parameter groups, this run {len(configured)}")
-    for group, values in zip(groups, configured):
-        group.update(values)
+    if keep not in ("run", "checkpoint"):
+        raise ValueError(f"keep must be 'run' or 'checkpoint', not {keep!r}")
+    inners = getattr(optimizer, "chained_optimizers", [optimizer])
+    if len(inners) == 1:
+        saved_dicts = [loaded]
+    else:
+        saved_dicts = [loaded[k] for k in sorted(loaded)] if isinstance(loaded, dict) else list(loaded)
+    for inner, saved_dict in zip(inners, saved_dicts):
+        saved_groups = (saved_dict["optimizer"] if "optimizer" in saved_dict else saved_dict)["param_groups"]
+        groups = inner.optimizer.param_groups
+        if len(saved_groups) != len(groups):
+            raise RuntimeError(f"the checkpoint's optimizer has {len(saved_groups)} parameter groups, this run's "
+                               f"{len(groups)}: they were not built for the same model")
+        for group, saved in zip(groups, saved_groups):
+            if any(group.get(key) != saved.get(key) for key in _GROUP_IDENTITY):
+                raise RuntimeError("the checkpoint's optimizer parameter groups do not pair with this run's: "
+                                   + ", ".join(f"{key} {saved.get(key)} vs {group.get(key)}" for key in _GROUP_IDENTITY))
+            target, source = (saved, group) if keep == "run" else (group, saved)
+            target.update({k: v for k, v in source.items() if k not in ("params", "step")})

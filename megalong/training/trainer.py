@@ -30,8 +30,7 @@ from megalong.training.batches import MicroBatcher, build_stream
 from megalong.training.config import RunConfig
 from megalong.training.loss import masked_loss_sum
 from megalong.training.metrics import MetricsWriter, StepMetrics, training_flops
-from megalong.training.optimizer import (build_optimizer, build_scheduler, current_lr, hyperparameters_kept,
-                                         wrap_with_ddp)
+from megalong.training.optimizer import build_optimizer, build_scheduler, current_lr, wrap_with_ddp
 from megalong.training.signals import REQUEUE_EXIT_CODE, StopWatch, stop_signals_deferred
 
 log = logging.getLogger(__name__)
@@ -225,8 +224,9 @@ class Trainer:
                          source, initial_weights.describe_source(source), self.model_config.rope_theta,
                          ", carrying its optimizer state" if carry else ", fresh optimizer state")
             self.started_from = source
-            with hyperparameters_kept(self.optimizer):  # the moments carry over, not the old run's LR
-                ckpt.load_checkpoint(source, self.model, self.optimizer, load_optimizer_state=carry)
+            # The moments carry over, not the old run's learning rates (optimizer.align_param_groups).
+            ckpt.load_checkpoint(source, self.model, self.optimizer, load_optimizer_state=carry,
+                                 hyperparameters_of="run")
             self.scheduler.step(0)  # this schedule's learning rate for the first step
             return
         if self.is_logging_rank:
