@@ -22,6 +22,10 @@ MUNGE_SOCKET="$MUNGE_DIR/munge.socket.2"
 # the node's memory and jobs would run one at a time.
 MEM_PER_CPU_MB="${MEGALONG_SLURM_MEM_PER_CPU_MB:-2048}"
 START_TIMEOUT_S="${MEGALONG_SLURM_START_TIMEOUT_S:-60}"
+# The controller's and the node daemon's TCP ports (SLURM's defaults); another pair lets a
+# second cluster run beside the first (the tests start one).
+CTLD_PORT="${MEGALONG_SLURM_CTLD_PORT:-6817}"
+SLURMD_PORT="${MEGALONG_SLURM_SLURMD_PORT:-6818}"
 # Seconds a preempted job of the 'preemptible' partition gets to save before it is requeued.
 PREEMPT_GRACE_S="${MEGALONG_SLURM_PREEMPT_GRACE_S:-60}"
 # CPU slots the node offers. At least 4 even on a 2-core machine, so that two 2-process test
@@ -81,6 +85,8 @@ conf_text() {
 # Written by slurm/local_cluster.sh: a one-node test cluster, all state in $STATE_DIR.
 ClusterName=megalong-local
 SlurmctldHost=$host
+SlurmctldPort=$CTLD_PORT
+SlurmdPort=$SLURMD_PORT
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
@@ -165,17 +171,23 @@ start() {
     fi
     # A second slurmctld on a busy port fails silently in the background: look first.
     local port
-    for port in 6817 6818; do
+    for port in "$CTLD_PORT" "$SLURMD_PORT"; do
         port_busy "$port" && die "port $port is already in use (another slurmctld/slurmd?); not starting"
     done
     install_if_missing
-    # A previous run's leftovers (its daemons are gone) must not confuse this one.
+    # A previous run's leftovers (its daemons are gone) must not confuse this one. Daemons
+    # that were killed leave their pid files: one read before the new daemon rewrites it
+    # names a dead process, and the start fails with "a daemon exited".
     stop_ours quiet
-    rm -rf "$STATE_DIR/state" "$STATE_DIR/spool" "$STATE_DIR/log" "$PIDS"
+    rm -rf "$STATE_DIR/state" "$STATE_DIR/spool" "$STATE_DIR/log" "$PIDS" \
+        "$STATE_DIR/slurmctld.pid" "$STATE_DIR/slurmd.pid"
     mkdir -p "$STATE_DIR/state" "$STATE_DIR/spool" "$STATE_DIR/log"
     chmod 0755 "$STATE_DIR"
     : > "$PIDS"
     conf_text > "$CONF"
+    # A start that fails stops what it started: a daemon left running would hold its port
+    # and refuse every later start.
+    trap 'stop_ours quiet' EXIT
     start_munge
     slurmctld -f "$CONF" || die "slurmctld failed; see $STATE_DIR/log/slurmctld.log"
     wait_for_file "$STATE_DIR/slurmctld.pid" slurmctld
@@ -188,6 +200,7 @@ start() {
         daemons_up || die "a daemon exited during start; logs are in $STATE_DIR/log"
         state="$(node_state)"
         if [[ "$state" == idle* ]]; then
+            trap - EXIT
             say "up: node $(hostname -s) is idle; use it with: export SLURM_CONF=$CONF"
             return 0
         fi

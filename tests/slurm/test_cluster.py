@@ -1,8 +1,11 @@
 """The real local cluster: it is up, runs a 2-task gloo job, and refused layouts never reach it."""
 
+import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
+from pathlib import Path
 
 from tests.slurm.cluster import REPO, all_job_ids, sbatch, wait_for_job
 
@@ -54,3 +57,26 @@ def test_second_cluster_refuses_busy_ports_and_starts_nothing(slurm_env, tmp_pat
     status = subprocess.run([str(REPO / "slurm" / "local_cluster.sh"), "status"], capture_output=True, text=True,
                             env=slurm_env)
     assert status.returncode == 0, status.stderr
+
+
+def test_start_after_killed_daemons_ignores_their_stale_pid_files(slurm_env):
+    # Daemons killed with SIGKILL (a machine or session torn down) leave their pid files; the
+    # next start must wait for the new daemons' files, not read the dead ones. A second
+    # cluster on other ports keeps the running one untouched. Its state lives directly under
+    # /tmp: munged runs as user munge, who cannot enter pytest's private tmp_path.
+    state_dir = Path(tempfile.mkdtemp(prefix="megalong-slurm-test-"))
+    state_dir.chmod(0o755)
+    env = dict(slurm_env, MEGALONG_SLURM_DIR=str(state_dir),
+               MEGALONG_SLURM_CTLD_PORT="16817", MEGALONG_SLURM_SLURMD_PORT="16818")
+    exited = subprocess.run(["sh", "-c", "echo $$"], capture_output=True, text=True, check=True).stdout.strip()
+    for daemon in ("slurmctld", "slurmd"):
+        (state_dir / f"{daemon}.pid").write_text(exited + "\n")
+    script = str(REPO / "slurm" / "local_cluster.sh")
+    try:
+        out = subprocess.run([script, "start"], capture_output=True, text=True, env=env)
+        assert out.returncode == 0, out.stderr
+        assert "is idle" in out.stderr
+    finally:
+        subprocess.run([script, "stop"], capture_output=True, env=env)
+        shutil.rmtree(state_dir, ignore_errors=True)
+    assert subprocess.run([script, "status"], capture_output=True, env=slurm_env).returncode == 0
