@@ -29,10 +29,11 @@ epochs), so nothing is dropped at an epoch's end; ``sft`` packs each epoch on it
 
 Positions: every index counts its way through that chained stream in one *unit* (``long``:
 chunks, ``concat`` and ``sft_packing: fill``: tokens, ``sft``: conversations, ``packed``:
-stored samples) and may begin at ``start`` units instead of 0. A unit means the same thing at any ``seq_length`` (a 64K chunk is a 64K chunk whether
-one or eight make a sample), so a later stage that begins where an earlier one stopped
-(:meth:`position_after`) draws none of the units the earlier stage drew, until the stream
-comes round to its next epoch (see megalong.data.positions).
+stored samples) and may begin at ``start`` units instead of 0. A unit means the same thing
+at any ``seq_length`` (a 64K chunk is a 64K chunk whether one or eight make a sample), so a
+later stage that begins where an earlier one stopped (:meth:`position_after`) draws none of
+the units the earlier stage drew, until the stream comes round to its next epoch (see
+megalong.data.positions).
 
 Why not Megatron-Core's GPTDataset index (``helpers_cpp.build_sample_idx``): it packs one
 concatenated stream only, knows nothing of ProLong's single-document long chunks or of

@@ -586,11 +586,11 @@ def load_checkpoint(
         )
         with _naming_unreadable(optimizer_path):
             loaded = dist_checkpointing.load(optimizer_state, str(optimizer_path), strict=StrictHandling.RAISE_ALL)
+        align_param_groups(optimizer, loaded, keep=hyperparameters_of)
         # Without autograd: Megatron-Core's dp_reshardable loader (core_v0.16.1 to 0.19) copies into
         # the fp32 master weights outside no_grad, which fails when they are views of fp32 model
         # parameters ("a view of a leaf Variable that requires grad is being used in an in-place
         # operation"); its fully reshardable loader is already decorated with no_grad.
-        align_param_groups(optimizer, loaded, keep=hyperparameters_of)
         with torch.no_grad():
             torch_adam.load_state_dict(optimizer, loaded)
     with _naming_unreadable(model_path):
